@@ -1,0 +1,63 @@
+"""Imports MindSpore quietly and exposes the few internals lightms reads.
+
+MindSpore prints `[WARNING]` lines for routine events (a deprecated fused
+optimizer, a re-created jit function) unless `GLOG_v` is set before it is
+imported. lightms sets `GLOG_v=3` (errors only) when the user has not chosen a
+level, so a run's output is the user's own. Set `GLOG_v` yourself before
+importing lightms to see MindSpore's logs again.
+"""
+
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+os.environ.setdefault("GLOG_v", "3")
+
+import mindspore  # noqa: E402  (must come after GLOG_v is set)
+
+
+def _dump_folder() -> str:
+    return os.path.join(os.getcwd(), "rank_0")
+
+
+class GraphDumpGuard:
+    """Moves MindSpore's compile-failure report out of the working directory.
+
+    A graph that fails to compile makes MindSpore write `rank_0/om/analyze_fail.ir`
+    into the working directory, whatever `save_graphs_path` says (seen with 2.10).
+    When a run fails and leaves a `rank_0` folder that was not there before, the
+    guard moves it under the temp folder and says where it went.
+    """
+
+    def __init__(self):
+        self.existed = os.path.exists(_dump_folder())
+
+    def tidy(self) -> Optional[str]:
+        """Moves a `rank_0` folder created since construction; returns its new path, or None."""
+        source = _dump_folder()
+        if self.existed or not os.path.isdir(source):
+            return None
+        target = tempfile.mkdtemp(prefix="lightms-analyze-fail-")
+        shutil.move(source, target)
+        return os.path.join(target, "rank_0")
+
+
+def compiled_graph_count() -> int:
+    """Returns how many graphs MindSpore has compiled in this process so far.
+
+    Reads the cache of compiled phases that `mindspore.jit` keeps; used by tests
+    and benchmarks to show that an epoch triggers no recompilation.
+
+    Returns:
+        The number of distinct compiled graphs, or -1 if this MindSpore version
+        keeps its cache elsewhere.
+    """
+    try:
+        from mindspore.graph.api import ms_compile_cache
+    except ImportError:  # pragma: no cover - other MindSpore versions
+        return -1
+    return len(ms_compile_cache)
+
+
+__all__ = ["mindspore", "compiled_graph_count", "GraphDumpGuard"]

@@ -1,0 +1,112 @@
+"""`TQDMProgressBar`: epoch, batch counts, it/s and every `prog_bar=True` value."""
+
+import sys
+import time
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from lightms.callbacks.callback import Callback
+
+
+class TQDMProgressBar(Callback):
+    """Shows a tqdm bar for training, validation, test and predict.
+
+    Logged values live on the device; the bar reads them only when it redraws
+    (at most every `mininterval` seconds and at epoch ends), so most steps pay no
+    device-to-host copy.
+
+    Args:
+        refresh_rate: Advance the bar every this many batches; 0 disables the bar.
+        mininterval: Fewest seconds between two reads of the logged values.
+
+    Raises:
+        ValueError: If refresh_rate is negative.
+    """
+
+    order = 1000  # after callbacks that log, so the bar shows their values
+
+    def __init__(self, refresh_rate: int = 1, mininterval: float = 0.1):
+        if isinstance(refresh_rate, bool) or not isinstance(refresh_rate, int) or refresh_rate < 0:
+            raise ValueError(f"TQDMProgressBar(refresh_rate=...) must be an int >= 0, got {refresh_rate!r}.")
+        self.refresh_rate = refresh_rate
+        self.mininterval = mininterval
+        self._bars = {}
+        self._last_read = 0.0
+
+    def _open(self, key: str, total: Optional[int], desc: str, position: int, leave: bool) -> None:
+        if self.refresh_rate == 0:
+            return
+        self._bars[key] = tqdm(total=total, desc=desc, position=position, leave=leave, file=sys.stdout,
+                               dynamic_ncols=True, mininterval=self.mininterval, unit="it")
+
+    def _advance(self, key: str, trainer, batch_idx: int) -> None:
+        bar = self._bars.get(key)
+        if bar is None or (batch_idx + 1) % self.refresh_rate:
+            return
+        bar.update(batch_idx + 1 - bar.n)
+        now = time.monotonic()
+        if now - self._last_read >= self.mininterval:
+            self._last_read = now
+            bar.set_postfix(self._format(trainer.progress_bar_metrics), refresh=False)
+
+    def _close(self, key: str, trainer=None) -> None:
+        bar = self._bars.pop(key, None)
+        if bar is None:
+            return
+        if trainer is not None:
+            bar.set_postfix(self._format(trainer.progress_bar_metrics), refresh=False)
+        bar.close()
+
+    @staticmethod
+    def _format(metrics):
+        return {name: f"{value:.4g}" for name, value in metrics.items()}
+
+    # ---- training -------------------------------------------------------------
+    def on_train_epoch_start(self, trainer, module):
+        self._open("train", trainer.num_training_batches, f"Epoch {trainer.current_epoch}", 0, True)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._advance("train", trainer, batch_idx)
+
+    def on_train_epoch_end(self, trainer, module):
+        self._close("train", trainer)
+
+    def on_train_end(self, trainer, module):
+        self._close("train")
+
+    # ---- evaluation -------------------------------------------------------------
+    def _eval_start(self, key, trainer, desc):
+        nested = "train" in self._bars
+        self._open(key, trainer.num_eval_batches, desc, 1 if nested else 0, not nested)
+
+    def on_validation_epoch_start(self, trainer, module):
+        self._eval_start("eval", trainer, "Sanity checking" if trainer.sanity_checking else "Validation")
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._advance("eval", trainer, batch_idx)
+
+    def on_validation_epoch_end(self, trainer, module):
+        self._close("eval")
+
+    def on_test_epoch_start(self, trainer, module):
+        self._eval_start("eval", trainer, "Testing")
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._advance("eval", trainer, batch_idx)
+
+    def on_test_epoch_end(self, trainer, module):
+        self._close("eval")
+
+    def on_predict_epoch_start(self, trainer, module):
+        self._eval_start("eval", trainer, "Predicting")
+
+    def on_predict_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._advance("eval", trainer, batch_idx)
+
+    def on_predict_epoch_end(self, trainer, module):
+        self._close("eval")
+
+    def on_exception(self, trainer, module, exception):
+        for key in list(self._bars):
+            self._close(key)

@@ -1,0 +1,168 @@
+"""`LightningCell`: the module API, a `mindspore.nn.Cell` with Lightning's hooks."""
+
+import inspect
+from typing import Any, Mapping
+
+from lightms._mindspore import mindspore as ms  # noqa: F401  (quiet import first)
+from mindspore import nn
+
+from lightms.module.hparams import AttributeDict, collect_init_arguments
+
+class LightningCell(nn.Cell):
+    """A `mindspore.nn.Cell` organised the way a LightningModule is.
+
+    Write the forward pass in `construct`, the work of one batch in
+    `training_step` / `validation_step` / `test_step` / `predict_step`, and return an
+    optimizer from `configure_optimizers`. `lightms.Trainer` compiles the steps into
+    MindSpore graphs; `self(x)` works inside them.
+
+    Inside a step, `self.current_epoch` and `self.global_step` are device scalars
+    that the compiled graph reads live; in the `on_*` hooks they are Python ints.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Plain attributes: Cell.__setattr__ would register Cells and Parameters as children.
+        object.__setattr__(self, "_trainer", None)
+        object.__setattr__(self, "_lightms_hook", None)
+        object.__setattr__(self, "_lightms_log_target", None)
+        object.__setattr__(self, "_lightms_counters", None)
+        object.__setattr__(self, "_lightms_in_step", False)
+        object.__setattr__(self, "_hparams", AttributeDict())
+
+    # ---- trainer state ------------------------------------------------------
+    @property
+    def trainer(self):
+        """The `Trainer` running this module, or None outside a run."""
+        return self._trainer
+
+    @property
+    def current_epoch(self):
+        """The epoch number (0-based): a device scalar inside steps, an int elsewhere."""
+        if self._lightms_in_step and self._lightms_counters is not None:
+            return self._lightms_counters.current_epoch
+        return self._trainer.current_epoch if self._trainer is not None else 0
+
+    @property
+    def global_step(self):
+        """Optimizer steps taken so far: a device scalar inside steps, an int elsewhere."""
+        if self._lightms_in_step and self._lightms_counters is not None:
+            return self._lightms_counters.global_step
+        return self._trainer.global_step if self._trainer is not None else 0
+
+    # ---- hyperparameters ------------------------------------------------------
+    def save_hyperparameters(self, *names: str, ignore=None) -> None:
+        """Stores the arguments of `__init__` in `self.hparams` (call it from `__init__`).
+
+        Args:
+            *names: Only these arguments; all of them when empty.
+            ignore: A name or list of names to leave out.
+
+        Raises:
+            RuntimeError: If not called from inside `__init__`.
+        """
+        frame = inspect.currentframe().f_back
+        try:
+            arguments = collect_init_arguments(frame, self)
+        finally:
+            del frame
+        ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
+        selected = {k: v for k, v in arguments.items() if (not names or k in names) and k not in ignore}
+        self._hparams.update(selected)
+
+    @property
+    def hparams(self) -> AttributeDict:
+        """The hyperparameters stored by `save_hyperparameters`."""
+        return self._hparams
+
+    # ---- logging ----------------------------------------------------------------
+    def log(self, name, value, prog_bar=False, logger=True, on_step=None, on_epoch=None,
+            reduce_fx="mean", batch_size=None):
+        """Logs one scalar, as Lightning's `self.log`.
+
+        Inside compiled steps the value stays on the device until a logger, the
+        progress bar or a callback reads it. Epoch values are batch-size-weighted means
+        (or the sum, max or min, per `reduce_fx`).
+
+        Args:
+            name: Metric name.
+            value: A scalar Tensor or a number.
+            prog_bar: Show on the progress bar.
+            logger: Send to the loggers.
+            on_step: Report per optimizer step; default True in training_step and
+                on_train_batch_*, else False.
+            on_epoch: Report the epoch reduction; default the opposite of on_step's default.
+            reduce_fx: "mean", "sum", "max" or "min".
+            batch_size: Weight for the mean; default the size of the current batch.
+
+        Raises:
+            RuntimeError: If called while no Trainer is running the module.
+        """
+        target = self._lightms_log_target
+        if target is None:
+            raise RuntimeError(
+                f"self.log({name!r}) was called outside of a lightms.Trainer run; "
+                "log from training_step, validation_step, test_step or an on_* hook."
+            )
+        return target.log(self._lightms_hook, name, value, prog_bar, logger, on_step, on_epoch,
+                          reduce_fx, batch_size)
+
+    def log_dict(self, dictionary: Mapping[str, Any], prog_bar=False, logger=True, on_step=None,
+                 on_epoch=None, reduce_fx="mean", batch_size=None) -> None:
+        """Logs every item of `dictionary` with the same options (see `log`)."""
+        for name, value in dictionary.items():
+            self.log(name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size)
+
+    # ---- steps and optimizers ------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        """Computes the loss of one batch. Returns a scalar Tensor or a dict with key "loss"."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step(batch, batch_idx).")
+
+    validation_step = None  # define `validation_step(self, batch, batch_idx)` to validate
+    test_step = None  # define `test_step(self, batch, batch_idx)` to test
+
+    def predict_step(self, batch, batch_idx):
+        """Returns the prediction for one batch; by default `self(batch)` on the first element."""
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(inputs)
+
+    def configure_optimizers(self):
+        """Returns the `mindspore.nn.Optimizer` (or `mindspore.experimental.optim.Optimizer`) to train with."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement configure_optimizers() returning a mindspore.nn.Optimizer."
+        )
+
+    # ---- hooks (Lightning's names; each does nothing by default) ---------------------
+    def setup(self, stage: str) -> None:
+        """Called at the start of fit/validate/test/predict."""
+
+    def teardown(self, stage: str) -> None:
+        """Called at the end of fit/validate/test/predict."""
+
+    def on_fit_start(self): """Called at the start of `fit`."""
+    def on_fit_end(self): """Called at the end of `fit`."""
+    def on_train_start(self): """Called before the first training epoch."""
+    def on_train_end(self): """Called after the last training epoch."""
+    def on_train_epoch_start(self): """Called at the start of each training epoch."""
+    def on_train_epoch_end(self): """Called at the end of each training epoch, after its validation."""
+    def on_train_batch_start(self, batch, batch_idx): """Called before each training batch."""
+    def on_train_batch_end(self, outputs, batch, batch_idx): """Called after each training batch."""
+    def on_validation_start(self): """Called at the start of a validation run."""
+    def on_validation_end(self): """Called at the end of a validation run."""
+    def on_validation_epoch_start(self): """Called before the first validation batch."""
+    def on_validation_epoch_end(self): """Called after the last validation batch."""
+    def on_validation_batch_start(self, batch, batch_idx, dataloader_idx=0): """Before each validation batch."""
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0): """After each validation batch."""
+    def on_test_start(self): """Called at the start of `test`."""
+    def on_test_end(self): """Called at the end of `test`."""
+    def on_test_epoch_start(self): """Called before the first test batch."""
+    def on_test_epoch_end(self): """Called after the last test batch."""
+    def on_test_batch_start(self, batch, batch_idx, dataloader_idx=0): """Called before each test batch."""
+    def on_test_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0): """Called after each test batch."""
+    def on_predict_start(self): """Called at the start of `predict`."""
+    def on_predict_end(self): """Called at the end of `predict`."""
+    def on_predict_epoch_start(self): """Called before the first predict batch."""
+    def on_predict_epoch_end(self): """Called after the last predict batch."""
+    def on_predict_batch_start(self, batch, batch_idx, dataloader_idx=0): """Called before each predict batch."""
+    def on_predict_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0): """Called after each predict batch."""
+

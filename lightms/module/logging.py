@@ -1,0 +1,327 @@
+"""What `self.log` writes to: option records, a dry-run recorder and device buffers.
+
+A compiled step cannot append to a Python dict (graph mode does not replay
+Python side effects), so logged values live in MindSpore `Parameter` vectors,
+one slot per logged name, updated inside the graph. The names and their slots
+are fixed before compilation by a dry run of the hook (`LogRecorder`). The host
+reads the buffers only when somebody asks (a logger, the progress bar, a
+callback): steps where nobody listens cost no device-to-host copy.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from lightms._mindspore import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+REDUCE_FXS = ("mean", "sum", "max", "min")
+_INITIAL = {"mean": 0.0, "sum": 0.0, "max": -np.inf, "min": np.inf}
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """The options one `self.log` call was made with, after defaults.
+
+    Attributes:
+        name: The metric name as the user wrote it.
+        prog_bar: Show the value on the progress bar.
+        logger: Send the value to the loggers.
+        on_step: Report the value of every optimizer step.
+        on_epoch: Report the reduced value over the epoch.
+        reduce_fx: One of "mean", "sum", "max", "min".
+        batch_size: Weight of each value in the mean; None means the size of the
+            batch the step received.
+    """
+
+    name: str
+    prog_bar: bool
+    logger: bool
+    on_step: bool
+    on_epoch: bool
+    reduce_fx: str
+    batch_size: Optional[int]
+
+    def reported_names(self) -> Dict[str, str]:
+        """Maps "step"/"epoch" to the name each value is reported under.
+
+        Lightning's naming: with both on_step and on_epoch, the values are
+        `name_step` and `name_epoch`; with one of them, just `name`.
+        """
+        if self.on_step and self.on_epoch:
+            return {"step": f"{self.name}_step", "epoch": f"{self.name}_epoch"}
+        if self.on_step:
+            return {"step": self.name}
+        if self.on_epoch:
+            return {"epoch": self.name}
+        return {}
+
+
+# Hooks whose `self.log` calls report per optimizer step by default (Lightning's defaults).
+STEP_LEVEL_HOOKS = frozenset({"training_step", "on_train_batch_start", "on_train_batch_end"})
+
+
+def resolve_log_options(
+    hook: str,
+    name: str,
+    prog_bar: bool,
+    logger: bool,
+    on_step: Optional[bool],
+    on_epoch: Optional[bool],
+    reduce_fx: str,
+    batch_size: Optional[int],
+) -> LogOptions:
+    """Checks the arguments of one `self.log` call and fills in Lightning's per-hook defaults.
+
+    Args:
+        hook: The hook the call was made from.
+        name, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size: As given to `log`.
+
+    Returns:
+        The complete options.
+
+    Raises:
+        TypeError: If `name` is not a string or `batch_size` is not an int.
+        ValueError: If `reduce_fx` is unknown, both on_step and on_epoch are False,
+            or `batch_size` is not positive.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"self.log in {hook}: the name must be a non-empty string, got {name!r}.")
+    if reduce_fx not in REDUCE_FXS:
+        raise ValueError(f"self.log({name!r}) in {hook}: reduce_fx must be one of {REDUCE_FXS}, got {reduce_fx!r}.")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
+        raise TypeError(f"self.log({name!r}) in {hook}: batch_size must be an int, got {batch_size!r}.")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"self.log({name!r}) in {hook}: batch_size must be >= 1, got {batch_size}.")
+    step_level = hook in STEP_LEVEL_HOOKS
+    on_step = step_level if on_step is None else bool(on_step)
+    on_epoch = (not step_level) if on_epoch is None else bool(on_epoch)
+    if not on_step and not on_epoch:
+        raise ValueError(f"self.log({name!r}) in {hook}: on_step and on_epoch are both False, so nothing is logged.")
+    return LogOptions(name, bool(prog_bar), bool(logger), on_step, on_epoch, reduce_fx, batch_size)
+
+
+def scalar_size(value) -> Optional[int]:
+    """Returns the number of elements of a Tensor, array or number, or None if unknown."""
+    if isinstance(value, (bool, int, float, np.floating, np.integer)):
+        return 1
+    size = getattr(value, "size", None)
+    return int(size) if size is not None else None
+
+
+class LogRecorder:
+    """Collects the `self.log` calls of one hook during its eager dry run.
+
+    Args:
+        hook: The hook being recorded, for error messages ("training_step").
+    """
+
+    def __init__(self, hook: str):
+        self.hook = hook
+        self.options: Dict[str, LogOptions] = {}
+
+    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
+        """`LightningCell.log` during the dry run: checks and records the call."""
+        self.record(resolve_log_options(hook, name, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size), value)
+        return value
+
+    def record(self, options: LogOptions, value) -> None:
+        """Checks one logged value and remembers its options.
+
+        Raises:
+            ValueError: If the value is not a single number, or the same name is
+                logged twice with different options.
+            TypeError: If the value is not a number or Tensor.
+        """
+        size = scalar_size(value)
+        if size is None:
+            raise TypeError(
+                f"self.log({options.name!r}, ...) in {self.hook}: expected a scalar Tensor or a "
+                f"number, got {type(value).__name__}."
+            )
+        if size != 1:
+            shape = tuple(getattr(value, "shape", ()))
+            raise ValueError(
+                f"self.log({options.name!r}, ...) in {self.hook}: expected a single value, got a "
+                f"tensor of shape {shape}. Reduce it first (for example with .mean())."
+            )
+        known = self.options.get(options.name)
+        if known is not None and known != options:
+            raise ValueError(
+                f"self.log({options.name!r}, ...) is called twice in {self.hook} with different "
+                f"options: {known} and {options}."
+            )
+        self.options[options.name] = options
+
+
+class DeviceLogBuffers(nn.Cell):
+    """Device-side accumulators for the names one hook logs.
+
+    Three levels per name: the current window (the micro-batches of one optimizer
+    step), the last finished window (the step value), and the epoch. Means are
+    weighted by batch size; `sum`, `max` and `min` reduce as named.
+
+    Args:
+        options: What the dry run recorded, in slot order.
+    """
+
+    def __init__(self, options: List[LogOptions]):
+        super().__init__(auto_prefix=False)
+        self.options = list(options)
+        self.index = {opt.name: i for i, opt in enumerate(self.options)}
+        count = max(len(self.options), 1)  # a zero-length Parameter is awkward to index
+        initial = np.zeros(count, np.float32)
+        for i, opt in enumerate(self.options):
+            initial[i] = _INITIAL[opt.reduce_fx]
+        self._initial = initial
+        self.host_reads = 0  # device-to-host reads of these buffers, for the trainer's sync count
+        is_mean = np.array([opt.reduce_fx == "mean" for opt in self.options] + [False] * (count - len(self.options)))
+        self.is_mean = Tensor(is_mean)
+        self.initial = Tensor(initial)
+        zeros = np.zeros(count, np.float32)
+
+        def buffer(name, init):
+            return Parameter(Tensor(init.copy()), name=f"lightms_log.{name}", requires_grad=False)
+
+        self.window = buffer("window", initial)
+        self.window_weight = buffer("window_weight", zeros)
+        self.step_value = buffer("step_value", initial)
+        self.step_weight = buffer("step_weight", zeros)
+        self.epoch_value = buffer("epoch_value", initial)
+        self.epoch_weight = buffer("epoch_weight", zeros)
+        self.batch_size = Parameter(Tensor(1.0, ms.float32), name="lightms_log.batch_size", requires_grad=False)
+
+    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
+        """`LightningCell.log` inside a step: the options were checked by the dry run."""
+        return self.record(name, value, reduce_fx, batch_size)
+
+    def record(self, name, value, reduce_fx, batch_size):
+        """Adds one logged value to the window and the epoch (graph-parseable).
+
+        Args:
+            name: A name the dry run recorded.
+            value: A scalar Tensor or number.
+            reduce_fx: The name's reduction.
+            batch_size: The explicit weight, or None for the current batch size.
+        """
+        if name not in self.index:
+            raise ValueError(
+                "self.log(" + name + ") was not called when lightms ran this hook on the first batch, "
+                "so it has no slot in the compiled step. Call self.log for every name on every batch."
+            )
+        i = self.index[name]
+        value = ops.cast(value, ms.float32).reshape(())
+        if reduce_fx == "mean":
+            weight = self.batch_size if batch_size is None else ops.cast(batch_size, ms.float32)
+            self.window[i] = self.window[i] + value * weight
+            self.epoch_value[i] = self.epoch_value[i] + value * weight
+        elif reduce_fx == "sum":
+            weight = 1.0
+            self.window[i] = self.window[i] + value
+            self.epoch_value[i] = self.epoch_value[i] + value
+        elif reduce_fx == "max":
+            weight = 1.0
+            self.window[i] = ops.maximum(self.window[i], value)
+            self.epoch_value[i] = ops.maximum(self.epoch_value[i], value)
+        else:
+            weight = 1.0
+            self.window[i] = ops.minimum(self.window[i], value)
+            self.epoch_value[i] = ops.minimum(self.epoch_value[i], value)
+        self.window_weight[i] = self.window_weight[i] + weight
+        self.epoch_weight[i] = self.epoch_weight[i] + weight
+        return value
+
+    def close_window(self):
+        """Turns the current window into the step value and starts a new window (graph-parseable)."""
+        mean = self.window / ops.maximum(self.window_weight, 1e-12)
+        value = ops.select(self.is_mean, mean, self.window)
+        ops.assign(self.step_value, value)
+        ops.assign(self.step_weight, self.window_weight)
+        ops.assign(self.window, self.initial)
+        ops.assign(self.window_weight, ops.zeros_like(self.window_weight))
+        return value
+
+    # ---- host side -------------------------------------------------------
+    def _read(self, values: Parameter, weights: Parameter) -> Dict[str, float]:
+        values, weights = values.asnumpy(), weights.asnumpy()
+        self.host_reads += 1
+        out = {}
+        for i, opt in enumerate(self.options):
+            if weights[i] > 0:
+                out[opt.name] = float(values[i] / weights[i]) if opt.reduce_fx == "mean" else float(values[i])
+        return out
+
+    def read_step(self) -> Dict[str, float]:
+        """Returns the last finished window's value of every name logged in it (a host sync)."""
+        return self._read(self.step_value, self.step_weight)
+
+    def read_window(self) -> Dict[str, float]:
+        """Returns the current, unfinished window's value of every name logged in it (a host sync)."""
+        return self._read(self.window, self.window_weight)
+
+    def read_epoch(self) -> Dict[str, float]:
+        """Returns the epoch value of every name logged this epoch (a host sync)."""
+        return self._read(self.epoch_value, self.epoch_weight)
+
+    def reset(self) -> None:
+        """Clears every level; called by the host at the start of an epoch."""
+        zeros = np.zeros_like(self._initial)
+        for param, init in (
+            (self.window, self._initial),
+            (self.window_weight, zeros),
+            (self.step_value, self._initial),
+            (self.step_weight, zeros),
+            (self.epoch_value, self._initial),
+            (self.epoch_weight, zeros),
+        ):
+            ops.assign(param, Tensor(init))
+
+
+class HostLogs:
+    """Where `self.log` writes from `on_*` hooks, which run on the host.
+
+    Values are read to Python floats at once (the hook runs on the host anyway)
+    and reduced like the device buffers.
+    """
+
+    def __init__(self):
+        self.options: Dict[str, LogOptions] = {}
+        self._step: Dict[str, float] = {}
+        self._epoch: Dict[str, List[float]] = {}  # name -> [reduced value, weight]
+
+    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
+        """`LightningCell.log` from a host hook."""
+        options = resolve_log_options(hook, name, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size)
+        LogRecorder(hook).record(options, value)  # same checks as inside steps
+        number = float(value.asnumpy()) if hasattr(value, "asnumpy") else float(value)
+        self.options[name] = options
+        self._step[name] = number
+        weight = float(batch_size or 1) if reduce_fx == "mean" else 1.0
+        acc = self._epoch.setdefault(name, [_INITIAL[reduce_fx], 0.0])
+        if reduce_fx == "mean":
+            acc[0] += number * weight
+        elif reduce_fx == "sum":
+            acc[0] += number
+        elif reduce_fx == "max":
+            acc[0] = max(acc[0], number)
+        else:
+            acc[0] = min(acc[0], number)
+        acc[1] += weight
+        return value
+
+    def read_step(self) -> Dict[str, float]:
+        """Returns the values logged since the last call and forgets them."""
+        out, self._step = self._step, {}
+        return out
+
+    def read_epoch(self) -> Dict[str, float]:
+        """Returns the epoch reduction of every name logged this epoch."""
+        return {
+            name: acc[0] / acc[1] if self.options[name].reduce_fx == "mean" else acc[0]
+            for name, acc in self._epoch.items()
+        }
+
+    def reset(self) -> None:
+        """Forgets everything (start of an epoch)."""
+        self._step, self._epoch = {}, {}

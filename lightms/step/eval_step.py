@@ -1,0 +1,29 @@
+"""The compiled evaluation step: one call of validation_step, test_step or predict_step."""
+
+from lightms._mindspore import mindspore as ms  # noqa: F401
+from mindspore import ops
+
+from lightms.step.train_step import compile_function
+
+
+class EvalStep:
+    """Runs one evaluation hook as a graph (no gradients, no update).
+
+    Args:
+        hook: The module's bound hook, e.g. `module.validation_step`.
+        logs: The device log buffers for this hook.
+        compile: Compile with `mindspore.jit` (True) or run eagerly (False).
+    """
+
+    def __init__(self, hook, logs, compile: bool):
+        def step(batch, batch_idx, batch_size):
+            ops.assign(logs.batch_size, batch_size)
+            output = hook(batch, batch_idx)
+            logs.close_window()
+            return output
+
+        self._step = compile_function(step, compile)
+
+    def __call__(self, batch, batch_idx, batch_size):
+        """Returns what the hook returned for this batch."""
+        return self._step(batch, batch_idx, batch_size)

@@ -1,0 +1,178 @@
+"""Turns what the user passes as data into batches a compiled step can take.
+
+Accepted: a batched `mindspore.dataset.Dataset` (each row a tuple of columns), or
+any re-iterable object (a list, a generator-returning class) yielding batches.
+A batch is a tuple, list or dict of numpy arrays or MindSpore Tensors, or a
+single array. Every batch of a run must have the first batch's structure,
+dtypes and per-sample shapes; only the leading (batch) dimension may differ.
+"""
+
+from typing import Any, Iterator, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+
+from lightms._mindspore import mindspore as ms
+from mindspore import Tensor
+from mindspore import dataset as msds
+
+
+class Batch(NamedTuple):
+    """One batch ready for a step.
+
+    Attributes:
+        index: Position in the epoch (0-based).
+        data: The batch with every leaf a Tensor.
+        size: Its leading dimension (the number of samples).
+        is_last: Whether it is the last batch of this pass over the data.
+    """
+
+    index: int
+    data: Any
+    size: int
+    is_last: bool
+
+
+def _to_tensors(batch, where: str):
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, np.ndarray):
+        if batch.dtype == np.float64:
+            batch = batch.astype(np.float32)  # MindSpore layers are float32; float64 input is a numpy default
+        return Tensor(batch)
+    if isinstance(batch, dict):
+        return {key: _to_tensors(value, where) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_tensors(value, where) for value in batch)
+    raise TypeError(
+        f"{where}: a batch must be a tuple, list or dict of numpy arrays or MindSpore Tensors; "
+        f"found a {type(batch).__name__}."
+    )
+
+
+def structure_of(batch) -> Tuple:
+    """Describes a batch's nesting, dtypes and per-sample shapes (not the batch dimension)."""
+    if isinstance(batch, dict):
+        return ("dict", tuple((key, structure_of(value)) for key, value in batch.items()))
+    if isinstance(batch, (tuple, list)):
+        return (type(batch).__name__, tuple(structure_of(value) for value in batch))
+    return ("tensor", str(batch.dtype), tuple(batch.shape[1:]))
+
+
+def _leading_size(batch, where: str) -> int:
+    leaf = batch
+    while isinstance(leaf, (dict, tuple, list)):
+        if not leaf:
+            raise ValueError(f"{where}: a batch is an empty {type(leaf).__name__}.")
+        leaf = next(iter(leaf.values())) if isinstance(leaf, dict) else leaf[0]
+    if len(leaf.shape) == 0:
+        raise ValueError(f"{where}: batch elements must have a batch dimension; found a 0-d tensor.")
+    return int(leaf.shape[0])
+
+
+def _count(limit: Optional[Union[int, float]], length: Optional[int], name: str) -> Optional[int]:
+    """Turns a `limit_*_batches` value into a number of batches (None: all)."""
+    if limit is None:
+        return length
+    if isinstance(limit, float):
+        if length is None:
+            if limit == 1.0:
+                return None
+            raise ValueError(f"{name}={limit} is a fraction, but the data has no length; pass an int.")
+        return int(length * limit)
+    return limit if length is None else min(limit, length)
+
+
+class DataSource:
+    """Iterates one loader as `Batch`es, checking that every batch has the first one's structure.
+
+    Args:
+        data: A batched `mindspore.dataset.Dataset` or a re-iterable object of batches.
+        argument: The argument name the data came from, for error messages.
+    """
+
+    def __init__(self, data, argument: str):
+        if data is None:
+            raise ValueError(f"No data: {argument} is None.")
+        if isinstance(data, (str, bytes)) or not (isinstance(data, msds.Dataset) or hasattr(data, "__iter__")):
+            raise TypeError(
+                f"{argument} must be a batched mindspore.dataset.Dataset or an iterable of batches, "
+                f"got {type(data).__name__}."
+            )
+        if hasattr(data, "__next__") and not isinstance(data, msds.Dataset):
+            raise TypeError(
+                f"{argument} is an iterator, which can be read only once; pass a re-iterable object "
+                "(a list, a Dataset, or a class whose __iter__ starts over)."
+            )
+        self.data = data
+        self.argument = argument
+        self.structure = None
+
+    def __len__(self) -> int:
+        length = self.length()
+        if length is None:
+            raise TypeError(f"{self.argument} has no length.")
+        return length
+
+    def length(self) -> Optional[int]:
+        """Returns the number of batches in one pass, or None if the data cannot tell."""
+        if isinstance(self.data, msds.Dataset):
+            return int(self.data.get_dataset_size())
+        try:
+            return len(self.data)
+        except TypeError:
+            return None
+
+    def batch_count(self, limit) -> Optional[int]:
+        """Returns how many batches one pass yields under `limit` (None: unknown until read)."""
+        return _count(limit, self.length(), self.argument)
+
+    def _raw(self) -> Iterator:
+        if isinstance(self.data, msds.Dataset):
+            return (tuple(row) for row in self.data.create_tuple_iterator(num_epochs=1, do_copy=False))
+        return iter(self.data)
+
+    def batches(self, limit=None) -> Iterator[Batch]:
+        """Yields the batches of one pass, at most `limit` (an int, a fraction, or None for all).
+
+        Raises:
+            ValueError: If the data yields no batch, or a batch's structure differs from the first.
+            TypeError: If a batch is not made of arrays or Tensors.
+        """
+        count = self.batch_count(limit)
+        if count == 0:
+            return
+        iterator = self._raw()
+        sentinel = object()
+        current = next(iterator, sentinel)
+        if current is sentinel:
+            raise ValueError(f"{self.argument} yielded no batches: the dataset is empty.")
+        index = 0
+        while current is not sentinel:
+            upcoming = sentinel if count is not None and index + 1 >= count else next(iterator, sentinel)
+            yield self._prepare(index, current, upcoming is sentinel)
+            current = upcoming
+            index += 1
+
+    def _prepare(self, index: int, raw, is_last: bool) -> Batch:
+        where = f"{self.argument}, batch {index}"
+        data = _to_tensors(raw, where)
+        structure = structure_of(data)
+        if self.structure is None:
+            self.structure = structure
+        elif structure != self.structure:
+            raise ValueError(
+                f"{where}: the batch structure changed. Every batch must have the same nesting, dtypes and "
+                f"per-sample shapes as the first.\n  first: {self.structure}\n  now:   {structure}"
+            )
+        return Batch(index, data, _leading_size(data, where), is_last)
+
+
+def as_step_input(data):
+    """Marks a batch so the compiled step treats it as variable input, not a constant.
+
+    Without `mutable`, MindSpore bakes a tuple or dict argument into the graph and
+    recompiles for every batch.
+    """
+    if isinstance(data, (tuple, list, dict)):
+        return ms.mutable(data)
+    return data

@@ -1,0 +1,87 @@
+"""The host's view of logged values: what loggers, the progress bar and callbacks read.
+
+Values logged inside compiled steps stay in device buffers (one set per stage);
+this store reads them only when somebody asks: a logger at a logging step, the
+progress bar at a redraw, a callback through `trainer.callback_metrics`, or the
+end of an epoch.
+"""
+
+from typing import Dict, Optional
+
+from lightms.module.logging import DeviceLogBuffers, HostLogs, LogOptions
+
+STAGES = ("train", "validation", "test", "predict")
+
+
+def stage_of_hook(hook: Optional[str]) -> str:
+    """Returns the stage a hook belongs to ("on_validation_epoch_end" -> "validation")."""
+    hook = hook or ""
+    for stage in ("validation", "test", "predict"):
+        if stage in hook:
+            return stage
+    return "train"
+
+
+class MetricStore:
+    """Collects logged values per stage and reports them under Lightning's names."""
+
+    def __init__(self):
+        self.callback_metrics: Dict[str, float] = {}
+        self.logged_metrics: Dict[str, float] = {}
+        self.progress_bar_metrics: Dict[str, float] = {}
+        self.device: Dict[str, DeviceLogBuffers] = {}
+        self.host: Dict[str, HostLogs] = {stage: HostLogs() for stage in STAGES}
+        self._step_read: Optional[int] = None
+        self._step_for_logger: Dict[str, float] = {}
+
+    @property
+    def host_reads(self) -> int:
+        """Device-to-host reads made for logged values so far."""
+        return sum(buffers.host_reads for buffers in self.device.values())
+
+    def start_epoch(self, stage: str) -> None:
+        """Clears a stage's accumulators (no host sync)."""
+        if stage in self.device:
+            self.device[stage].reset()
+        self.host[stage].reset()
+        if stage == "train":
+            self._step_read = None
+
+    def _options(self, stage: str, name: str) -> LogOptions:
+        host = self.host[stage].options
+        return host[name] if name in host else self.device[stage].options[self.device[stage].index[name]]
+
+    def _publish(self, stage: str, values: Dict[str, float], level: str) -> Dict[str, float]:
+        for_logger = {}
+        for name, value in values.items():
+            options = self._options(stage, name)
+            reported = options.reported_names().get(level)
+            if reported is None:
+                continue
+            self.callback_metrics[reported] = value
+            if level == "epoch":
+                self.callback_metrics[name] = value
+            if options.prog_bar:
+                self.progress_bar_metrics[reported] = value
+            if options.logger:
+                self.logged_metrics[reported] = value
+                for_logger[reported] = value
+        return for_logger
+
+    def read_train_step(self, global_step: int) -> Dict[str, float]:
+        """Returns the values of optimizer step `global_step` bound for loggers.
+
+        The device is read at most once per step, however many ask.
+        """
+        if self._step_read != global_step:
+            self._step_read = global_step
+            values = dict(self.device["train"].read_step()) if "train" in self.device else {}
+            values.update(self.host["train"].read_step())
+            self._step_for_logger = self._publish("train", values, "step")
+        return self._step_for_logger
+
+    def read_epoch(self, stage: str) -> Dict[str, float]:
+        """Reads a stage's epoch values; returns those bound for loggers."""
+        values = dict(self.device[stage].read_epoch()) if stage in self.device else {}
+        values.update(self.host[stage].read_epoch())
+        return self._publish(stage, values, "epoch")

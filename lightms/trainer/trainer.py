@@ -1,0 +1,643 @@
+"""`Trainer`: runs fit / validate / test / predict as plain loops around compiled steps."""
+
+import os
+from contextlib import contextmanager
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from lightms._mindspore import GraphDumpGuard, mindspore as ms
+from mindspore import Tensor, ops
+
+from lightms.callbacks.callback import Callback
+from lightms.callbacks.progress import TQDMProgressBar
+from lightms.loggers.logger import Logger
+from lightms.loggers.tensorboard import TensorBoardLogger
+from lightms.module.cell import LightningCell
+from lightms.module.datamodule import LightningDataModule
+from lightms.module.logging import DeviceLogBuffers, LogRecorder
+from lightms.step.binding import graph_callable_methods
+from lightms.step.eval_step import EvalStep
+from lightms.step.gradients import ClipGradNorm, ClipGradValue, GradientPipeline
+from lightms.step.train_step import LoopCounters, TrainStep
+from lightms.trainer import arguments as check
+from lightms.trainer.data import DataSource, as_step_input
+from lightms.trainer.metrics import MetricStore, stage_of_hook
+from lightms.trainer.optimizers import read_optimizer_config
+from lightms.trainer.seed import seed_everything
+
+_EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
+
+
+@dataclass
+class LoopState:
+    """Where the run is. `global_step` counts optimizer steps, never micro-batches."""
+
+    current_epoch: int = 0
+    global_step: int = 0
+    batch_idx: int = 0
+    should_stop: bool = False
+    stage: Optional[str] = None
+    sanity_checking: bool = False
+
+
+class Trainer:
+    """Trains and evaluates a `LightningCell` with compiled MindSpore steps.
+
+    All arguments are keyword-only. Steps are counted in optimizer steps:
+    `max_steps`, `log_every_n_steps` and an int `val_check_interval` count
+    updates, not micro-batches, whatever `accumulate` is.
+
+    Args:
+        max_epochs: Epochs to train; default 1000 when `max_steps` is -1, else unlimited (-1).
+        max_steps: Optimizer steps to train; -1 for no limit.
+        accumulate: Micro-batches whose gradients are averaged into one optimizer step.
+            The last window of an epoch is stepped with the micro-batches it holds.
+        limit_train_batches, limit_val_batches, limit_test_batches, limit_predict_batches:
+            Batches per epoch: an int count, a float fraction, or None for all.
+        val_check_interval: None or 1.0 to validate at epoch ends; a float < 1 to also
+            validate that fraction of the way through each epoch; an int to validate every
+            that many optimizer steps instead.
+        check_val_every_n_epoch: Validate every n-th epoch (None: only by val_check_interval).
+        num_sanity_val_steps: Validation batches run before training (-1 for all).
+        fast_dev_run: True (or n) to run 1 (or n) batches of each loop, without loggers.
+        log_every_n_steps: Send step values to the loggers every n optimizer steps.
+        gradient_clip_val: Clip gradients (after averaging the window) at this value.
+        gradient_clip_algorithm: "norm" (global L2 norm) or "value".
+        default_root_dir: Folder for logs; default the working directory.
+        compile: Run steps as compiled MindSpore graphs (True) or eagerly (False).
+        seed: Seed MindSpore, datasets, numpy and random at the start of each run.
+        callbacks: A Callback or a list of them.
+        logger: True for a TensorBoardLogger under default_root_dir, False for none, a
+            Logger or a list of Loggers.
+        enable_progress_bar: Add a TQDMProgressBar unless one is in `callbacks`.
+        enable_checkpointing: Reserved for checkpoint callbacks; must stay a bool.
+
+    Raises:
+        TypeError, ValueError: For an argument of the wrong type or out of range,
+            naming the argument.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_epochs: Optional[int] = None,
+        max_steps: int = -1,
+        accumulate: int = 1,
+        limit_train_batches=None,
+        limit_val_batches=None,
+        limit_test_batches=None,
+        limit_predict_batches=None,
+        val_check_interval=None,
+        check_val_every_n_epoch: Optional[int] = 1,
+        num_sanity_val_steps: int = 2,
+        fast_dev_run=False,
+        log_every_n_steps: int = 50,
+        gradient_clip_val=None,
+        gradient_clip_algorithm: str = "norm",
+        default_root_dir=None,
+        compile: bool = True,
+        seed: Optional[int] = None,
+        callbacks=None,
+        logger=True,
+        enable_progress_bar: bool = True,
+        enable_checkpointing: bool = True,
+    ):
+        self.max_steps = check.check_int("max_steps", max_steps, -1)
+        max_epochs = check.check_int("max_epochs", max_epochs, -1, allow_none=True)
+        if max_epochs is None:
+            max_epochs = 1000 if self.max_steps == -1 else -1
+        self.max_epochs = max_epochs
+        self.accumulate = check.check_int("accumulate", accumulate, 1)
+        self.limit_train_batches = check.check_limit("limit_train_batches", limit_train_batches)
+        self.limit_val_batches = check.check_limit("limit_val_batches", limit_val_batches)
+        self.limit_test_batches = check.check_limit("limit_test_batches", limit_test_batches)
+        self.limit_predict_batches = check.check_limit("limit_predict_batches", limit_predict_batches)
+        self.val_check_interval = check.check_val_check_interval(val_check_interval)
+        self.check_val_every_n_epoch = check.check_int("check_val_every_n_epoch", check_val_every_n_epoch, 1,
+                                                       allow_none=True)
+        if self.check_val_every_n_epoch is None and not isinstance(self.val_check_interval, int):
+            raise ValueError("Trainer(check_val_every_n_epoch=None) needs an int val_check_interval "
+                             "(validate every that many optimizer steps).")
+        self.num_sanity_val_steps = check.check_int("num_sanity_val_steps", num_sanity_val_steps, -1)
+        if isinstance(fast_dev_run, bool):
+            self.fast_dev_run = int(fast_dev_run)
+        else:
+            self.fast_dev_run = check.check_int("fast_dev_run", fast_dev_run, 0)
+        self.log_every_n_steps = check.check_int("log_every_n_steps", log_every_n_steps, 1)
+        self.gradient_clip_val = check.check_number("gradient_clip_val", gradient_clip_val, 0.0)
+        self.gradient_clip_algorithm = check.check_choice("gradient_clip_algorithm", gradient_clip_algorithm,
+                                                          ("norm", "value"))
+        if default_root_dir is not None and not isinstance(default_root_dir, (str, os.PathLike)):
+            raise TypeError(f"Trainer(default_root_dir=...) must be a path, got {default_root_dir!r}.")
+        self.default_root_dir = os.fspath(default_root_dir) if default_root_dir is not None else os.getcwd()
+        self.compile = check.check_bool("compile", compile)
+        self.seed = check.check_int("seed", seed, 0, allow_none=True)
+        check.check_bool("enable_progress_bar", enable_progress_bar)
+        self.enable_checkpointing = check.check_bool("enable_checkpointing", enable_checkpointing)
+
+        if self.fast_dev_run:
+            n = self.fast_dev_run
+            self.max_epochs, self.max_steps, self.num_sanity_val_steps = 1, n, 0
+            self.limit_train_batches = self.limit_val_batches = n
+            self.limit_test_batches = self.limit_predict_batches = n
+            self.val_check_interval, self.check_val_every_n_epoch = None, 1
+            logger = False
+
+        self.callbacks = self._build_callbacks(callbacks, enable_progress_bar)
+        self.loggers = self._build_loggers(logger)
+        self.state = LoopState()
+        self.model: Optional[LightningCell] = None
+        self.optimizers: List[Any] = []
+        self.num_training_batches: Optional[int] = None
+        self.num_eval_batches: Optional[int] = None
+        self._metrics = MetricStore()
+        self._train_source: Optional[DataSource] = None
+        self._counters: Optional[LoopCounters] = None
+        self._train_step: Optional[TrainStep] = None
+        self._eval_steps: Dict[str, EvalStep] = {}
+        self._scalars: Dict[float, Tensor] = {}
+
+    # ---- construction helpers -------------------------------------------------------
+    @staticmethod
+    def _build_callbacks(callbacks, enable_progress_bar: bool) -> List[Callback]:
+        if callbacks is None:
+            callbacks = []
+        elif isinstance(callbacks, Callback):
+            callbacks = [callbacks]
+        elif not isinstance(callbacks, (list, tuple)):
+            raise TypeError(f"Trainer(callbacks=...) must be a Callback or a list of them, got {type(callbacks).__name__}.")
+        callbacks = list(callbacks)
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"Trainer(callbacks=...) holds a {type(cb).__name__}, which is not a lightms Callback.")
+        has_bar = any(isinstance(cb, TQDMProgressBar) for cb in callbacks)
+        if has_bar and not enable_progress_bar:
+            raise ValueError("Trainer(enable_progress_bar=False) contradicts the TQDMProgressBar in callbacks: "
+                             "drop one of them.")
+        if enable_progress_bar and not has_bar:
+            callbacks.append(TQDMProgressBar())
+        return sorted(callbacks, key=lambda cb: cb.order)
+
+    def _build_loggers(self, logger) -> List[Logger]:
+        if logger is True:
+            return [TensorBoardLogger(self.default_root_dir)]
+        if logger is False or logger is None:
+            return []
+        loggers = [logger] if isinstance(logger, Logger) else logger
+        if not isinstance(loggers, (list, tuple)) or not all(isinstance(lg, Logger) for lg in loggers):
+            raise TypeError(f"Trainer(logger=...) must be True, False, a Logger or a list of Loggers, got {logger!r}.")
+        return list(loggers)
+
+    # ---- public state -------------------------------------------------------------------
+    @property
+    def logger(self) -> Optional[Logger]:
+        """The first logger, or None."""
+        return self.loggers[0] if self.loggers else None
+
+    @property
+    def log_dir(self) -> str:
+        """The first logger's folder, or default_root_dir."""
+        return (self.logger.log_dir if self.logger is not None else None) or self.default_root_dir
+
+    @property
+    def current_epoch(self) -> int:
+        """Finished epochs (the epoch in progress, 0-based)."""
+        return self.state.current_epoch
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken."""
+        return self.state.global_step
+
+    @property
+    def should_stop(self) -> bool:
+        """Set True (e.g. from a callback) to end fit after the current optimizer step."""
+        return self.state.should_stop
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:
+        self.state.should_stop = bool(value)
+
+    @property
+    def sanity_checking(self) -> bool:
+        """Whether the sanity validation is running."""
+        return self.state.sanity_checking
+
+    @property
+    def callback_metrics(self) -> Dict[str, float]:
+        """The latest logged values as Python floats (reads the device if a step is unread)."""
+        self._read_step_values()
+        return self._metrics.callback_metrics
+
+    @property
+    def logged_metrics(self) -> Dict[str, float]:
+        """The values last sent to the loggers."""
+        return self._metrics.logged_metrics
+
+    @property
+    def progress_bar_metrics(self) -> Dict[str, float]:
+        """The `prog_bar=True` values (reads the device if a step is unread)."""
+        self._read_step_values()
+        return self._metrics.progress_bar_metrics
+
+    @property
+    def host_sync_count(self) -> int:
+        """Device-to-host reads lightms made for logged values in this Trainer."""
+        return self._metrics.host_reads
+
+    @property
+    def estimated_stepping_batches(self) -> float:
+        """Optimizer steps this fit will take (inf if unknown)."""
+        per_epoch = float("inf")
+        if self.num_training_batches is not None:
+            per_epoch = -(-self.num_training_batches // self.accumulate)
+        by_epochs = per_epoch * self.max_epochs if self.max_epochs != -1 else float("inf")
+        if self.max_steps != -1:
+            return min(self.max_steps, by_epochs)
+        return by_epochs
+
+    # ---- entry points -------------------------------------------------------------------
+    def fit(self, model: LightningCell, train_dataloaders=None, val_dataloaders=None,
+            datamodule: Optional[LightningDataModule] = None, ckpt_path=None) -> None:
+        """Trains `model`, validating as configured.
+
+        Args:
+            model: The LightningCell.
+            train_dataloaders: Training batches (a batched Dataset or an iterable).
+            val_dataloaders: Validation batches, or None.
+            datamodule: A LightningDataModule instead of the two loaders.
+            ckpt_path: Not supported yet: checkpoints come with the checkpoint callbacks.
+
+        Raises:
+            ValueError: If no training data is given, both loaders and a datamodule are,
+                or the training data is empty.
+            NotImplementedError: If ckpt_path is given.
+        """
+        if ckpt_path is not None:
+            raise NotImplementedError("Trainer.fit(ckpt_path=...) is not supported yet: resuming comes with "
+                                      "lightms checkpoints.")
+        self._check_model(model)
+        train, val = self._resolve_data("fit", datamodule, train_dataloaders, val_dataloaders)
+        if train is None:
+            raise ValueError("Trainer.fit needs training data: pass train_dataloaders or a datamodule whose "
+                             "train_dataloader() returns batches.")
+        self._run("fit", model, datamodule, lambda: self._fit(train, val))
+
+    def validate(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Dict[str, float]]:
+        """Runs validation_step over the data; returns `[metrics]` as Lightning does."""
+        return self._evaluate("validate", "validation", model, dataloaders, datamodule)
+
+    def test(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Dict[str, float]]:
+        """Runs test_step over the data; returns `[metrics]` as Lightning does."""
+        return self._evaluate("test", "test", model, dataloaders, datamodule)
+
+    def predict(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Any]:
+        """Runs predict_step over the data; returns the list of per-batch outputs."""
+        self._check_model(model)
+        source = self._resolve_eval_data("predict", datamodule, dataloaders)
+        outputs: List[Any] = []
+        self._run("predict", model, datamodule,
+                  lambda: outputs.extend(self._eval_loop("predict", source, self.limit_predict_batches)))
+        return outputs
+
+    # ---- run scaffolding ------------------------------------------------------------------
+    def _check_model(self, model) -> None:
+        if not isinstance(model, LightningCell):
+            raise TypeError(f"Trainer expects a lightms.LightningCell, got {type(model).__name__}.")
+
+    def _resolve_data(self, stage, datamodule, train, val):
+        if datamodule is not None:
+            if train is not None or val is not None:
+                raise ValueError("Pass either a datamodule or train_dataloaders/val_dataloaders to Trainer.fit, not both.")
+            if not isinstance(datamodule, LightningDataModule):
+                raise TypeError(f"datamodule must be a lightms.LightningDataModule, got {type(datamodule).__name__}.")
+            datamodule.trainer = self
+            datamodule.prepare_data()
+            datamodule.setup(stage)
+            train, val = datamodule.train_dataloader(), datamodule.val_dataloader()
+        train_source = DataSource(train, "train_dataloaders") if train is not None else None
+        val_source = DataSource(val, "val_dataloaders") if val is not None else None
+        return train_source, val_source
+
+    def _resolve_eval_data(self, stage, datamodule, dataloaders) -> DataSource:
+        if datamodule is not None:
+            if dataloaders is not None:
+                raise ValueError(f"Pass either a datamodule or dataloaders to Trainer.{stage}, not both.")
+            if not isinstance(datamodule, LightningDataModule):
+                raise TypeError(f"datamodule must be a lightms.LightningDataModule, got {type(datamodule).__name__}.")
+            datamodule.trainer = self
+            datamodule.prepare_data()
+            datamodule.setup(stage)
+            dataloaders = getattr(datamodule, {"validate": "val", "test": "test", "predict": "predict"}[stage]
+                                  + "_dataloader")()
+        if dataloaders is None:
+            raise ValueError(f"Trainer.{stage} needs data: pass dataloaders or a datamodule.")
+        return DataSource(dataloaders, "dataloaders")
+
+    def _evaluate(self, entry: str, stage: str, model, dataloaders, datamodule) -> List[Dict[str, float]]:
+        self._check_model(model)
+        if getattr(type(model), _EVAL_HOOKS[stage], None) is None:
+            raise NotImplementedError(f"Trainer.{entry} needs {type(model).__name__}.{_EVAL_HOOKS[stage]}(batch, batch_idx).")
+        source = self._resolve_eval_data(entry, datamodule, dataloaders)
+        limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
+        results: List[Dict[str, float]] = []
+        self._run(entry, model, datamodule, lambda: results.append(self._eval_loop(stage, source, limit)))
+        return results
+
+    def _run(self, stage: str, model: LightningCell, datamodule, body) -> None:
+        """Attaches the model, runs `body` with hooks around it, and always detaches."""
+        if self.seed is not None:
+            seed_everything(self.seed)
+        self.model = model
+        object.__setattr__(model, "_trainer", self)
+        self._counters = LoopCounters()
+        self._counters.set(self.state.current_epoch, self.state.global_step)
+        object.__setattr__(model, "_lightms_counters", self._counters)
+        self._train_step, self._eval_steps = None, {}
+        self.state.stage = stage
+        status = "failed"
+        dump_guard = GraphDumpGuard()
+        try:
+            with graph_callable_methods(model, LightningCell):
+                self._call("setup", stage)
+                body()
+            status = "success"
+        except BaseException as exception:
+            moved = dump_guard.tidy()
+            if moved:
+                warnings.warn(f"MindSpore's compile report (rank_0/om/analyze_fail.ir) was moved out of the "
+                              f"working directory to {moved}.", stacklevel=2)
+            for cb in self.callbacks:
+                cb.on_exception(self, model, exception)
+            raise
+        finally:
+            try:
+                if status == "success":
+                    self._call("teardown", stage)
+            finally:
+                for lg in self.loggers:
+                    lg.finalize(status)
+                object.__setattr__(model, "_lightms_log_target", None)
+                object.__setattr__(model, "_lightms_hook", None)
+                self.state.stage = None
+
+    def _call(self, hook: str, *args) -> Any:
+        """Calls `hook` on every callback (in `order`), then on the module."""
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, self.model, *args)
+        model = self.model
+        module_hook = getattr(model, hook, None)  # some hooks (on_sanity_check_*) are callback-only
+        if module_hook is None:
+            return None
+        object.__setattr__(model, "_lightms_hook", hook)
+        object.__setattr__(model, "_lightms_log_target", self._metrics.host[stage_of_hook(hook)])
+        try:
+            return module_hook(*args)
+        finally:
+            object.__setattr__(model, "_lightms_hook", None)
+
+    @contextmanager
+    def _inside_step(self, hook: str, log_target):
+        """Points the module's `self.log` at `log_target` and its counters at the device while a step runs."""
+        model = self.model
+        object.__setattr__(model, "_lightms_hook", hook)
+        object.__setattr__(model, "_lightms_log_target", log_target)
+        object.__setattr__(model, "_lightms_in_step", True)
+        try:
+            yield
+        finally:
+            object.__setattr__(model, "_lightms_in_step", False)
+            object.__setattr__(model, "_lightms_hook", None)
+            object.__setattr__(model, "_lightms_log_target", None)
+
+    def _scalar(self, value: float) -> Tensor:
+        """A cached float32 scalar Tensor (batch sizes, window sizes): no new Tensor per step."""
+        tensor = self._scalars.get(value)
+        if tensor is None:
+            tensor = self._scalars[value] = Tensor(value, ms.float32)
+        return tensor
+
+    def _batch_index(self, index: int):
+        # A mutable scalar, so that a new index does not recompile the graph.
+        return ms.mutable(index) if self.compile else index
+
+    def _logger_write(self, metrics: Dict[str, float]) -> None:
+        if metrics:
+            for lg in self.loggers:
+                lg.log_metrics(metrics, step=self.state.global_step)
+
+    def _read_step_values(self) -> None:
+        if self.state.stage == "fit":
+            self._metrics.read_train_step(self.state.global_step)
+
+    # ---- dry runs: record self.log calls and check outputs before compiling --------------------
+    def _dry_run(self, hook: str, batch):
+        """Runs `hook` eagerly on the first batch to record its `self.log` calls.
+
+        Buffers such as BatchNorm statistics are restored afterwards, so the dry run
+        leaves no trace in the model.
+        """
+        model = self.model
+        recorder = LogRecorder(hook)
+        buffers = [(p, p.asnumpy().copy()) for p in model.get_parameters() if not p.requires_grad]
+        try:
+            with self._inside_step(hook, recorder):
+                output = getattr(model, hook)(batch.data, batch.index)
+        finally:
+            for param, value in buffers:
+                ops.assign(param, Tensor(value))
+        return recorder, output
+
+    def _check_training_output(self, output) -> None:
+        name = f"{type(self.model).__name__}.training_step"
+        if output is None:
+            raise ValueError(f"{name} returned None; it must return the loss (a scalar Tensor) or a dict with "
+                             "key 'loss'. Skipping batches by returning None is not supported in compiled steps.")
+        if isinstance(output, dict):
+            if "loss" not in output:
+                raise ValueError(f"{name} returned a dict without the key 'loss' (keys: {sorted(output)}).")
+            output = output["loss"]
+        if not isinstance(output, Tensor):
+            raise TypeError(f"{name} must return a scalar Tensor (or a dict with 'loss'), got {type(output).__name__}.")
+        if output.size != 1:
+            raise ValueError(f"{name} must return a scalar loss, got a tensor of shape {tuple(output.shape)}; "
+                             "reduce it (for example with .mean()).")
+        if not ms.dtype_to_nptype(output.dtype).__name__.startswith(("float", "bfloat")):
+            raise TypeError(f"{name} returned a loss of dtype {output.dtype}; a floating-point loss is needed "
+                            "to differentiate.")
+
+    def _build_train_step(self, batch) -> TrainStep:
+        model = self.model
+        recorder, output = self._dry_run("training_step", batch)
+        self._check_training_output(output)
+        config = self._optimizer_config
+        logs = DeviceLogBuffers(list(recorder.options.values()))
+        self._metrics.device["train"] = logs
+        stages = []
+        if self.gradient_clip_val:
+            stages.append(ClipGradNorm(self.gradient_clip_val) if self.gradient_clip_algorithm == "norm"
+                          else ClipGradValue(self.gradient_clip_val))
+        return TrainStep(model, config.optimizer, logs, self._counters, self.accumulate,
+                         GradientPipeline(stages), self.compile)
+
+    def _build_eval_step(self, stage: str, batch) -> EvalStep:
+        hook = _EVAL_HOOKS[stage]
+        recorder, _ = self._dry_run(hook, batch)
+        logs = DeviceLogBuffers(list(recorder.options.values()))
+        for options in logs.options:
+            if options.on_step and stage != "predict":
+                warnings.warn(f"self.log({options.name!r}, on_step=True) in {hook}: lightms reports "
+                              f"{stage} values per epoch; the step value is not sent to the loggers.",
+                              stacklevel=2)
+        self._metrics.device[stage] = logs
+        return EvalStep(getattr(self.model, hook), logs, self.compile)
+
+    # ---- the loops ----------------------------------------------------------------------
+    def _fit(self, train: DataSource, val: Optional[DataSource]) -> None:
+        model = self.model
+        self._optimizer_config = read_optimizer_config(model.configure_optimizers(), type(model).__name__)
+        self.optimizers = [self._optimizer_config.optimizer]
+        self._train_source = train
+        self.num_training_batches = train.batch_count(self.limit_train_batches)
+        if self.num_training_batches == 0:
+            raise ValueError("limit_train_batches leaves no training batches.")
+        has_val = val is not None and self.limit_val_batches != 0 and getattr(type(model), "validation_step") is not None
+        self._val_source = val if has_val else None
+        if model.hparams:
+            for lg in self.loggers:
+                lg.log_hyperparams(dict(model.hparams))
+        self._call("on_fit_start")
+        if self._val_source is not None and self.num_sanity_val_steps != 0:
+            self.state.sanity_checking = True
+            self._call("on_sanity_check_start")
+            limit = None if self.num_sanity_val_steps == -1 else self.num_sanity_val_steps
+            self._eval_loop("validation", self._val_source, limit)
+            self._call("on_sanity_check_end")
+            self.state.sanity_checking = False
+        self._call("on_train_start")
+        while not self._fit_done():
+            self._train_epoch()
+            self.state.current_epoch += 1
+        self._call("on_train_end")
+        self._call("on_fit_end")
+
+    def _fit_done(self) -> bool:
+        if self.state.should_stop:
+            return True
+        if self.max_steps != -1 and self.state.global_step >= self.max_steps:
+            return True
+        return self.max_epochs != -1 and self.state.current_epoch >= self.max_epochs
+
+    def _val_due_at_epoch_end(self) -> bool:
+        if self._val_source is None or isinstance(self.val_check_interval, int):
+            return False
+        return (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
+
+    def _val_due_in_epoch(self, batch, closed_window: bool) -> bool:
+        if self._val_source is None:
+            return False
+        interval = self.val_check_interval
+        if isinstance(interval, int):
+            epoch_ok = self.check_val_every_n_epoch is None or \
+                (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
+            return closed_window and epoch_ok and self.state.global_step % interval == 0
+        if interval is None or interval == 1.0 or batch.is_last or self.num_training_batches is None:
+            return False
+        every = max(1, int(self.num_training_batches * interval))
+        return (batch.index + 1) % every == 0 and self._val_due_at_epoch_end()
+
+    def _train_epoch(self) -> None:
+        model, state, metrics = self.model, self.state, self._metrics
+        model.set_train(True)
+        metrics.start_epoch("train")
+        self._counters.set(state.current_epoch, state.global_step)
+        self._call("on_train_epoch_start")
+        window, skip_rest = 0, False
+        for batch in self._train_source.batches(self.limit_train_batches):
+            state.batch_idx = batch.index
+            if self._call("on_train_batch_start", batch.data, batch.index) == -1:
+                if not window:
+                    break
+                # Ending now would leave gradients in the accumulators: finish the window first.
+                warnings.warn("on_train_batch_start returned -1 inside an accumulation window; lightms "
+                              "finishes the window, then ends the epoch.", stacklevel=2)
+                skip_rest = True
+            if self._train_step is None:
+                self._train_step = self._build_train_step(batch)
+            window += 1
+            closes = window == self.accumulate or batch.is_last or skip_rest
+            inputs = (as_step_input(batch.data), self._batch_index(batch.index), self._scalar(float(batch.size)))
+            with self._inside_step("training_step", metrics.device["train"]):
+                if closes:
+                    loss = self._train_step.optimizer_step(*inputs, self._scalar(float(window)))
+                else:
+                    loss = self._train_step.window_step(*inputs)
+            if closes:
+                window = 0
+                state.global_step += 1
+            self._call("on_train_batch_end", {"loss": loss}, batch.data, batch.index)
+            if not closes:
+                continue
+            if state.global_step % self.log_every_n_steps == 0 and self.loggers:
+                self._logger_write(metrics.read_train_step(state.global_step))
+            if self._val_due_in_epoch(batch, closes):
+                self._run_validation()
+            if skip_rest or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps):
+                break
+        if self._val_due_at_epoch_end():
+            self._run_validation()
+        self._call("on_train_epoch_end")
+        self._read_step_values()
+        epoch_values = metrics.read_epoch("train")
+        if epoch_values:
+            self._logger_write({**epoch_values, "epoch": float(state.current_epoch)})
+
+    def _run_validation(self) -> None:
+        self._eval_loop("validation", self._val_source, self.limit_val_batches)
+        self.model.set_train(True)
+
+    def _eval_loop(self, stage: str, source: DataSource, limit):
+        """Runs one pass of validation, test or predict. Returns metrics, or outputs for predict."""
+        model, metrics = self.model, self._metrics
+        model.set_train(False)
+        prefix = {"validation": "validation", "test": "test", "predict": "predict"}[stage]
+        self.num_eval_batches = source.batch_count(limit)
+        metrics.start_epoch(stage)
+        if not self.sanity_checking:
+            self._call(f"on_{prefix}_start")
+        self._call(f"on_{prefix}_epoch_start")
+        outputs = []
+        for batch in source.batches(limit):
+            self._call(f"on_{prefix}_batch_start", batch.data, batch.index)
+            if stage not in self._eval_steps:
+                self._eval_steps[stage] = self._build_eval_step(stage, batch)
+            with self._inside_step(_EVAL_HOOKS[stage], metrics.device[stage]):
+                output = self._eval_steps[stage](as_step_input(batch.data), self._batch_index(batch.index),
+                                                 self._scalar(float(batch.size)))
+            if stage == "predict":
+                outputs.append(output)
+            self._call(f"on_{prefix}_batch_end", output, batch.data, batch.index)
+        self._call(f"on_{prefix}_epoch_end")
+        results: Dict[str, float] = {}
+        if not self.sanity_checking and stage != "predict":
+            logged = metrics.read_epoch(stage)
+            if self.state.stage == "fit":
+                self._logger_write(logged)
+            results = {name: value for name, value in metrics.callback_metrics.items()
+                       if name in self._stage_names(stage)}
+        if not self.sanity_checking:
+            self._call(f"on_{prefix}_end")
+        return outputs if stage == "predict" else results
+
+    def _stage_names(self, stage: str) -> set:
+        names = set()
+        device = self._metrics.device.get(stage)
+        options = list(device.options) if device is not None else []
+        options += list(self._metrics.host[stage].options.values())
+        for opt in options:
+            names.update(opt.reported_names().values())
+            names.add(opt.name)
+        return names
