@@ -5,7 +5,8 @@ cell's members, which cannot be called: `self(x)` fails with "The object is not
 callable". A plain function whose first argument is the cell is parsed
 differently: that argument is the cell itself, so calling it runs `construct`.
 While a Trainer runs, each method the user wrote on their LightningCell subclass
-is shadowed on the instance by such a function, and removed afterwards.
+(and each of LightningCell's, such as the default
+predict_step) is shadowed on the instance by such a function, and removed afterwards.
 """
 
 import inspect
@@ -14,10 +15,10 @@ from typing import Callable, Iterator, List
 
 
 def _user_method_names(cls, stop_at) -> List[str]:
-    """Names of the plain methods defined on `cls` and its bases below `stop_at`."""
+    """Names of the plain methods defined on `cls` and its bases down to `stop_at` (included)."""
     names = []
     for klass in cls.__mro__:
-        if klass is stop_at or not issubclass(klass, stop_at):
+        if not issubclass(klass, stop_at):
             continue
         for name, attr in vars(klass).items():
             if inspect.isfunction(attr) and not name.startswith("__") and name != "construct" and name not in names:
@@ -41,7 +42,7 @@ def graph_callable_methods(module, base_class) -> Iterator[None]:
 
     Args:
         module: A LightningCell instance.
-        base_class: LightningCell; only methods of subclasses below it are shadowed.
+        base_class: LightningCell; methods of it and its subclasses are shadowed.
     """
     names = _user_method_names(type(module), base_class)
     for name in names:
