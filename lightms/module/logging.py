@@ -243,26 +243,29 @@ class DeviceLogBuffers(nn.Cell):
         return value
 
     # ---- host side -------------------------------------------------------
-    def _read(self, values: Parameter, weights: Parameter) -> Dict[str, float]:
+    def _read(self, values: Parameter, weights: Parameter, sums_of_means: bool) -> Dict[str, float]:
+        # `weights[i] > 0` means the name was logged at this level; a mean is stored as a
+        # weighted sum (window, epoch) or already divided (step).
         values, weights = values.asnumpy(), weights.asnumpy()
         self.host_reads += 1
         out = {}
         for i, opt in enumerate(self.options):
             if weights[i] > 0:
-                out[opt.name] = float(values[i] / weights[i]) if opt.reduce_fx == "mean" else float(values[i])
+                divide = sums_of_means and opt.reduce_fx == "mean"
+                out[opt.name] = float(values[i] / weights[i]) if divide else float(values[i])
         return out
 
     def read_step(self) -> Dict[str, float]:
         """Returns the last finished window's value of every name logged in it (a host sync)."""
-        return self._read(self.step_value, self.step_weight)
+        return self._read(self.step_value, self.step_weight, sums_of_means=False)
 
     def read_window(self) -> Dict[str, float]:
         """Returns the current, unfinished window's value of every name logged in it (a host sync)."""
-        return self._read(self.window, self.window_weight)
+        return self._read(self.window, self.window_weight, sums_of_means=True)
 
     def read_epoch(self) -> Dict[str, float]:
         """Returns the epoch value of every name logged this epoch (a host sync)."""
-        return self._read(self.epoch_value, self.epoch_weight)
+        return self._read(self.epoch_value, self.epoch_weight, sums_of_means=True)
 
     def reset(self) -> None:
         """Clears every level; called by the host at the start of an epoch."""
