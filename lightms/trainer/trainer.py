@@ -503,7 +503,9 @@ class Trainer:
         self._train_source = train
         self.num_training_batches = train.batch_count(self.limit_train_batches)
         if self.num_training_batches == 0:
-            raise ValueError("limit_train_batches leaves no training batches.")
+            if train.length() == 0:
+                raise ValueError("train_dataloaders yielded no batches: the dataset is empty.")
+            raise ValueError(f"Trainer(limit_train_batches={self.limit_train_batches}) leaves no training batches.")
         has_val = val is not None and self.limit_val_batches != 0 and getattr(type(model), "validation_step") is not None
         self._val_source = val if has_val else None
         if model.hparams:

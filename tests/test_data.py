@@ -1,0 +1,71 @@
+"""Data: accepted forms and clear errors for empty or inconsistent data."""
+
+import numpy as np
+import pytest
+
+from lightms.trainer.data import DataSource
+from conftest import batches_of, fresh_model, make_data, quiet_trainer
+
+
+def _no_cpp_trace(error):
+    assert "C++" not in str(error.value)
+
+
+def test_no_training_data():
+    with pytest.raises(ValueError, match="needs training data") as error:
+        quiet_trainer(max_epochs=1).fit(fresh_model())
+    _no_cpp_trace(error)
+
+
+def test_empty_dataset():
+    with pytest.raises(ValueError, match="yielded no batches") as error:
+        quiet_trainer(max_epochs=1).fit(fresh_model(), [])
+    _no_cpp_trace(error)
+
+
+def test_empty_mindspore_dataset():
+    from mindspore import dataset as msds
+
+    x, y = make_data(4)
+    empty = msds.NumpySlicesDataset({"x": x, "y": y}, shuffle=False).batch(8, drop_remainder=True)
+    with pytest.raises(ValueError, match="no batches"):
+        quiet_trainer(max_epochs=1).fit(fresh_model(), empty)
+
+
+def test_batch_structure_changing_mid_epoch():
+    x, y = make_data(24)
+    batches = batches_of(x, y, 8)
+    batches[2] = (x[16:24], y[16:24], y[16:24])  # an extra element
+    with pytest.raises(ValueError, match="batch 2: the batch structure changed") as error:
+        quiet_trainer(max_epochs=1).fit(fresh_model(), batches)
+    _no_cpp_trace(error)
+    batches = batches_of(x, y, 8)
+    batches[1] = (x[8:16].astype(np.float16), y[8:16])  # a different dtype
+    with pytest.raises(ValueError, match="batch 1: the batch structure changed"):
+        quiet_trainer(max_epochs=1).fit(fresh_model(), batches)
+
+
+def test_data_that_is_not_batches():
+    with pytest.raises(TypeError, match="train_dataloaders must be"):
+        quiet_trainer(max_epochs=1).fit(fresh_model(), 42)
+    with pytest.raises(TypeError, match="iterator"):
+        quiet_trainer(max_epochs=1).fit(fresh_model(), iter([]))
+    with pytest.raises(TypeError, match="batch must be a tuple, list or dict"):
+        quiet_trainer(max_epochs=1).fit(fresh_model(), [("a", "b")])
+
+
+def test_limits_and_lookahead():
+    x, y = make_data(40)
+    source = DataSource(batches_of(x, y, 4), "train_dataloaders")
+    indices = [(b.index, b.is_last, b.size) for b in source.batches(3)]
+    assert indices == [(0, False, 4), (1, False, 4), (2, True, 4)]
+    assert [b.index for b in source.batches(0.5)] == [0, 1, 2, 3, 4]
+
+    class NoLength:
+        def __iter__(self):
+            return iter(batches_of(x, y, 16))
+
+    unsized = DataSource(NoLength(), "train_dataloaders")
+    assert [(b.is_last, b.size) for b in unsized.batches()] == [(False, 16), (False, 16), (True, 8)]
+    with pytest.raises(ValueError, match="fraction"):
+        list(unsized.batches(0.5))

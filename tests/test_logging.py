@@ -1,0 +1,78 @@
+"""What training_step returns and what self.log receives: clear errors before compilation."""
+
+import numpy as np
+import pytest
+
+from lightms.module.logging import DeviceLogBuffers, LogOptions
+from conftest import TinyRegressor, batches_of, fresh_model, make_data, quiet_trainer
+
+
+def _fit_with(step, compile=True):
+    class Model(TinyRegressor):
+        def training_step(self, batch, batch_idx):
+            return step(self, batch)
+
+    x, y = make_data(8)
+    quiet_trainer(max_epochs=1, compile=compile).fit(fresh_model(cls=Model), batches_of(x, y, 4))
+
+
+@pytest.mark.parametrize("step,error,text", [
+    (lambda self, b: None, ValueError, "training_step returned None"),
+    (lambda self, b: self(b[0]), ValueError, "scalar loss, got a tensor of shape \\(4, 1\\)"),
+    (lambda self, b: {"out": self(b[0]).mean()}, ValueError, "without the key 'loss'"),
+    (lambda self, b: 1.0, TypeError, "must return a scalar Tensor"),
+])
+def test_bad_training_step_outputs(step, error, text):
+    with pytest.raises(error, match=text) as caught:
+        _fit_with(step)
+    assert "C++" not in str(caught.value)
+
+
+def _dict_step(self, b):
+    return {"loss": ((self(b[0]) - b[1]) ** 2).mean(), "extra": b[0].sum()}
+
+
+def test_dict_with_loss_is_accepted():
+    _fit_with(_dict_step)
+
+
+@pytest.mark.parametrize("logged,error,text", [
+    (lambda self, b: self.log("vec", b[0]), ValueError, "expected a single value"),
+    (lambda self, b: self.log("x", 1.0, reduce_fx="median"), ValueError, "reduce_fx"),
+    (lambda self, b: self.log("x", 1.0, on_step=False, on_epoch=False), ValueError, "nothing is logged"),
+    (lambda self, b: self.log(3, 1.0), TypeError, "name must be"),
+    (lambda self, b: self.log("x", "high"), TypeError, "expected a scalar"),
+])
+def test_bad_log_calls(logged, error, text):
+    def step(self, batch):
+        logged(self, batch)
+        return ((self(batch[0]) - batch[1]) ** 2).mean()
+
+    with pytest.raises(error, match=text) as caught:
+        _fit_with(step)
+    assert "C++" not in str(caught.value)
+
+
+def test_buffers_reduce_like_numpy_in_eager_mode():
+    options = [LogOptions("m", False, True, True, True, "mean", None),
+               LogOptions("s", False, True, True, True, "sum", None),
+               LogOptions("hi", False, True, True, True, "max", None),
+               LogOptions("lo", False, True, True, True, "min", 2)]
+    buffers = DeviceLogBuffers(options)
+    import mindspore as ms
+    from mindspore import ops
+
+    values, sizes = [3.0, -1.0, 5.0], [4.0, 2.0, 1.0]
+    for value, size in zip(values, sizes):
+        ops.assign(buffers.batch_size, ms.Tensor(size, ms.float32))
+        for name, reduce in (("m", "mean"), ("s", "sum"), ("hi", "max")):
+            buffers.record(name, ms.Tensor(value, ms.float32), reduce, None)
+        buffers.record("lo", ms.Tensor(value, ms.float32), "min", 2)
+    window = buffers.read_window()
+    buffers.close_window()
+    step, epoch = buffers.read_step(), buffers.read_epoch()
+    mean = float(np.average(values, weights=sizes))
+    for read in (window, step, epoch):
+        assert read["m"] == pytest.approx(mean)
+        assert read["s"] == 7.0 and read["hi"] == 5.0 and read["lo"] == -1.0
+    assert buffers.read_window() == {}  # the window was closed
