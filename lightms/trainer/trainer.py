@@ -426,6 +426,8 @@ class Trainer:
 
     def _logger_write(self, metrics: Dict[str, float]) -> None:
         if metrics:
+            if self.state.stage == "fit":
+                metrics = {**metrics, "epoch": float(self.state.current_epoch)}  # as Lightning does
             for lg in self.loggers:
                 lg.log_metrics(metrics, step=self.state.global_step)
 
@@ -594,8 +596,7 @@ class Trainer:
         self._call("on_train_epoch_end")
         self._read_step_values()
         epoch_values = metrics.read_epoch("train")
-        if epoch_values:
-            self._logger_write({**epoch_values, "epoch": float(state.current_epoch)})
+        self._logger_write(epoch_values)
 
     def _run_validation(self) -> None:
         self._eval_loop("validation", self._val_source, self.limit_val_batches)

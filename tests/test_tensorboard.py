@@ -1,0 +1,50 @@
+"""TensorBoardLogger: event files read back with TensorBoard's own reader."""
+
+import os
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightms.loggers import TensorBoardLogger
+from conftest import TinyRegressor, batches_of, fresh_model, make_data, quiet_trainer
+
+
+class LogsInputMean(TinyRegressor):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("xmean", x.mean())
+        return ((self(x) - y) ** 2).mean()
+
+
+def test_scalars_read_back_with_tensorboard(tmp_path):
+    x, y = make_data(40)
+    batches = batches_of(x, y, 8)
+    logger = TensorBoardLogger(str(tmp_path), name="runs")
+    trainer = quiet_trainer(max_epochs=2, logger=logger, log_every_n_steps=1)
+    trainer.fit(fresh_model(cls=LogsInputMean, lr=0.05), batches, batches)
+    assert logger.log_dir == os.path.join(str(tmp_path), "runs", "version_0")
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert {"xmean", "val_loss", "epoch"} <= set(events.Tags()["scalars"])
+    xmean = [(e.step, e.value) for e in events.Scalars("xmean")]
+    expected = [float(bx.mean()) for bx, _ in batches] * 2
+    assert [s for s, _ in xmean] == list(range(1, 11))
+    np.testing.assert_allclose([v for _, v in xmean], expected, rtol=1e-5)
+    val = events.Scalars("val_loss")
+    assert [e.step for e in val] == [5, 10]
+    assert val[-1].value == pytest.approx(trainer.callback_metrics["val_loss"], rel=1e-6)
+    with open(os.path.join(logger.log_dir, "hparams.yaml")) as handle:
+        assert handle.read() == "lr: 0.05\n"
+    # A second logger in the same place picks the next version.
+    assert TensorBoardLogger(str(tmp_path), name="runs").version == 1
+
+
+def test_default_logger_writes_under_default_root_dir(tmp_path):
+    import lightms
+
+    x, y = make_data(16)
+    trainer = lightms.Trainer(max_epochs=1, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer.fit(fresh_model(), batches_of(x, y, 8))
+    assert trainer.log_dir == os.path.join(str(tmp_path), "lightning_logs", "version_0")
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(trainer.log_dir))
