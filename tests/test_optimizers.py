@@ -43,3 +43,23 @@ def test_accepted_forms():
         read_optimizer_config([opt, opt], "M")
     with pytest.raises(ValueError, match="scheduler"):
         read_optimizer_config({"optimizer": opt, "lr_scheduler": object()}, "M")
+
+
+def test_experimental_optimizer_compiled_equals_eager():
+    from mindspore.experimental import optim
+    import numpy as np
+
+    class AdamW(TinyRegressor):
+        def configure_optimizers(self):
+            return optim.AdamW(self.trainable_params(), lr=1e-2)
+
+    x, y = make_data(64)
+    results = []
+    for compile in (True, False):
+        model = fresh_model(cls=AdamW)
+        trainer = quiet_trainer(max_epochs=2, accumulate=2, compile=compile)
+        trainer.fit(model, batches_of(x, y, 8))
+        results.append((model.net[0].weight.asnumpy(), trainer.global_step))
+    np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-6)
+    assert results[0][1] == results[1][1] == 8
+    assert not np.allclose(results[0][0], fresh_model(cls=AdamW).net[0].weight.asnumpy())

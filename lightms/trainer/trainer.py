@@ -308,15 +308,19 @@ class Trainer:
         if not isinstance(model, LightningCell):
             raise TypeError(f"Trainer expects a lightms.LightningCell, got {type(model).__name__}.")
 
+    def _prepare_datamodule(self, entry: str, datamodule, loaders_given: bool) -> None:
+        """Checks `datamodule` against the loaders and runs its prepare_data and setup."""
+        if loaders_given:
+            raise ValueError(f"Pass either a datamodule or dataloaders to Trainer.{entry}, not both.")
+        if not isinstance(datamodule, LightningDataModule):
+            raise TypeError(f"datamodule must be a lightms.LightningDataModule, got {type(datamodule).__name__}.")
+        datamodule.trainer = self
+        datamodule.prepare_data()
+        datamodule.setup(entry)
+
     def _resolve_data(self, stage, datamodule, train, val):
         if datamodule is not None:
-            if train is not None or val is not None:
-                raise ValueError("Pass either a datamodule or train_dataloaders/val_dataloaders to Trainer.fit, not both.")
-            if not isinstance(datamodule, LightningDataModule):
-                raise TypeError(f"datamodule must be a lightms.LightningDataModule, got {type(datamodule).__name__}.")
-            datamodule.trainer = self
-            datamodule.prepare_data()
-            datamodule.setup(stage)
+            self._prepare_datamodule(stage, datamodule, train is not None or val is not None)
             train, val = datamodule.train_dataloader(), datamodule.val_dataloader()
         train_source = DataSource(train, "train_dataloaders") if train is not None else None
         val_source = DataSource(val, "val_dataloaders") if val is not None else None
@@ -324,15 +328,9 @@ class Trainer:
 
     def _resolve_eval_data(self, stage, datamodule, dataloaders) -> DataSource:
         if datamodule is not None:
-            if dataloaders is not None:
-                raise ValueError(f"Pass either a datamodule or dataloaders to Trainer.{stage}, not both.")
-            if not isinstance(datamodule, LightningDataModule):
-                raise TypeError(f"datamodule must be a lightms.LightningDataModule, got {type(datamodule).__name__}.")
-            datamodule.trainer = self
-            datamodule.prepare_data()
-            datamodule.setup(stage)
-            dataloaders = getattr(datamodule, {"validate": "val", "test": "test", "predict": "predict"}[stage]
-                                  + "_dataloader")()
+            self._prepare_datamodule(stage, datamodule, dataloaders is not None)
+            loader_method = {"validate": "val", "test": "test", "predict": "predict"}[stage] + "_dataloader"
+            dataloaders = getattr(datamodule, loader_method)()
         if dataloaders is None:
             raise ValueError(f"Trainer.{stage} needs data: pass dataloaders or a datamodule.")
         return DataSource(dataloaders, "dataloaders")
