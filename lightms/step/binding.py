@@ -53,3 +53,23 @@ def graph_callable_methods(module, base_class) -> Iterator[None]:
         for name in names:
             if getattr(module.__dict__.get(name), "__wrapped_method__", None) is not None:
                 object.__delattr__(module, name)
+
+
+@contextmanager
+def inside_step(module, hook: str, log_target) -> Iterator[None]:
+    """Points `self.log` at `log_target` and the counters at the device while a step hook runs.
+
+    Args:
+        module: The LightningCell.
+        hook: The step hook's name ("training_step"), which sets `self.log`'s defaults.
+        log_target: A LogRecorder (dry run) or DeviceLogBuffers (compiled or eager step).
+    """
+    object.__setattr__(module, "_lightms_hook", hook)
+    object.__setattr__(module, "_lightms_log_target", log_target)
+    object.__setattr__(module, "_lightms_in_step", True)
+    try:
+        yield
+    finally:
+        object.__setattr__(module, "_lightms_in_step", False)
+        object.__setattr__(module, "_lightms_hook", None)
+        object.__setattr__(module, "_lightms_log_target", None)

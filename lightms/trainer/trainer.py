@@ -1,7 +1,6 @@
 """`Trainer`: runs fit / validate / test / predict as plain loops around compiled steps."""
 
 import os
-from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -9,7 +8,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from lightms._mindspore import GraphDumpGuard, mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 
 from lightms.callbacks.callback import Callback
 from lightms.callbacks.progress import TQDMProgressBar
@@ -17,8 +16,9 @@ from lightms.loggers.logger import Logger
 from lightms.loggers.tensorboard import TensorBoardLogger
 from lightms.module.cell import LightningCell
 from lightms.module.datamodule import LightningDataModule
-from lightms.module.logging import DeviceLogBuffers, LogRecorder
-from lightms.step.binding import graph_callable_methods
+from lightms.module.logging import DeviceLogBuffers
+from lightms.step.binding import graph_callable_methods, inside_step
+from lightms.step.dry_run import check_training_output, dry_run
 from lightms.step.eval_step import EvalStep
 from lightms.step.gradients import ClipGradNorm, ClipGradValue, GradientPipeline
 from lightms.step.train_step import LoopCounters, TrainStep
@@ -397,20 +397,6 @@ class Trainer:
         finally:
             object.__setattr__(model, "_lightms_hook", None)
 
-    @contextmanager
-    def _inside_step(self, hook: str, log_target):
-        """Points the module's `self.log` at `log_target` and its counters at the device while a step runs."""
-        model = self.model
-        object.__setattr__(model, "_lightms_hook", hook)
-        object.__setattr__(model, "_lightms_log_target", log_target)
-        object.__setattr__(model, "_lightms_in_step", True)
-        try:
-            yield
-        finally:
-            object.__setattr__(model, "_lightms_in_step", False)
-            object.__setattr__(model, "_lightms_hook", None)
-            object.__setattr__(model, "_lightms_log_target", None)
-
     def _scalar(self, value: float) -> Tensor:
         """A cached float32 scalar Tensor (batch sizes, window sizes): no new Tensor per step."""
         tensor = self._scalars.get(value)
@@ -433,46 +419,10 @@ class Trainer:
         if self.state.stage == "fit":
             self._metrics.read_train_step(self.state.global_step)
 
-    # ---- dry runs: record self.log calls and check outputs before compiling --------------------
-    def _dry_run(self, hook: str, batch):
-        """Runs `hook` eagerly on the first batch to record its `self.log` calls.
-
-        Buffers such as BatchNorm statistics are restored afterwards, so the dry run
-        leaves no trace in the model.
-        """
-        model = self.model
-        recorder = LogRecorder(hook)
-        buffers = [(p, p.asnumpy().copy()) for p in model.get_parameters() if not p.requires_grad]
-        try:
-            with self._inside_step(hook, recorder):
-                output = getattr(model, hook)(batch.data, batch.index)
-        finally:
-            for param, value in buffers:
-                ops.assign(param, Tensor(value))
-        return recorder, output
-
-    def _check_training_output(self, output) -> None:
-        name = f"{type(self.model).__name__}.training_step"
-        if output is None:
-            raise ValueError(f"{name} returned None; it must return the loss (a scalar Tensor) or a dict with "
-                             "key 'loss'. Skipping batches by returning None is not supported in compiled steps.")
-        if isinstance(output, dict):
-            if "loss" not in output:
-                raise ValueError(f"{name} returned a dict without the key 'loss' (keys: {sorted(output)}).")
-            output = output["loss"]
-        if not isinstance(output, Tensor):
-            raise TypeError(f"{name} must return a scalar Tensor (or a dict with 'loss'), got {type(output).__name__}.")
-        if output.size != 1:
-            raise ValueError(f"{name} must return a scalar loss, got a tensor of shape {tuple(output.shape)}; "
-                             "reduce it (for example with .mean()).")
-        if not ms.dtype_to_nptype(output.dtype).__name__.startswith(("float", "bfloat")):
-            raise TypeError(f"{name} returned a loss of dtype {output.dtype}; a floating-point loss is needed "
-                            "to differentiate.")
-
     def _build_train_step(self, batch) -> TrainStep:
         model = self.model
-        recorder, output = self._dry_run("training_step", batch)
-        self._check_training_output(output)
+        recorder, output = dry_run(model, "training_step", batch.data, batch.index)
+        check_training_output(output, f"{type(model).__name__}.training_step")
         config = self._optimizer_config
         logs = DeviceLogBuffers(list(recorder.options.values()))
         self._metrics.device["train"] = logs
@@ -485,7 +435,7 @@ class Trainer:
 
     def _build_eval_step(self, stage: str, batch) -> EvalStep:
         hook = _EVAL_HOOKS[stage]
-        recorder, _ = self._dry_run(hook, batch)
+        recorder, _ = dry_run(self.model, hook, batch.data, batch.index)
         logs = DeviceLogBuffers(list(recorder.options.values()))
         for options in logs.options:
             if options.on_step and stage != "predict":
@@ -572,7 +522,7 @@ class Trainer:
             window += 1
             closes = window == self.accumulate or batch.is_last or skip_rest
             inputs = (as_step_input(batch.data), self._batch_index(batch.index), self._scalar(float(batch.size)))
-            with self._inside_step("training_step", metrics.device["train"]):
+            with inside_step(model, "training_step", metrics.device["train"]):
                 if closes:
                     loss = self._train_step.optimizer_step(*inputs, self._scalar(float(window)))
                 else:
@@ -615,7 +565,7 @@ class Trainer:
             self._call(f"on_{prefix}_batch_start", batch.data, batch.index)
             if stage not in self._eval_steps:
                 self._eval_steps[stage] = self._build_eval_step(stage, batch)
-            with self._inside_step(_EVAL_HOOKS[stage], metrics.device[stage]):
+            with inside_step(model, _EVAL_HOOKS[stage], metrics.device[stage]):
                 output = self._eval_steps[stage](as_step_input(batch.data), self._batch_index(batch.index),
                                                  self._scalar(float(batch.size)))
             if stage == "predict":

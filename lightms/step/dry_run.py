@@ -1,0 +1,62 @@
+"""The dry run: each step hook runs once eagerly on the first batch before it is compiled.
+
+It records the hook's `self.log` calls (the names get slots in the device buffers)
+and lets user mistakes surface as Python errors naming the hook, before MindSpore's
+graph compiler sees the code.
+"""
+
+from typing import Any, Tuple
+
+from lightms._mindspore import mindspore as ms
+from mindspore import Tensor, ops
+
+from lightms.module.logging import LogRecorder
+from lightms.step.binding import inside_step
+
+
+def dry_run(module, hook: str, batch, batch_idx: int) -> Tuple[LogRecorder, Any]:
+    """Runs `module.<hook>(batch, batch_idx)` eagerly and records its `self.log` calls.
+
+    Non-trainable parameters (BatchNorm statistics and the like) are restored
+    afterwards, so the dry run leaves no trace in the model.
+
+    Returns:
+        The recorder and what the hook returned.
+    """
+    recorder = LogRecorder(hook)
+    buffers = [(p, p.asnumpy().copy()) for p in module.get_parameters() if not p.requires_grad]
+    try:
+        with inside_step(module, hook, recorder):
+            output = getattr(module, hook)(batch, batch_idx)
+    finally:
+        for param, value in buffers:
+            ops.assign(param, Tensor(value))  # not set_data: that would unlink compiled graphs
+    return recorder, output
+
+
+def check_training_output(output, where: str) -> None:
+    """Checks that training_step returned a scalar floating loss or a dict holding one.
+
+    Args:
+        output: What training_step returned in the dry run.
+        where: "ClassName.training_step", for messages.
+
+    Raises:
+        ValueError: For None, a dict without "loss", or a non-scalar loss.
+        TypeError: For a non-Tensor or non-floating loss.
+    """
+    if output is None:
+        raise ValueError(f"{where} returned None; it must return the loss (a scalar Tensor) or a dict with "
+                         "key 'loss'. Skipping batches by returning None is not supported in compiled steps.")
+    if isinstance(output, dict):
+        if "loss" not in output:
+            raise ValueError(f"{where} returned a dict without the key 'loss' (keys: {sorted(output)}).")
+        output = output["loss"]
+    if not isinstance(output, Tensor):
+        raise TypeError(f"{where} must return a scalar Tensor (or a dict with 'loss'), got {type(output).__name__}.")
+    if output.size != 1:
+        raise ValueError(f"{where} must return a scalar loss, got a tensor of shape {tuple(output.shape)}; "
+                         "reduce it (for example with .mean()).")
+    if not ms.dtype_to_nptype(output.dtype).__name__.startswith(("float", "bfloat")):
+        raise TypeError(f"{where} returned a loss of dtype {output.dtype}; a floating-point loss is needed "
+                        "to differentiate.")
