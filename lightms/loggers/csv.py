@@ -1,0 +1,65 @@
+"""`CSVLogger`: metrics as `metrics.csv` and hyperparameters as `hparams.yaml`."""
+
+import csv
+import os
+from typing import Any, Dict, List
+
+from lightms.loggers.logger import Logger
+from lightms.loggers.tensorboard import next_version, write_hparams_yaml
+
+
+class CSVLogger(Logger):
+    """Writes `save_dir/name/version_N/metrics.csv`, one row per logging call.
+
+    Columns are the union of all metric names seen, plus `step`; a metric absent
+    from a row is left empty. The file is rewritten on `save` so that new columns
+    can appear mid-run.
+
+    Args:
+        save_dir: The root folder.
+        name: Experiment folder under `save_dir`.
+        version: An int, a string folder name, or None for the next free number.
+    """
+
+    def __init__(self, save_dir: str, name: str = "lightning_logs", version=None):
+        self._save_dir = os.fspath(save_dir)
+        self._name = name or ""
+        self._version = version
+        self._rows: List[Dict[str, Any]] = []
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self):
+        if self._version is None:
+            self._version = next_version(os.path.join(self._save_dir, self._name))
+        return self._version
+
+    @property
+    def log_dir(self) -> str:
+        version = self.version
+        folder = version if isinstance(version, str) else f"version_{version}"
+        return os.path.join(self._save_dir, self._name, folder)
+
+    def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
+        self._rows.append({**metrics, "step": step})
+
+    def log_hyperparams(self, params: Dict[str, Any]) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+        write_hparams_yaml(os.path.join(self.log_dir, "hparams.yaml"), params)
+
+    def save(self) -> None:
+        if not self._rows:
+            return
+        os.makedirs(self.log_dir, exist_ok=True)
+        columns: List[str] = []
+        for row in self._rows:
+            columns.extend(key for key in row if key not in columns)
+        path = os.path.join(self.log_dir, "metrics.csv")
+        with open(path + ".tmp", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self._rows)
+        os.replace(path + ".tmp", path)
