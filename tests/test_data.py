@@ -69,3 +69,23 @@ def test_limits_and_lookahead():
     assert [(b.is_last, b.size) for b in unsized.batches()] == [(False, 16), (False, 16), (True, 8)]
     with pytest.raises(ValueError, match="fraction"):
         list(unsized.batches(0.5))
+
+
+def test_mindspore_dataset_is_reshuffled_every_epoch_and_limits_keep_epochs_aligned():
+    from mindspore import dataset as msds
+
+    msds.config.set_seed(3)
+    values = np.arange(12, dtype=np.float32).reshape(12, 1)
+    dataset = msds.NumpySlicesDataset({"x": values}, shuffle=True).batch(3)
+    msds.config.set_seed(3)
+    expected_iterator = msds.NumpySlicesDataset({"x": values}, shuffle=True).batch(3).create_tuple_iterator(
+        num_epochs=3)
+    expected = [[row[0].asnumpy().ravel().tolist() for row in expected_iterator] for _ in range(3)]
+    assert expected[0] != expected[1]  # MindSpore itself reshuffles between epochs of one iterator
+    source = DataSource(dataset, "train_dataloaders")
+    first = [b.data[0].asnumpy().ravel().tolist() for b in source.batches()]
+    partial = [b.data[0].asnumpy().ravel().tolist() for b in source.batches(2)]  # stops early
+    third = [b.data[0].asnumpy().ravel().tolist() for b in source.batches()]
+    assert first == expected[0]
+    assert partial == expected[1][:2]
+    assert third == expected[2]

@@ -106,6 +106,8 @@ class DataSource:
         self.data = data
         self.argument = argument
         self.structure = None
+        self._iterator = None  # the MindSpore dataset iterator, kept across passes
+        self._epoch_unfinished = False
 
     def __len__(self) -> int:
         length = self.length()
@@ -127,9 +129,23 @@ class DataSource:
         return _count(limit, self.length(), self.argument)
 
     def _raw(self) -> Iterator:
-        if isinstance(self.data, msds.Dataset):
-            return (tuple(row) for row in self.data.create_tuple_iterator(num_epochs=1, do_copy=False))
-        return iter(self.data)
+        if not isinstance(self.data, msds.Dataset):
+            return iter(self.data)
+        # One MindSpore iterator for the whole run: a new iterator per epoch would replay the
+        # same shuffle order every epoch. Each pass reads one epoch of it; a pass that stopped
+        # early (a limit, max_steps) is finished first so the next pass starts on an epoch boundary.
+        if self._iterator is None:
+            self._iterator = self.data.create_tuple_iterator(num_epochs=-1, do_copy=False)
+        elif self._epoch_unfinished:
+            for _ in self._iterator:
+                pass
+        self._epoch_unfinished = True
+        return self._dataset_rows()
+
+    def _dataset_rows(self) -> Iterator:
+        for row in self._iterator:
+            yield tuple(row)
+        self._epoch_unfinished = False
 
     def batches(self, limit=None) -> Iterator[Batch]:
         """Yields the batches of one pass, at most `limit` (an int, a fraction, or None for all).
