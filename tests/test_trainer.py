@@ -142,8 +142,8 @@ def test_module_hook_order_matches_lightning():
     assert model.calls == [
         "setup", "on_fit_start",
         # sanity check: one validation batch
-        "on_validation_epoch_start", "on_validation_batch_start", "on_validation_batch_end",
-        "on_validation_epoch_end",
+        "on_validation_start", "on_validation_epoch_start", "on_validation_batch_start",
+        "on_validation_batch_end", "on_validation_epoch_end", "on_validation_end",
         "on_train_start", "on_train_epoch_start",
         "on_train_batch_start", "on_train_batch_end", "on_train_batch_start", "on_train_batch_end",
         "on_validation_start", "on_validation_epoch_start", "on_validation_batch_start",

@@ -7,14 +7,18 @@ class Callback:
     """Hooks into a Trainer run, with Lightning's hook names and arguments.
 
     Every hook receives `(trainer, module, ...)` and does nothing by default.
-    Callbacks run in ascending `order` (ties keep the order they were given in),
-    and all callbacks run before the module's own hook of the same name.
+    Callbacks run in ascending `order` (ties keep the order they were given in).
+    The module's own hook of the same name runs at `MODULE_ORDER`: callbacks with
+    a lower order run before it, the others after it.
 
     Attributes:
-        order: Position among callbacks; lower runs first. Loggers-facing callbacks
-            such as the progress bar use a high value so they see what others logged.
+        order: Position in the hook sequence. Default 0 (before the module, as in
+            Lightning). Callbacks that act on what the module logged in the same hook
+            (checkpointing, early stopping: Lightning's "monitoring" callbacks) use
+            an order above MODULE_ORDER; the progress bar uses the highest.
     """
 
+    MODULE_ORDER = 100
     order: int = 0
 
     @property

@@ -383,19 +383,29 @@ class Trainer:
                 self.state.stage = None
 
     def _call(self, hook: str, *args) -> Any:
-        """Calls `hook` on every callback (in `order`), then on the module."""
+        """Calls `hook` on the callbacks and the module, in `order` (the module at Callback.MODULE_ORDER).
+
+        Returns:
+            What the module's hook returned (None if the module has no such hook).
+        """
+        returned = None
         for cb in self.callbacks:
+            if cb.order >= Callback.MODULE_ORDER:
+                break
             getattr(cb, hook)(self, self.model, *args)
         model = self.model
         module_hook = getattr(model, hook, None)  # some hooks (on_sanity_check_*) are callback-only
-        if module_hook is None:
-            return None
-        object.__setattr__(model, "_lightms_hook", hook)
-        object.__setattr__(model, "_lightms_log_target", self._metrics.host[stage_of_hook(hook)])
-        try:
-            return module_hook(*args)
-        finally:
-            object.__setattr__(model, "_lightms_hook", None)
+        if module_hook is not None:
+            object.__setattr__(model, "_lightms_hook", hook)
+            object.__setattr__(model, "_lightms_log_target", self._metrics.host[stage_of_hook(hook)])
+            try:
+                returned = module_hook(*args)
+            finally:
+                object.__setattr__(model, "_lightms_hook", None)
+        for cb in self.callbacks:
+            if cb.order >= Callback.MODULE_ORDER:
+                getattr(cb, hook)(self, self.model, *args)
+        return returned
 
     def _scalar(self, value: float) -> Tensor:
         """A cached float32 scalar Tensor (batch sizes, window sizes): no new Tensor per step."""
@@ -557,8 +567,7 @@ class Trainer:
         prefix = {"validation": "validation", "test": "test", "predict": "predict"}[stage]
         self.num_eval_batches = source.batch_count(limit)
         metrics.start_epoch(stage)
-        if not self.sanity_checking:
-            self._call(f"on_{prefix}_start")
+        self._call(f"on_{prefix}_start")  # also while sanity checking, as Lightning does
         self._call(f"on_{prefix}_epoch_start")
         outputs = []
         for batch in source.batches(limit):
@@ -579,8 +588,7 @@ class Trainer:
                 self._logger_write(logged)
             results = {name: value for name, value in metrics.callback_metrics.items()
                        if name in self._stage_names(stage)}
-        if not self.sanity_checking:
-            self._call(f"on_{prefix}_end")
+        self._call(f"on_{prefix}_end")
         return outputs if stage == "predict" else results
 
     def _stage_names(self, stage: str) -> set:
