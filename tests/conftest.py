@@ -101,10 +101,11 @@ class RecordingLogger(Logger):
 
 
 def quiet_trainer(**kwargs):
-    """A Trainer with no progress bar, no default logger and no sanity check, unless overridden."""
+    """A Trainer with no progress bar, logger, checkpointing or sanity check, unless overridden."""
     kwargs.setdefault("enable_progress_bar", False)
     kwargs.setdefault("logger", False)
     kwargs.setdefault("num_sanity_val_steps", 0)
+    kwargs.setdefault("enable_checkpointing", False)
     return lightms.Trainer(**kwargs)
 
 

@@ -1,7 +1,8 @@
 """`LightningCell`: the module API, a `mindspore.nn.Cell` with Lightning's hooks."""
 
 import inspect
-from typing import Any, Mapping
+import os
+from typing import Any, Dict, Mapping
 
 from lightms._mindspore import mindspore as ms  # noqa: F401  (quiet import first)
 from mindspore import nn
@@ -165,4 +166,39 @@ class LightningCell(nn.Cell):
     def on_predict_epoch_end(self): """Called after the last predict batch."""
     def on_predict_batch_start(self, batch, batch_idx, dataloader_idx=0): """Called before each predict batch."""
     def on_predict_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0): """Called after each predict batch."""
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Called before a full checkpoint is written; add JSON-serialisable entries to `checkpoint`."""
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Called when a run is restored from a checkpoint, with what `on_save_checkpoint` saw."""
+
+    # ---- checkpoints ------------------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, **overrides):
+        """Builds the module from a checkpoint's hyperparameters and loads its weights.
+
+        Args:
+            checkpoint_path: A `.ckpt` written by lightms.
+            **overrides: Hyperparameters that replace the saved ones.
+
+        Returns:
+            The module, with its weights loaded.
+
+        Raises:
+            ValueError: If the checkpoint is corrupt or its parameters do not fit the module.
+            TypeError: If the saved hyperparameters do not fit `__init__`.
+        """
+        from lightms.checkpoint.io import assign_parameters, read_checkpoint, split_saved
+
+        path = os.fspath(checkpoint_path)
+        saved, meta = read_checkpoint(path)
+        hparams = {**meta.get("hparams", {}), **overrides}
+        try:
+            module = cls(**hparams)
+        except TypeError as error:
+            raise TypeError(f"{cls.__name__}.load_from_checkpoint: the checkpoint's hyperparameters "
+                            f"{sorted(hparams)} do not fit {cls.__name__}.__init__ ({error}).") from None
+        assign_parameters({p.name: p for p in module.get_parameters()}, split_saved(saved)["model"], "model", path)
+        return module
 

@@ -107,6 +107,7 @@ class TrainStep:
                 return ops.depend(loss, ops.assign_add(counters.global_step, Tensor(1, ms.int32)))
 
             self._window_step = None
+            self.accumulators = None
         self._optimizer_step = compile_function(optimizer_step, compile)
 
     def window_step(self, batch, batch_idx, batch_size):

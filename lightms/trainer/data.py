@@ -108,6 +108,19 @@ class DataSource:
         self.structure = None
         self._iterator = None  # the MindSpore dataset iterator, kept across passes
         self._epoch_unfinished = False
+        self._resume_epochs = 0
+        self._resume_batches = 0
+
+    def resume_at(self, epochs_done: int, batches_done: int) -> None:
+        """Makes the next pass continue where a checkpointed run stopped.
+
+        A `mindspore.dataset` pipeline replays the shuffles of `epochs_done` epochs (the
+        dataset seed must be the one the run had; `Trainer(seed=...)` sets it); then the
+        first `batches_done` batches of the pass are read and skipped. Re-iterable Python
+        data restarts each pass, so only the batches are skipped: exact when iterating
+        it is deterministic.
+        """
+        self._resume_epochs, self._resume_batches = epochs_done, batches_done
 
     def __len__(self) -> int:
         length = self.length()
@@ -157,12 +170,23 @@ class DataSource:
         count = self.batch_count(limit)
         if count == 0:
             return
+        if self._resume_epochs and self._iterator is None and isinstance(self.data, msds.Dataset):
+            self._iterator = self.data.create_tuple_iterator(num_epochs=-1, do_copy=False)
+            for _ in range(self._resume_epochs):  # replay the shuffles of the finished epochs
+                for _ in self._iterator:
+                    pass
         iterator = self._raw()
         sentinel = object()
         current = next(iterator, sentinel)
         if current is sentinel:
             raise ValueError(f"{self.argument} yielded no batches: the dataset is empty.")
-        index = 0
+        index, skip = 0, self._resume_batches
+        self._resume_epochs = self._resume_batches = 0
+        for _ in range(skip):  # batches the resumed run has already trained on
+            current = next(iterator, sentinel)
+            index += 1
+        if count is not None and index >= count:
+            current = sentinel
         while current is not sentinel:
             upcoming = sentinel if count is not None and index + 1 >= count else next(iterator, sentinel)
             yield self._prepare(index, current, upcoming is sentinel)

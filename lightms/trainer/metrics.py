@@ -33,15 +33,23 @@ class MetricStore:
         self.host: Dict[str, HostLogs] = {stage: HostLogs() for stage in STAGES}
         self._step_read: Optional[int] = None
         self._step_for_logger: Dict[str, float] = {}
+        self._keep_train_buffers = False
 
     @property
     def host_reads(self) -> int:
         """Device-to-host reads made for logged values so far."""
         return sum(buffers.host_reads for buffers in self.device.values())
 
+    def restore_train_buffers(self, buffers: DeviceLogBuffers) -> None:
+        """Installs training buffers restored from a mid-epoch checkpoint; the next epoch start keeps them."""
+        self.device["train"] = buffers
+        self._keep_train_buffers = True
+
     def start_epoch(self, stage: str) -> None:
         """Clears a stage's accumulators (no host sync)."""
-        if stage in self.device:
+        if stage == "train" and self._keep_train_buffers:
+            self._keep_train_buffers = False
+        elif stage in self.device:
             self.device[stage].reset()
         self.host[stage].reset()
         if stage == "train":

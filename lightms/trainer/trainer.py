@@ -11,6 +11,9 @@ from lightms._mindspore import GraphDumpGuard, mindspore as ms
 from mindspore import Tensor
 
 from lightms.callbacks.callback import Callback
+from lightms.checkpoint.io import assign_parameters, write_checkpoint
+from lightms.checkpoint.run_state import collect_run_state, restore_run_state
+from lightms.callbacks.model_checkpoint import ModelCheckpoint
 from lightms.callbacks.progress import TQDMProgressBar
 from lightms.loggers.logger import Logger
 from lightms.loggers.tensorboard import TensorBoardLogger
@@ -38,6 +41,9 @@ class LoopState:
     current_epoch: int = 0
     global_step: int = 0
     batch_idx: int = 0
+    batches_done: int = 0  # micro-batches of the current epoch already trained on
+    window: int = 0  # micro-batches in the open accumulation window
+    epoch_done: bool = False  # the epoch's batches and validation are over (its end hooks run)
     should_stop: bool = False
     stage: Optional[str] = None
     sanity_checking: bool = False
@@ -73,7 +79,8 @@ class Trainer:
         logger: True for a TensorBoardLogger under default_root_dir, False for none, a
             Logger or a list of Loggers.
         enable_progress_bar: Add a TQDMProgressBar unless one is in `callbacks`.
-        enable_checkpointing: Reserved for checkpoint callbacks; must stay a bool.
+        enable_checkpointing: Add a ModelCheckpoint (last epoch's checkpoint under the
+            logger's folder) unless one is in `callbacks`.
 
     Raises:
         TypeError, ValueError: For an argument of the wrong type or out of range,
@@ -146,7 +153,7 @@ class Trainer:
             self.val_check_interval, self.check_val_every_n_epoch = None, 1
             logger = False
 
-        self.callbacks = self._build_callbacks(callbacks, enable_progress_bar)
+        self.callbacks = self._build_callbacks(callbacks, enable_progress_bar, self.enable_checkpointing)
         self.loggers = self._build_loggers(logger)
         self.state = LoopState()
         self.model: Optional[LightningCell] = None
@@ -159,10 +166,12 @@ class Trainer:
         self._train_step: Optional[TrainStep] = None
         self._eval_steps: Dict[str, EvalStep] = {}
         self._scalars: Dict[float, Tensor] = {}
+        self._ckpt_path: Optional[str] = None
+        self._pending_accumulators = None
 
     # ---- construction helpers -------------------------------------------------------
     @staticmethod
-    def _build_callbacks(callbacks, enable_progress_bar: bool) -> List[Callback]:
+    def _build_callbacks(callbacks, enable_progress_bar: bool, enable_checkpointing: bool) -> List[Callback]:
         if callbacks is None:
             callbacks = []
         elif isinstance(callbacks, Callback):
@@ -179,6 +188,12 @@ class Trainer:
                              "drop one of them.")
         if enable_progress_bar and not has_bar:
             callbacks.append(TQDMProgressBar())
+        has_checkpoint = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
+        if has_checkpoint and not enable_checkpointing:
+            raise ValueError("Trainer(enable_checkpointing=False) contradicts the ModelCheckpoint in callbacks: "
+                             "drop one of them.")
+        if enable_checkpointing and not has_checkpoint:
+            callbacks.append(ModelCheckpoint())
         return sorted(callbacks, key=lambda cb: cb.order)
 
     def _build_loggers(self, logger) -> List[Logger]:
@@ -269,17 +284,15 @@ class Trainer:
             train_dataloaders: Training batches (a batched Dataset or an iterable).
             val_dataloaders: Validation batches, or None.
             datamodule: A LightningDataModule instead of the two loaders.
-            ckpt_path: Not supported yet: checkpoints come with the checkpoint callbacks.
+            ckpt_path: Resume from this checkpoint: a path, "last" or "best" (of the
+                ModelCheckpoint callback). The run continues exactly where it stopped.
 
         Raises:
             ValueError: If no training data is given, both loaders and a datamodule are,
-                or the training data is empty.
-            NotImplementedError: If ckpt_path is given.
+                the training data is empty, or the checkpoint does not fit.
         """
-        if ckpt_path is not None:
-            raise NotImplementedError("Trainer.fit(ckpt_path=...) is not supported yet: resuming comes with "
-                                      "lightms checkpoints.")
         self._check_model(model)
+        self._ckpt_path = self._resolve_ckpt_path(ckpt_path)
         train, val = self._resolve_data("fit", datamodule, train_dataloaders, val_dataloaders)
         if train is None:
             raise ValueError("Trainer.fit needs training data: pass train_dataloaders or a datamodule whose "
@@ -302,6 +315,43 @@ class Trainer:
         self._run("predict", model, datamodule,
                   lambda: outputs.extend(self._eval_loop("predict", source, self.limit_predict_batches)))
         return outputs
+
+    def save_checkpoint(self, filepath, weights_only: bool = False) -> None:
+        """Writes a checkpoint of the running fit (atomically) in MindSpore's `.ckpt` format.
+
+        Args:
+            filepath: Destination path.
+            weights_only: Store only the module's parameters and hyperparameters.
+
+        Raises:
+            RuntimeError: If no model is attached (call it during or after `fit`).
+        """
+        if self.model is None:
+            raise RuntimeError("Trainer.save_checkpoint needs a model: call it during or after fit.")
+        parameters, meta = collect_run_state(self, weights_only)
+        if not weights_only:
+            self.model.on_save_checkpoint(meta)
+        write_checkpoint(os.fspath(filepath), parameters, meta)
+
+    @property
+    def checkpoint_callback(self) -> Optional[ModelCheckpoint]:
+        """The first ModelCheckpoint callback, or None."""
+        return next((cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)), None)
+
+    def _resolve_ckpt_path(self, ckpt_path) -> Optional[str]:
+        if ckpt_path is None:
+            return None
+        if ckpt_path in ("last", "best"):
+            callback = self.checkpoint_callback
+            if callback is None:
+                raise ValueError(f'ckpt_path="{ckpt_path}" needs a ModelCheckpoint callback in the Trainer.')
+            path = callback.find_checkpoint(ckpt_path)
+            if path is None:
+                raise ValueError(f'ckpt_path="{ckpt_path}": no such checkpoint under {callback.dirpath}.')
+            return path
+        if not isinstance(ckpt_path, (str, os.PathLike)):
+            raise TypeError(f"ckpt_path must be a path, 'last' or 'best', got {ckpt_path!r}.")
+        return os.fspath(ckpt_path)
 
     # ---- run scaffolding ------------------------------------------------------------------
     def _check_model(self, model) -> None:
@@ -434,14 +484,22 @@ class Trainer:
         recorder, output = dry_run(model, "training_step", batch.data, batch.index)
         check_training_output(output, f"{type(model).__name__}.training_step")
         config = self._optimizer_config
-        logs = DeviceLogBuffers(list(recorder.options.values()))
-        self._metrics.device["train"] = logs
+        options = list(recorder.options.values())
+        logs = self._metrics.device.get("train")
+        if logs is None or logs.options != options:  # restored buffers are kept when they fit
+            logs = DeviceLogBuffers(options)
+            self._metrics.device["train"] = logs
         stages = []
         if self.gradient_clip_val:
             stages.append(ClipGradNorm(self.gradient_clip_val) if self.gradient_clip_algorithm == "norm"
                           else ClipGradValue(self.gradient_clip_val))
-        return TrainStep(model, config.optimizer, logs, self._counters, self.accumulate,
+        step = TrainStep(model, config.optimizer, logs, self._counters, self.accumulate,
                          GradientPipeline(stages), self.compile)
+        if self._pending_accumulators:
+            assign_parameters({p.name: p for p in step.accumulators}, self._pending_accumulators,
+                              "accumulation window", str(self._ckpt_path))
+            self._pending_accumulators = None
+        return step
 
     def _build_eval_step(self, stage: str, batch) -> EvalStep:
         hook = _EVAL_HOOKS[stage]
@@ -460,6 +518,9 @@ class Trainer:
         model = self.model
         self._optimizer_config = read_optimizer_config(model.configure_optimizers(), type(model).__name__)
         self.optimizers = [self._optimizer_config.optimizer]
+        if self._ckpt_path is not None:
+            restore_run_state(self, self._ckpt_path)
+            train.resume_at(self.state.current_epoch, self.state.batches_done)
         self._train_source = train
         self.num_training_batches = train.batch_count(self.limit_train_batches)
         if self.num_training_batches == 0:
@@ -516,12 +577,13 @@ class Trainer:
         model.set_train(True)
         metrics.start_epoch("train")
         self._counters.set(state.current_epoch, state.global_step)
+        state.epoch_done = False
         self._call("on_train_epoch_start")
-        window, skip_rest = 0, False
+        skip_rest = False
         for batch in self._train_source.batches(self.limit_train_batches):
             state.batch_idx = batch.index
             if self._call("on_train_batch_start", batch.data, batch.index) == -1:
-                if not window:
+                if not state.window:
                     break
                 # Ending now would leave gradients in the accumulators: finish the window first.
                 warnings.warn("on_train_batch_start returned -1 inside an accumulation window; lightms "
@@ -529,16 +591,17 @@ class Trainer:
                 skip_rest = True
             if self._train_step is None:
                 self._train_step = self._build_train_step(batch)
-            window += 1
-            closes = window == self.accumulate or batch.is_last or skip_rest
+            state.window += 1
+            closes = state.window == self.accumulate or batch.is_last or skip_rest
             inputs = (as_step_input(batch.data), self._batch_index(batch.index), self._scalar(float(batch.size)))
             with inside_step(model, "training_step", metrics.device["train"]):
                 if closes:
-                    loss = self._train_step.optimizer_step(*inputs, self._scalar(float(window)))
+                    loss = self._train_step.optimizer_step(*inputs, self._scalar(float(state.window)))
                 else:
                     loss = self._train_step.window_step(*inputs)
+            state.batches_done = batch.index + 1
             if closes:
-                window = 0
+                state.window = 0
                 state.global_step += 1
             self._call("on_train_batch_end", {"loss": loss}, batch.data, batch.index)
             if not closes:
@@ -551,6 +614,7 @@ class Trainer:
                 break
         if self._val_due_at_epoch_end():
             self._run_validation()
+        state.epoch_done = True
         self._call("on_train_epoch_end")
         self._read_step_values()
         epoch_values = metrics.read_epoch("train")
