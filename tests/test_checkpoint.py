@@ -1,0 +1,190 @@
+"""Checkpoints: exact resume (end of epoch and mid-epoch), top-k files, refusals, atomic writes."""
+
+import os
+
+import numpy as np
+import pytest
+
+import lightms
+from lightms.callbacks import ModelCheckpoint
+from lightms._mindspore import mindspore as ms
+from mindspore import dataset as msds
+from mindspore import nn
+from conftest import RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, parameters_of, quiet_trainer
+
+
+class AdamRegressor(TinyRegressor):
+    def configure_optimizers(self):
+        return nn.Adam(self.trainable_params(), learning_rate=1e-2)
+
+
+def shuffled_dataset(x, y, batch_size=8):
+    return msds.NumpySlicesDataset({"x": x, "y": y}, shuffle=True).batch(batch_size)
+
+
+def run(max_epochs, callbacks=(), ckpt_path=None, accumulate=2, **kwargs):
+    x, y = make_data(60)
+    logger = RecordingLogger()
+    model = fresh_model(cls=AdamRegressor)
+    trainer = quiet_trainer(max_epochs=max_epochs, seed=7, accumulate=accumulate, logger=logger,
+                            log_every_n_steps=1, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
+                            **kwargs)
+    trainer.fit(model, shuffled_dataset(x, y), ckpt_path=ckpt_path)
+    return model, trainer, logger
+
+
+def test_end_of_epoch_resume_is_exact(tmp_path):
+    straight, straight_trainer, straight_log = run(2)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1)
+    run(1, callbacks=[checkpoint])
+    assert os.path.basename(checkpoint.last_model_path) == "epoch=0-step=4.ckpt"
+    resumed, resumed_trainer, resumed_log = run(2, callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "b"))],
+                                                ckpt_path=checkpoint.last_model_path)
+    for name, value in parameters_of(straight).items():
+        np.testing.assert_allclose(parameters_of(resumed)[name], value, atol=1e-6, rtol=0)
+    assert resumed_trainer.global_step == straight_trainer.global_step == 8
+    assert resumed_trainer.current_epoch == 2
+    # the resumed run logs exactly the second half of the straight run
+    assert resumed_log.values("loss") == pytest.approx(straight_log.values("loss")[4:], abs=1e-6)
+    assert resumed_trainer.callback_metrics["loss"] == pytest.approx(straight_trainer.callback_metrics["loss"],
+                                                                     abs=1e-6)
+
+
+def test_mid_epoch_resume_continues_with_the_next_unseen_batch(tmp_path):
+    class LogsEpochMean(AdamRegressor):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("xsum", x.sum(), on_step=True, on_epoch=True)
+            return ((self(x) - y) ** 2).mean()
+
+    def fit(max_steps, callbacks=(), ckpt_path=None):
+        x, y = make_data(60)
+        logger = RecordingLogger()
+        model = fresh_model(cls=LogsEpochMean)
+        trainer = quiet_trainer(max_epochs=2, max_steps=max_steps, seed=7, accumulate=2, logger=logger,
+                                log_every_n_steps=1, enable_checkpointing=bool(callbacks), callbacks=list(callbacks))
+        trainer.fit(model, shuffled_dataset(x, y), ckpt_path=ckpt_path)
+        return model, trainer, logger
+
+    straight, straight_trainer, straight_log = fit(-1)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=3, save_top_k=-1)
+    fit(-1, callbacks=[checkpoint])
+    mid = os.path.join(str(tmp_path), "epoch=0-step=3.ckpt")  # 8 batches per epoch: step 3 is mid-epoch
+    assert os.path.exists(mid)
+    resumed, resumed_trainer, resumed_log = fit(-1, callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "b"))],
+                                                ckpt_path=mid)
+    for name, value in parameters_of(straight).items():
+        np.testing.assert_allclose(parameters_of(resumed)[name], value, atol=1e-6, rtol=0)
+    assert resumed_log.values("xsum_step") == pytest.approx(straight_log.values("xsum_step")[3:], abs=1e-5)
+    # the epoch value of the interrupted epoch includes the batches trained before the checkpoint
+    assert resumed_log.values("xsum_epoch") == pytest.approx(straight_log.values("xsum_epoch"), abs=1e-5)
+
+
+def test_top_k_files_best_and_last(tmp_path):
+    class ScoresByEpoch(TinyRegressor):
+        def validation_step(self, batch, batch_idx):
+            # a made-up score per epoch: 3, 1, 4, 2 -> best (min) are epochs 1 and 3
+            self.log("score", batch[0].sum() * 0 + [3.0, 1.0, 4.0, 2.0][0])
+
+        def on_validation_epoch_end(self):
+            self.log("val_score", [3.0, 1.0, 4.0, 2.0][self.current_epoch])
+
+    x, y = make_data(16)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), filename="{epoch}-{val_score:.1f}", monitor="val_score",
+                                 save_top_k=2, save_last=True)
+    trainer = quiet_trainer(max_epochs=4, enable_checkpointing=True, callbacks=[checkpoint])
+    trainer.fit(fresh_model(cls=ScoresByEpoch), batches_of(x, y, 8), batches_of(x, y, 8))
+    assert sorted(os.listdir(tmp_path)) == ["epoch=1-val_score=1.0.ckpt", "epoch=3-val_score=2.0.ckpt", "last.ckpt"]
+    assert checkpoint.best_model_path == os.path.join(str(tmp_path), "epoch=1-val_score=1.0.ckpt")
+    assert checkpoint.best_model_score == 1.0
+    assert set(checkpoint.best_k_models.values()) == {1.0, 2.0}
+    assert checkpoint.last_model_path == os.path.join(str(tmp_path), "last.ckpt")
+
+
+def test_plain_mindspore_loads_the_weights_and_load_from_checkpoint_rebuilds(tmp_path):
+    x, y = make_data(16)
+    model = fresh_model(lr=0.05)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, batches_of(x, y, 8))
+    path = str(tmp_path / "model.ckpt")
+    trainer.save_checkpoint(path)
+    plain = TinyRegressor()
+    not_loaded, _ = ms.load_param_into_net(plain, ms.load_checkpoint(path))
+    assert not_loaded == []
+    np.testing.assert_array_equal(plain.net[0].weight.asnumpy(), model.net[0].weight.asnumpy())
+    rebuilt = TinyRegressor.load_from_checkpoint(path)
+    assert rebuilt.hparams.lr == 0.05
+    np.testing.assert_array_equal(rebuilt.net[2].weight.asnumpy(), model.net[2].weight.asnumpy())
+    assert TinyRegressor.load_from_checkpoint(path, lr=0.5).hparams.lr == 0.5
+
+
+def test_mismatched_and_corrupt_checkpoints_are_refused(tmp_path):
+    x, y = make_data(16)
+    model = fresh_model()
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, batches_of(x, y, 8))
+    path = str(tmp_path / "model.ckpt")
+    trainer.save_checkpoint(path)
+
+    class Wider(TinyRegressor):
+        def __init__(self, lr=0.1):
+            super().__init__(lr)
+            self.net = nn.SequentialCell(nn.Dense(6, 9), nn.Tanh(), nn.Dense(9, 1))
+            self.extra = nn.Dense(1, 1)
+
+    with pytest.raises(ValueError) as error:
+        Wider.load_from_checkpoint(path)
+    message = str(error.value)
+    assert "missing from the checkpoint: ['extra.bias', 'extra.weight']" in message
+    assert "net.0.weight: checkpoint (8, 6) vs model (9, 6)" in message
+    with pytest.raises(ValueError, match="does not fit this model"):
+        quiet_trainer(max_epochs=2).fit(fresh_model(cls=Wider), batches_of(x, y, 8), ckpt_path=path)
+    data = open(path, "rb").read()
+    truncated = str(tmp_path / "truncated.ckpt")
+    with open(truncated, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        TinyRegressor.load_from_checkpoint(truncated)
+    trainer.save_checkpoint(str(tmp_path / "weights.ckpt"), weights_only=True)
+    with pytest.raises(ValueError, match="weights only"):
+        quiet_trainer(max_epochs=2).fit(fresh_model(), batches_of(x, y, 8), ckpt_path=str(tmp_path / "weights.ckpt"))
+
+
+def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import lightms.checkpoint.io as io
+
+    x, y = make_data(16)
+    model = fresh_model()
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, batches_of(x, y, 8))
+    path = str(tmp_path / "model.ckpt")
+    trainer.save_checkpoint(path)
+    before = open(path, "rb").read()
+
+    def crash(entries, filename, **kwargs):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.ms, "save_checkpoint", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["model.ckpt"]  # no temporary file left behind
+
+
+def test_existing_files_are_not_overwritten_by_a_new_run(tmp_path):
+    x, y = make_data(16)
+    for _ in range(2):
+        trainer = quiet_trainer(max_epochs=1, enable_checkpointing=True,
+                                callbacks=[ModelCheckpoint(dirpath=str(tmp_path))])
+        trainer.fit(fresh_model(), batches_of(x, y, 8))
+    assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=2-v1.ckpt", "epoch=0-step=2.ckpt"]
+
+
+def test_default_checkpoint_goes_under_the_logger_folder(tmp_path):
+    x, y = make_data(16)
+    trainer = lightms.Trainer(max_epochs=2, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer.fit(fresh_model(), batches_of(x, y, 8))
+    folder = os.path.join(trainer.log_dir, "checkpoints")
+    assert os.listdir(folder) == ["epoch=1-step=4.ckpt"]  # save_top_k=1 keeps the latest
