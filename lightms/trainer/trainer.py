@@ -15,6 +15,7 @@ from lightms.checkpoint.io import assign_parameters, write_checkpoint
 from lightms.checkpoint.run_state import collect_run_state, restore_run_state
 from lightms.callbacks.model_checkpoint import ModelCheckpoint
 from lightms.callbacks.progress import TQDMProgressBar
+from lightms.callbacks.timer import Timer
 from lightms.loggers.logger import Logger
 from lightms.loggers.tensorboard import TensorBoardLogger
 from lightms.module.cell import LightningCell
@@ -79,6 +80,8 @@ class Trainer:
         logger: True for a TensorBoardLogger under default_root_dir, False for none, a
             Logger or a list of Loggers.
         enable_progress_bar: Add a TQDMProgressBar unless one is in `callbacks`.
+        max_time: Stop after this much training time ("DD:HH:MM:SS", a timedelta or a
+            dict), via a Timer callback; checked after each optimizer step.
         enable_checkpointing: Add a ModelCheckpoint (last epoch's checkpoint under the
             logger's folder) unless one is in `callbacks`.
 
@@ -111,6 +114,7 @@ class Trainer:
         logger=True,
         enable_progress_bar: bool = True,
         enable_checkpointing: bool = True,
+        max_time=None,
     ):
         self.max_steps = check.check_int("max_steps", max_steps, -1)
         max_epochs = check.check_int("max_epochs", max_epochs, -1, allow_none=True)
@@ -154,6 +158,8 @@ class Trainer:
             logger = False
 
         self.callbacks = self._build_callbacks(callbacks, enable_progress_bar, self.enable_checkpointing)
+        if max_time is not None:
+            self.callbacks = sorted(self.callbacks + [Timer(max_time)], key=lambda cb: cb.order)
         self.loggers = self._build_loggers(logger)
         self.state = LoopState()
         self.model: Optional[LightningCell] = None
@@ -167,6 +173,7 @@ class Trainer:
         self._eval_steps: Dict[str, EvalStep] = {}
         self._scalars: Dict[float, Tensor] = {}
         self._ckpt_path: Optional[str] = None
+        self._val_source: Optional[DataSource] = None
         self._pending_accumulators = None
 
     # ---- construction helpers -------------------------------------------------------
@@ -235,6 +242,11 @@ class Trainer:
     @should_stop.setter
     def should_stop(self, value: bool) -> None:
         self.state.should_stop = bool(value)
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether the running fit validates."""
+        return self._val_source is not None
 
     @property
     def sanity_checking(self) -> bool:

@@ -1,0 +1,124 @@
+"""Callbacks: hook order, EarlyStopping, LearningRateMonitor, Timer, LambdaCallback, ModelSummary."""
+
+import numpy as np
+import pytest
+from mindspore import nn
+
+import lightms
+from lightms.callbacks import (Callback, EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary,
+                               Timer)
+from lightms.callbacks.timer import parse_duration
+from conftest import RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, quiet_trainer
+from test_trainer import HookRecorder
+
+
+class RecordingCallback(Callback):
+    def __init__(self, calls, order=0):
+        self.calls = calls
+        self.order = order
+
+
+_CALLBACK_HOOKS = [name for name in dir(Callback) if name.startswith("on_") or name in ("setup", "teardown")]
+for _name in _CALLBACK_HOOKS:
+    setattr(RecordingCallback, _name,
+            (lambda hook: lambda self, trainer, module, *args: self.calls.append(f"cb.{hook}"))(_name))
+
+
+def test_full_hook_order_of_a_small_fit_matches_lightning():
+    x, y = make_data(8)
+    model = fresh_model(cls=HookRecorder)
+    calls = model.calls
+    quiet_trainer(max_epochs=1, num_sanity_val_steps=1, callbacks=[RecordingCallback(calls)]).fit(
+        model, batches_of(x, y, 4), batches_of(x, y, 8))
+
+    def both(hook):
+        return [f"cb.{hook}", hook]
+
+    val = (both("on_validation_start") + both("on_validation_epoch_start") + both("on_validation_batch_start")
+           + both("on_validation_batch_end") + both("on_validation_epoch_end") + both("on_validation_end"))
+    batch = both("on_train_batch_start") + both("on_train_batch_end")
+    expected = (both("setup") + both("on_fit_start")
+                + ["cb.on_sanity_check_start"] + val + ["cb.on_sanity_check_end"]
+                + both("on_train_start") + both("on_train_epoch_start") + batch + batch + val
+                + both("on_train_epoch_end") + both("on_train_end") + both("on_fit_end") + both("teardown"))
+    assert calls == expected
+
+
+def test_callbacks_above_module_order_run_after_the_module_hook():
+    calls = []
+    x, y = make_data(4)
+    model = fresh_model(cls=HookRecorder)
+    object.__setattr__(model, "calls", calls)
+    late, early = RecordingCallback(calls, order=Callback.MODULE_ORDER + 1), RecordingCallback(calls, order=-5)
+    quiet_trainer(max_epochs=1, callbacks=[late, early]).fit(model, batches_of(x, y, 4))
+    assert calls[:3] == ["cb.setup", "setup", "cb.setup"]
+
+
+class ScriptedScore(TinyRegressor):
+    """Logs a scripted validation score per epoch."""
+
+    scores = [5.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self.log("score", self.scores[self.current_epoch])
+
+
+def test_early_stopping_epoch_and_zero_is_a_value():
+    x, y = make_data(8)
+    stopper = EarlyStopping("score", patience=2)
+    trainer = quiet_trainer(max_epochs=6, callbacks=[stopper])
+    trainer.fit(fresh_model(cls=ScriptedScore), batches_of(x, y, 4), batches_of(x, y, 8))
+    # best 0.0 at epoch 1; epochs 2 and 3 do not improve -> stop after epoch 3
+    assert stopper.best_score == 0.0
+    assert trainer.current_epoch == 4 and stopper.stopped_epoch == 3
+    stopper = EarlyStopping("score", stopping_threshold=0.0)
+    trainer = quiet_trainer(max_epochs=6, callbacks=[stopper])
+    trainer.fit(fresh_model(cls=ScriptedScore), batches_of(x, y, 4), batches_of(x, y, 8))
+    assert trainer.current_epoch == 2  # 0.0 reached the threshold at epoch 1
+
+
+def test_early_stopping_strict_about_missing_metric():
+    x, y = make_data(8)
+    with pytest.raises(KeyError, match="no such logged value"):
+        quiet_trainer(max_epochs=2, callbacks=[EarlyStopping("nope")]).fit(fresh_model(), batches_of(x, y, 4))
+
+
+def test_learning_rate_monitor_reads_schedules():
+    class Decay(TinyRegressor):
+        def configure_optimizers(self):
+            schedule = nn.ExponentialDecayLR(learning_rate=0.1, decay_rate=0.5, decay_steps=1)
+            return nn.SGD(self.trainable_params(), learning_rate=schedule)
+
+    x, y = make_data(32)
+    logger = RecordingLogger()
+    trainer = quiet_trainer(max_epochs=1, accumulate=2, log_every_n_steps=1, logger=logger,
+                            callbacks=[LearningRateMonitor()])
+    trainer.fit(fresh_model(cls=Decay), batches_of(x, y, 4))  # 8 batches -> 4 steps
+    lrs = logger.values("lr-SGD")
+    assert [s for s, _ in lrs] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in lrs], [0.1 * 0.5 ** k for k in range(4)], rtol=1e-6)
+
+
+def test_timer_and_max_time_stop_after_a_step():
+    assert parse_duration("00:01:00:05") == 3605.0
+    assert parse_duration({"minutes": 2}) == 120.0
+    with pytest.raises(ValueError, match="DD:HH:MM:SS"):
+        parse_duration("10 minutes")
+    x, y = make_data(32)
+    trainer = quiet_trainer(max_epochs=3, accumulate=2, max_time="00:00:00:00")
+    trainer.fit(fresh_model(), batches_of(x, y, 4))
+    assert trainer.global_step == 1  # the first window is finished, then fit ends
+
+
+def test_lambda_callback_and_model_summary(capsys):
+    seen = []
+    x, y = make_data(8)
+    callback = LambdaCallback(on_train_epoch_end=lambda trainer, module: seen.append(trainer.current_epoch))
+    quiet_trainer(max_epochs=2, callbacks=[callback, ModelSummary()]).fit(fresh_model(), batches_of(x, y, 4))
+    assert seen == [0, 1]
+    out = capsys.readouterr().out
+    assert "| net  | SequentialCell | 65" in out  # 6*8+8 + 8*1+1 = 65 parameters
+    assert "65 trainable params" in out
+    with pytest.raises(ValueError, match="unknown hooks"):
+        LambdaCallback(on_epoch_finish=print)
