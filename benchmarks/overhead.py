@@ -28,8 +28,11 @@ How the time is taken:
   host and stops the clock. Every reference epoch ends with the same sync.
 * The first epoch of each (compilation, first-call costs) is a warm-up and is
   not timed. The reported time per step is the median epoch time divided by the
-  batches per epoch. The table also shows what the Trainer does between two
-  epochs (epoch metrics, logger writes, progress bar), outside the timed span.
+  batches per epoch; the ratio is lightms's over the reference's. Under the
+  table, each row's notes give the spread, the median of the per-epoch ratios
+  (lightms epoch k over reference epoch k, which cancels slow drifts in the
+  machine's load), and what the Trainer does between two epochs (epoch metrics,
+  logger writes, closing the progress bar), which falls outside the timed span.
 * `lightms.compiled_graph_count()` is recorded after the first epoch and at the
   end; graphs compiled in between are recompilations (the reference's are
   counted separately).
@@ -58,7 +61,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Callable, Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -275,14 +278,16 @@ class Result:
     lightms_step: float
     ref_spread: Tuple[float, float]
     lightms_spread: Tuple[float, float]
+    paired_ratio: float
     between_epochs_step: float
     ref_loss: float
     lightms_loss: float
     lightms_recompiles: int
     ref_recompiles: int
+    graphs_after_first_epoch: int
+    graphs_at_end: int
     same_initial_weights: bool
     wall: float
-    notes: List[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -347,11 +352,14 @@ def compare(spec: ModelSpec, compile: bool, batches_per_epoch: int, warmup_epoch
         lightms_step=statistics.median(lms_times),
         ref_spread=(min(ref_times), max(ref_times)),
         lightms_spread=(min(lms_times), max(lms_times)),
+        paired_ratio=statistics.median(lms / ref for lms, ref in zip(lms_times, ref_times)),
         between_epochs_step=statistics.median(between) if between else float("nan"),
         ref_loss=reference.final_loss(),
         lightms_loss=lightms_loss,
         lightms_recompiles=total_recompiles - ref_recompiles,
         ref_recompiles=ref_recompiles,
+        graphs_after_first_epoch=timer.graphs_after_first_epoch,
+        graphs_at_end=graphs_at_end,
         same_initial_weights=same_init,
         wall=time.perf_counter() - wall_start,
     )
@@ -379,10 +387,12 @@ def print_table(results: List[Result]) -> None:
     for r in results:
         print(f"{r.model}/{r.mode}: {r.timed_epochs} timed epochs of {r.batches} batches (after warm-up); "
               f"per-step min-max ref {r.ref_spread[0] * 1e3:.2f}-{r.ref_spread[1] * 1e3:.2f} ms, "
-              f"lightms {r.lightms_spread[0] * 1e3:.2f}-{r.lightms_spread[1] * 1e3:.2f} ms; "
+              f"lightms {r.lightms_spread[0] * 1e3:.2f}-{r.lightms_spread[1] * 1e3:.2f} ms")
+        print(f"  median of per-epoch ratios (lightms epoch k / reference epoch k) {r.paired_ratio:.3f}; "
               f"Trainer work between epochs {r.between_epochs_step * 1e3:.3f} ms/step "
-              f"(ratio {((r.lightms_step + r.between_epochs_step) / r.ref_step):.3f} with it); "
-              f"{r.wall:.0f} s wall")
+              f"(ratio {((r.lightms_step + r.between_epochs_step) / r.ref_step):.3f} with it)")
+        print(f"  compiled graphs in the process: {r.graphs_after_first_epoch} after epoch 1, {r.graphs_at_end} at "
+              f"the end (lightms {r.lightms_recompiles}, reference {r.ref_recompiles}); {r.wall:.0f} s wall")
         problems = []
         if not r.same_initial_weights:
             problems.append("initial weights differ between reference and lightms")
@@ -402,18 +412,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--models", default="mlp,lenet", help="comma-separated: mlp, lenet (default both)")
     parser.add_argument("--modes", default="compiled,eager", help="comma-separated: compiled, eager (default both)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (few batches and epochs)")
-    parser.add_argument("--batches", type=int, default=None, help="batches per epoch, compiled (default 40)")
-    parser.add_argument("--epochs", type=int, default=None, help="timed epochs, compiled (default 12)")
-    parser.add_argument("--eager-batches", type=int, default=None, help="batches per epoch, eager (default 15)")
-    parser.add_argument("--eager-epochs", type=int, default=None, help="timed epochs, eager (default 6)")
+    parser.add_argument("--batches", type=int, default=None, help="batches per epoch, compiled (default 30)")
+    parser.add_argument("--epochs", type=int, default=None, help="timed epochs, compiled (default 24)")
+    parser.add_argument("--eager-batches", type=int, default=None, help="batches per epoch, eager (default 12)")
+    parser.add_argument("--eager-epochs", type=int, default=None, help="timed epochs, eager (default 12)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up epochs, not timed (default 1)")
     parser.add_argument("--show-progress", action="store_true", help="draw the progress bar on stdout")
     args = parser.parse_args(argv)
     quick = args.quick
-    args.batches = args.batches or (8 if quick else 40)
-    args.epochs = args.epochs or (2 if quick else 12)
-    args.eager_batches = args.eager_batches or (4 if quick else 15)
-    args.eager_epochs = args.eager_epochs or (2 if quick else 6)
+    args.batches = args.batches or (8 if quick else 30)
+    args.epochs = args.epochs or (2 if quick else 24)
+    args.eager_batches = args.eager_batches or (4 if quick else 12)
+    args.eager_epochs = args.eager_epochs or (2 if quick else 12)
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     args.modes = [name.strip() for name in args.modes.split(",") if name.strip()]
     for name in args.models:
@@ -422,6 +432,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for mode in args.modes:
         if mode not in ("compiled", "eager"):
             parser.error(f"unknown mode {mode!r}; choose from compiled, eager")
+    for option in ("batches", "epochs", "eager_batches", "eager_epochs"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first epoch compiles)")
     return args

@@ -188,3 +188,31 @@ def test_default_checkpoint_goes_under_the_logger_folder(tmp_path):
     trainer.fit(fresh_model(), batches_of(x, y, 8))
     folder = os.path.join(trainer.log_dir, "checkpoints")
     assert os.listdir(folder) == ["epoch=1-step=4.ckpt"]  # save_top_k=1 keeps the latest
+
+
+def test_resume_restores_host_scheduler_state(tmp_path):
+    from mindspore.experimental import optim
+
+    class Scheduled(TinyRegressor):
+        def configure_optimizers(self):
+            opt = optim.Adam(self.trainable_params(), lr=0.05)
+            sched = optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def fit(max_epochs, callbacks=(), ckpt_path=None):
+        x, y = make_data(48)
+        model = fresh_model(cls=Scheduled)
+        trainer = quiet_trainer(max_epochs=max_epochs, seed=3, enable_checkpointing=bool(callbacks),
+                                callbacks=list(callbacks))
+        trainer.fit(model, shuffled_dataset(x, y), ckpt_path=ckpt_path)
+        return model, trainer
+
+    straight, straight_trainer = fit(2)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path))
+    fit(1, callbacks=[checkpoint])
+    resumed, resumed_trainer = fit(2, callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "b"))],
+                                   ckpt_path=checkpoint.last_model_path)
+    lr = [float(t.optimizers[0].param_groups[0]["lr"].asnumpy()) for t in (straight_trainer, resumed_trainer)]
+    assert lr[0] == pytest.approx(0.05 * 0.5 ** 6) and lr[1] == pytest.approx(lr[0])
+    for name, value in parameters_of(straight).items():
+        np.testing.assert_allclose(parameters_of(resumed)[name], value, atol=1e-6, rtol=0)

@@ -20,8 +20,19 @@ OPTIMIZER_PREFIX = "lightms.optimizer."
 
 
 def optimizer_state(optimizer, module_parameter_names) -> List[Parameter]:
-    """Returns the optimizer's own state parameters (moments, step counter, learning rate), not the weights."""
-    return [p for p in optimizer.get_parameters() if p.name not in module_parameter_names]
+    """Returns the optimizer's own state parameters (moments, step counter, learning rate), not the weights.
+
+    `mindspore.experimental.optim` optimizers keep their learning rates in
+    `param_groups`, outside `get_parameters()`; those are included too.
+    """
+    state = [p for p in optimizer.get_parameters() if p.name not in module_parameter_names]
+    known = {p.name for p in state}
+    for group in getattr(optimizer, "param_groups", []):
+        for value in group.values():
+            if isinstance(value, Parameter) and value.name not in known and value.name not in module_parameter_names:
+                state.append(value)
+                known.add(value.name)
+    return state
 
 
 def write_checkpoint(path: str, parameters: Iterable[Tuple[str, Parameter]], meta: Dict) -> None:

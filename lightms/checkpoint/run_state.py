@@ -20,6 +20,7 @@ from lightms.checkpoint.io import (OPTIMIZER_PREFIX, assign_parameters, optimize
 from lightms.module.logging import DeviceLogBuffers, LogOptions
 
 ACCUMULATOR_GROUP = "accumulator"
+SCHEDULER_GROUP = "scheduler"
 
 
 def _json_safe(value):
@@ -47,6 +48,8 @@ def collect_run_state(trainer, weights_only: bool) -> Tuple[List, Dict]:
     names = {name for name, _ in parameters}
     for optimizer in trainer.optimizers:
         parameters += [(OPTIMIZER_PREFIX + p.name, p) for p in optimizer_state(optimizer, names)]
+    for index, config in enumerate(trainer._optimizer_config.schedulers):
+        parameters += [(f"lightms.{SCHEDULER_GROUP}{index}.{name}", p) for name, p in config.state_parameters().items()]
     state = trainer.state
     epoch_done = state.epoch_done
     meta["loop"] = {
@@ -88,6 +91,9 @@ def restore_run_state(trainer, path: str) -> Dict:
     names = {p.name for p in model.get_parameters()}
     state_params = {p.name: p for opt in trainer.optimizers for p in optimizer_state(opt, names)}
     assign_parameters(state_params, groups["optimizer"], "optimizer", path)
+    for index, config in enumerate(trainer._optimizer_config.schedulers):
+        assign_parameters(config.state_parameters(), groups.get(f"{SCHEDULER_GROUP}{index}", {}),
+                          f"learning-rate scheduler {index} ({type(config.scheduler).__name__})", path)
     loop = meta["loop"]
     trainer.state.current_epoch = loop["epoch"]
     trainer.state.global_step = loop["global_step"]

@@ -1,10 +1,20 @@
-"""Reads what `configure_optimizers` returned into a typed configuration."""
+"""Reads what `configure_optimizers` returned into typed configurations, and steps schedulers.
+
+Learning-rate schedules come in two kinds. A `mindspore.nn.LearningRateSchedule`
+(or a list / Tensor of rates) given to a `mindspore.nn` optimizer is evaluated
+inside the compiled step at the optimizer's own step counter: nothing to do here.
+Host-side schedulers (`mindspore.experimental.optim.lr_scheduler`, including
+`ReduceLROnPlateau`) are returned next to the optimizer, Lightning-style, and
+stepped by the trainer after optimizer steps or epochs.
+"""
 
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any, Dict, List, Optional
 
 from lightms._mindspore import mindspore as ms  # noqa: F401
-from mindspore import nn
+from mindspore import Parameter, nn
+
+INTERVALS = ("step", "epoch")
 
 
 def _optimizer_types():
@@ -18,54 +28,113 @@ def _optimizer_types():
     return tuple(types)
 
 
+def is_plateau(scheduler) -> bool:
+    """Whether `scheduler.step` takes a metric value (ReduceLROnPlateau and look-alikes)."""
+    return type(scheduler).__name__ == "ReduceLROnPlateau"
+
+
 @dataclass
-class OptimizerConfig:
-    """The optimizer of a run and, later, its learning-rate schedulers.
+class SchedulerConfig:
+    """One host-side learning-rate scheduler and when to step it (Lightning's lr_scheduler config).
 
     Attributes:
-        optimizer: The MindSpore optimizer the compiled step calls.
-        schedulers: Host-side scheduler configurations (not supported yet: empty).
+        scheduler: An object with `step()` (or `step(metric)` for plateau schedulers).
+        interval: "step" (after optimizer steps) or "epoch" (after epochs).
+        frequency: Step it every this many optimizer steps or epochs.
+        monitor: Metric name passed to a plateau scheduler.
+        strict: Raise if `monitor` is missing (else skip the step with a warning).
     """
 
+    scheduler: Any
+    interval: str = "epoch"
+    frequency: int = 1
+    monitor: Optional[str] = None
+    strict: bool = True
+
+    def state_parameters(self) -> Dict[str, Parameter]:
+        """The scheduler's own state by attribute name (its step count, a plateau scheduler's best value...)."""
+        return {name: value for name, value in vars(self.scheduler).items() if isinstance(value, Parameter)}
+
+    def due(self, count: int) -> bool:
+        """Whether the scheduler steps after the `count`-th optimizer step or epoch."""
+        return count % self.frequency == 0
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer of a run and its host-side learning-rate schedulers."""
+
     optimizer: Any
-    schedulers: List[Any] = field(default_factory=list)
+    schedulers: List[SchedulerConfig] = field(default_factory=list)
+
+
+def _scheduler_config(item, where: str, monitor: Optional[str]) -> SchedulerConfig:
+    if isinstance(item, dict):
+        unknown = sorted(set(item) - {"scheduler", "interval", "frequency", "monitor", "strict", "name"})
+        if "scheduler" not in item:
+            raise TypeError(f"{where}: an lr_scheduler dict needs the key 'scheduler' (keys: {sorted(item)}).")
+        if unknown:
+            raise ValueError(f"{where}: unknown lr_scheduler keys {unknown}.")
+        config = SchedulerConfig(item["scheduler"], item.get("interval", "epoch"), item.get("frequency", 1),
+                                 item.get("monitor", monitor), item.get("strict", True))
+    else:
+        config = SchedulerConfig(item, monitor=monitor)
+    if not callable(getattr(config.scheduler, "step", None)):
+        raise TypeError(f"{where}: {type(config.scheduler).__name__} is not a learning-rate scheduler (no step()). "
+                        "In-graph schedules (nn.LearningRateSchedule) go into the optimizer's learning_rate.")
+    if config.interval not in INTERVALS:
+        raise ValueError(f"{where}: lr_scheduler interval must be 'step' or 'epoch', got {config.interval!r}.")
+    if isinstance(config.frequency, bool) or not isinstance(config.frequency, int) or config.frequency < 1:
+        raise ValueError(f"{where}: lr_scheduler frequency must be an int >= 1, got {config.frequency!r}.")
+    if is_plateau(config.scheduler) and not config.monitor:
+        raise ValueError(f"{where}: {type(config.scheduler).__name__} needs a 'monitor' (the metric to watch), "
+                         "e.g. {'scheduler': s, 'monitor': 'val_loss'}.")
+    return config
+
+
+def _single_optimizer(value, where: str):
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"{where} returned {len(value)} optimizers; lightms trains with exactly one "
+                             "(several optimizers come with manual optimization).")
+        value = value[0]
+    if value is None:
+        raise TypeError(f"{where} returned None; return a mindspore.nn.Optimizer such as "
+                        "nn.Adam(self.trainable_params()).")
+    if not isinstance(value, _optimizer_types()):
+        raise TypeError(f"{where} returned a {type(value).__name__}, which is not a mindspore optimizer "
+                        "(mindspore.nn.Optimizer or mindspore.experimental.optim.Optimizer).")
+    return value
 
 
 def read_optimizer_config(returned, module_name: str) -> OptimizerConfig:
     """Checks the return value of `configure_optimizers`.
 
-    Accepted: an optimizer, a list or tuple holding one optimizer, or a dict
-    `{"optimizer": optimizer}`.
-
-    Args:
-        returned: What `configure_optimizers` returned.
-        module_name: The module's class name, for messages.
-
-    Returns:
-        The configuration.
+    Accepted, as in Lightning: an optimizer; a list or tuple of one optimizer;
+    `([optimizer], [schedulers])`; `{"optimizer": opt, "lr_scheduler": scheduler or
+    config dict, "monitor": name}`. A scheduler config dict has "scheduler", and
+    optionally "interval", "frequency", "monitor", "strict".
 
     Raises:
-        TypeError: If no optimizer can be read from `returned`.
-        ValueError: If several optimizers or a scheduler configuration are returned.
+        TypeError: If no optimizer (or no scheduler) can be read from `returned`.
+        ValueError: If several optimizers, or bad scheduler options, are returned.
     """
     where = f"{module_name}.configure_optimizers()"
     if isinstance(returned, dict):
-        extra = sorted(set(returned) - {"optimizer"})
+        unknown = sorted(set(returned) - {"optimizer", "lr_scheduler", "monitor"})
         if "optimizer" not in returned:
             raise TypeError(f"{where} returned a dict without the key 'optimizer': keys {sorted(returned)}.")
-        if extra:
-            raise ValueError(f"{where} returned keys {extra}: learning-rate scheduler configs are not supported yet.")
-        returned = returned["optimizer"]
-    if isinstance(returned, (list, tuple)):
-        if len(returned) != 1:
-            raise ValueError(
-                f"{where} returned {len(returned)} items; lightms trains with exactly one optimizer "
-                "(several optimizers and schedulers come with manual optimization)."
-            )
-        returned = returned[0]
-    if returned is None:
-        raise TypeError(f"{where} returned None; return a mindspore.nn.Optimizer such as nn.Adam(self.trainable_params()).")
-    if not isinstance(returned, _optimizer_types()):
-        raise TypeError(f"{where} returned a {type(returned).__name__}, which is not a mindspore optimizer "
-                        "(mindspore.nn.Optimizer or mindspore.experimental.optim.Optimizer).")
-    return OptimizerConfig(returned)
+        if unknown:
+            raise ValueError(f"{where} returned unknown keys {unknown}.")
+        optimizer = _single_optimizer(returned["optimizer"], where)
+        schedulers = returned.get("lr_scheduler")
+        schedulers = [] if schedulers is None else [schedulers]
+        monitor = returned.get("monitor")
+    elif isinstance(returned, (list, tuple)) and len(returned) == 2 and all(isinstance(r, (list, tuple))
+                                                                             for r in returned):
+        optimizer = _single_optimizer(returned[0], where)
+        schedulers, monitor = list(returned[1]), None
+    else:
+        optimizer = _single_optimizer(returned, where)
+        schedulers, monitor = [], None
+    return OptimizerConfig(optimizer, [_scheduler_config(item, where, monitor) for item in schedulers])

@@ -29,7 +29,7 @@ from lightms.step.train_step import LoopCounters, TrainStep
 from lightms.trainer import arguments as check
 from lightms.trainer.data import DataSource, as_step_input
 from lightms.trainer.metrics import MetricStore, stage_of_hook
-from lightms.trainer.optimizers import read_optimizer_config
+from lightms.trainer.optimizers import is_plateau, read_optimizer_config
 from lightms.trainer.seed import seed_everything
 
 _EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
@@ -559,6 +559,24 @@ class Trainer:
         self._call("on_train_end")
         self._call("on_fit_end")
 
+    def _step_schedulers(self, interval: str, count: int) -> None:
+        """Steps the host-side schedulers of `interval` that are due after `count` steps or epochs."""
+        for config in self._optimizer_config.schedulers:
+            if config.interval != interval or not config.due(count):
+                continue
+            if not is_plateau(config.scheduler):
+                config.scheduler.step()
+                continue
+            value = self.callback_metrics.get(config.monitor)
+            if value is None:
+                message = (f"{type(config.scheduler).__name__} monitors {config.monitor!r}, which is not logged; "
+                           f"available: {sorted(self.callback_metrics)}")
+                if config.strict:
+                    raise KeyError(message)
+                warnings.warn(message + "; the scheduler was not stepped.", stacklevel=2)
+                continue
+            config.scheduler.step(Tensor(value, ms.float32))
+
     def _fit_done(self) -> bool:
         if self.state.should_stop:
             return True
@@ -615,6 +633,7 @@ class Trainer:
             if closes:
                 state.window = 0
                 state.global_step += 1
+                self._step_schedulers("step", state.global_step)
             self._call("on_train_batch_end", {"loss": loss}, batch.data, batch.index)
             if not closes:
                 continue
@@ -631,6 +650,7 @@ class Trainer:
         self._read_step_values()
         epoch_values = metrics.read_epoch("train")
         self._logger_write(epoch_values)
+        self._step_schedulers("epoch", state.current_epoch + 1)
 
     def _run_validation(self) -> None:
         self._eval_loop("validation", self._val_source, self.limit_val_batches)
