@@ -13,7 +13,6 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from lightms._mindspore import mindspore as ms  # noqa: F401
-from mindspore import Tensor, ops
 
 from lightms.checkpoint.io import (OPTIMIZER_PREFIX, assign_parameters, optimizer_state, read_checkpoint,
                                    split_saved)
@@ -63,11 +62,7 @@ def collect_run_state(trainer, weights_only: bool) -> Tuple[List, Dict]:
         meta["window"] = state.window
     logs = trainer._metrics.device.get("train")
     if logs is not None and not epoch_done:
-        meta["train_logs"] = {
-            "options": [dataclasses.asdict(o) for o in logs.options],
-            "epoch_value": logs.epoch_value.asnumpy().tolist(),
-            "epoch_weight": logs.epoch_weight.asnumpy().tolist(),
-        }
+        meta["train_logs"] = {"options": [dataclasses.asdict(o) for o in logs.options], "epoch": logs.epoch_state()}
     meta["callbacks"] = {cb.state_key: _json_safe(cb.state_dict()) for cb in trainer.callbacks}
     return parameters, meta
 
@@ -102,8 +97,7 @@ def restore_run_state(trainer, path: str) -> Dict:
     trainer._pending_accumulators = groups.get(ACCUMULATOR_GROUP) or None
     if "train_logs" in meta:
         logs = DeviceLogBuffers([LogOptions(**o) for o in meta["train_logs"]["options"]])
-        ops.assign(logs.epoch_value, Tensor(np.array(meta["train_logs"]["epoch_value"], np.float32)))
-        ops.assign(logs.epoch_weight, Tensor(np.array(meta["train_logs"]["epoch_weight"], np.float32)))
+        logs.load_epoch_state(meta["train_logs"]["epoch"])
         trainer._metrics.restore_train_buffers(logs)
     by_key = meta.get("callbacks", {})
     for cb in trainer.callbacks:

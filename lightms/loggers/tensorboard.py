@@ -3,7 +3,7 @@
 import json
 import os
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from lightms.loggers.logger import Logger
 

@@ -155,12 +155,20 @@ class LogRecorder:
         self.options[options.name] = options
 
 
+# Rows of DeviceLogBuffers.state.
+WINDOW, WINDOW_WEIGHT, STEP, STEP_WEIGHT, EPOCH, EPOCH_WEIGHT = range(6)
+_VALUE_ROWS = np.array([1, 0, 0, 0, 1, 0], np.float32)  # where a logged value goes: window and epoch
+_WEIGHT_ROWS = np.array([0, 1, 0, 0, 0, 1], np.float32)
+
+
 class DeviceLogBuffers(nn.Cell):
     """Device-side accumulators for the names one hook logs.
 
     Three levels per name: the current window (the micro-batches of one optimizer
     step), the last finished window (the step value), and the epoch. Means are
-    weighted by batch size; `sum`, `max` and `min` reduce as named.
+    weighted by batch size; `sum`, `max` and `min` reduce as named. All levels live
+    in one (6, names) Parameter so that a `self.log` call is one small update, not
+    a chain of scalar read-modify-writes.
 
     Args:
         options: What the dry run recorded, in slot order.
@@ -170,26 +178,21 @@ class DeviceLogBuffers(nn.Cell):
         super().__init__(auto_prefix=False)
         self.options = list(options)
         self.index = {opt.name: i for i, opt in enumerate(self.options)}
-        count = max(len(self.options), 1)  # a zero-length Parameter is awkward to index
+        count = max(len(self.options), 1)  # a zero-width Parameter is awkward to update
         initial = np.zeros(count, np.float32)
         for i, opt in enumerate(self.options):
             initial[i] = _INITIAL[opt.reduce_fx]
-        self._initial = initial
-        self.host_reads = 0  # device-to-host reads of these buffers, for the trainer's sync count
-        is_mean = np.array([opt.reduce_fx == "mean" for opt in self.options] + [False] * (count - len(self.options)))
-        self.is_mean = Tensor(is_mean)
-        self.initial = Tensor(initial)
         zeros = np.zeros(count, np.float32)
-
-        def buffer(name, init):
-            return Parameter(Tensor(init.copy()), name=f"lightms_log.{name}", requires_grad=False)
-
-        self.window = buffer("window", initial)
-        self.window_weight = buffer("window_weight", zeros)
-        self.step_value = buffer("step_value", initial)
-        self.step_weight = buffer("step_weight", zeros)
-        self.epoch_value = buffer("epoch_value", initial)
-        self.epoch_weight = buffer("epoch_weight", zeros)
+        self._initial_state = np.stack([initial, zeros, initial, zeros, initial, zeros])
+        self.host_reads = 0  # device-to-host reads of these buffers, for the trainer's sync count
+        is_mean = [opt.reduce_fx == "mean" for opt in self.options] + [False] * (count - len(self.options))
+        self.is_mean = Tensor(np.array(is_mean))
+        self.initial = Tensor(initial)
+        eye = np.eye(count, dtype=np.float32)
+        # Per name: a (6, names) pattern of where its value and its weight go.
+        self.value_patterns = [Tensor(np.outer(_VALUE_ROWS, eye[i])) for i in range(count)]
+        self.weight_patterns = [Tensor(np.outer(_WEIGHT_ROWS, eye[i])) for i in range(count)]
+        self.state = Parameter(Tensor(self._initial_state.copy()), name="lightms_log.state", requires_grad=False)
         self.batch_size = Parameter(Tensor(1.0, ms.float32), name="lightms_log.batch_size", requires_grad=False)
 
     def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
@@ -212,42 +215,33 @@ class DeviceLogBuffers(nn.Cell):
             )
         i = self.index[name]
         value = ops.cast(value, ms.float32).reshape(())
+        values, weights = self.value_patterns[i], self.weight_patterns[i]
         if reduce_fx == "mean":
             weight = self.batch_size if batch_size is None else ops.cast(batch_size, ms.float32)
-            self.window[i] = self.window[i] + value * weight
-            self.epoch_value[i] = self.epoch_value[i] + value * weight
+            ops.assign_add(self.state, values * (value * weight) + weights * weight)
         elif reduce_fx == "sum":
-            weight = 1.0
-            self.window[i] = self.window[i] + value
-            self.epoch_value[i] = self.epoch_value[i] + value
-        elif reduce_fx == "max":
-            weight = 1.0
-            self.window[i] = ops.maximum(self.window[i], value)
-            self.epoch_value[i] = ops.maximum(self.epoch_value[i], value)
+            ops.assign_add(self.state, values * value + weights)
         else:
-            weight = 1.0
-            self.window[i] = ops.minimum(self.window[i], value)
-            self.epoch_value[i] = ops.minimum(self.epoch_value[i], value)
-        self.window_weight[i] = self.window_weight[i] + weight
-        self.epoch_weight[i] = self.epoch_weight[i] + weight
+            extreme = ops.maximum(self.state, value) if reduce_fx == "max" else ops.minimum(self.state, value)
+            ops.assign(self.state, ops.select(values > 0, extreme, self.state) + weights)
         return value
 
     def close_window(self):
         """Turns the current window into the step value and starts a new window (graph-parseable)."""
-        mean = self.window / ops.maximum(self.window_weight, 1e-12)
-        value = ops.select(self.is_mean, mean, self.window)
-        ops.assign(self.step_value, value)
-        ops.assign(self.step_weight, self.window_weight)
-        ops.assign(self.window, self.initial)
-        ops.assign(self.window_weight, ops.zeros_like(self.window_weight))
+        state = self.state
+        window, weight = state[WINDOW], state[WINDOW_WEIGHT]
+        value = ops.select(self.is_mean, window / ops.maximum(weight, 1e-12), window)
+        ops.assign(state, ops.stack([self.initial, ops.zeros_like(weight), value, weight,
+                                     state[EPOCH], state[EPOCH_WEIGHT]]))
         return value
 
     # ---- host side -------------------------------------------------------
-    def _read(self, values: Parameter, weights: Parameter, sums_of_means: bool) -> Dict[str, float]:
-        # `weights[i] > 0` means the name was logged at this level; a mean is stored as a
+    def _read(self, value_row: int, sums_of_means: bool) -> Dict[str, float]:
+        # weight > 0 means the name was logged at this level; a mean is stored as a
         # weighted sum (window, epoch) or already divided (step).
-        values, weights = values.asnumpy(), weights.asnumpy()
+        state = self.state.asnumpy()
         self.host_reads += 1
+        values, weights = state[value_row], state[value_row + 1]
         out = {}
         for i, opt in enumerate(self.options):
             if weights[i] > 0:
@@ -257,28 +251,29 @@ class DeviceLogBuffers(nn.Cell):
 
     def read_step(self) -> Dict[str, float]:
         """Returns the last finished window's value of every name logged in it (a host sync)."""
-        return self._read(self.step_value, self.step_weight, sums_of_means=False)
+        return self._read(STEP, sums_of_means=False)
 
     def read_window(self) -> Dict[str, float]:
         """Returns the current, unfinished window's value of every name logged in it (a host sync)."""
-        return self._read(self.window, self.window_weight, sums_of_means=True)
+        return self._read(WINDOW, sums_of_means=True)
 
     def read_epoch(self) -> Dict[str, float]:
         """Returns the epoch value of every name logged this epoch (a host sync)."""
-        return self._read(self.epoch_value, self.epoch_weight, sums_of_means=True)
+        return self._read(EPOCH, sums_of_means=True)
+
+    def epoch_state(self) -> List[List[float]]:
+        """Returns the epoch rows (reduced values, weights), for checkpoints."""
+        return self.state.asnumpy()[EPOCH:].tolist()
+
+    def load_epoch_state(self, rows: List[List[float]]) -> None:
+        """Restores what `epoch_state` returned (no compiled graph is unlinked)."""
+        state = self._initial_state.copy()
+        state[EPOCH:] = np.array(rows, np.float32)
+        ops.assign(self.state, Tensor(state))
 
     def reset(self) -> None:
         """Clears every level; called by the host at the start of an epoch."""
-        zeros = np.zeros_like(self._initial)
-        for param, init in (
-            (self.window, self._initial),
-            (self.window_weight, zeros),
-            (self.step_value, self._initial),
-            (self.step_weight, zeros),
-            (self.epoch_value, self._initial),
-            (self.epoch_weight, zeros),
-        ):
-            ops.assign(param, Tensor(init))
+        ops.assign(self.state, Tensor(self._initial_state))
 
 
 class HostLogs:

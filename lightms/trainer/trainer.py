@@ -5,7 +5,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 
 from lightms._mindspore import GraphDumpGuard, mindspore as ms
 from mindspore import Tensor
