@@ -155,20 +155,26 @@ class LogRecorder:
         self.options[options.name] = options
 
 
-# Rows of DeviceLogBuffers.state.
+# Rows of DeviceLogBuffers.state: (reduced value, weight) for the open window, the last
+# closed window (the step value) and the epoch. Means are kept as weighted sums.
 WINDOW, WINDOW_WEIGHT, STEP, STEP_WEIGHT, EPOCH, EPOCH_WEIGHT = range(6)
-_VALUE_ROWS = np.array([1, 0, 0, 0, 1, 0], np.float32)  # where a logged value goes: window and epoch
-_WEIGHT_ROWS = np.array([0, 1, 0, 0, 0, 1], np.float32)
+# Closing a window of sums and means is linear: step = window, epoch += window, window = 0.
+_CLOSE = np.array([[0, 0, 0, 0, 0, 0],
+                   [0, 0, 0, 0, 0, 0],
+                   [1, 0, 0, 0, 0, 0],
+                   [0, 1, 0, 0, 0, 0],
+                   [1, 0, 0, 0, 1, 0],
+                   [0, 1, 0, 0, 0, 1]], np.float32)
 
 
 class DeviceLogBuffers(nn.Cell):
     """Device-side accumulators for the names one hook logs.
 
-    Three levels per name: the current window (the micro-batches of one optimizer
-    step), the last finished window (the step value), and the epoch. Means are
+    Three levels per name: the open window (the micro-batches of one optimizer
+    step), the last closed window (the step value), and the epoch. Means are
     weighted by batch size; `sum`, `max` and `min` reduce as named. All levels live
-    in one (6, names) Parameter so that a `self.log` call is one small update, not
-    a chain of scalar read-modify-writes.
+    in one (6, names) Parameter: a `self.log` call is one small update and closing
+    a window one matrix product, so logging adds next to nothing to a step.
 
     Args:
         options: What the dry run recorded, in slot order.
@@ -185,13 +191,17 @@ class DeviceLogBuffers(nn.Cell):
         zeros = np.zeros(count, np.float32)
         self._initial_state = np.stack([initial, zeros, initial, zeros, initial, zeros])
         self.host_reads = 0  # device-to-host reads of these buffers, for the trainer's sync count
-        is_mean = [opt.reduce_fx == "mean" for opt in self.options] + [False] * (count - len(self.options))
-        self.is_mean = Tensor(np.array(is_mean))
+        self.has_extremes = any(opt.reduce_fx in ("max", "min") for opt in self.options)
+        pad = [False] * (count - len(self.options))
+        self.is_max = Tensor(np.array([opt.reduce_fx == "max" for opt in self.options] + pad))
+        self.is_min = Tensor(np.array([opt.reduce_fx == "min" for opt in self.options] + pad))
         self.initial = Tensor(initial)
+        self.close_matrix = Tensor(_CLOSE)
         eye = np.eye(count, dtype=np.float32)
-        # Per name: a (6, names) pattern of where its value and its weight go.
-        self.value_patterns = [Tensor(np.outer(_VALUE_ROWS, eye[i])) for i in range(count)]
-        self.weight_patterns = [Tensor(np.outer(_WEIGHT_ROWS, eye[i])) for i in range(count)]
+        # Per name: where its value and its weight go in the state.
+        self.value_patterns = [Tensor(np.outer(np.eye(6, dtype=np.float32)[WINDOW], eye[i])) for i in range(count)]
+        self.weight_patterns = [Tensor(np.outer(np.eye(6, dtype=np.float32)[WINDOW_WEIGHT], eye[i]))
+                                for i in range(count)]
         self.state = Parameter(Tensor(self._initial_state.copy()), name="lightms_log.state", requires_grad=False)
         self.batch_size = Parameter(Tensor(1.0, ms.float32), name="lightms_log.batch_size", requires_grad=False)
 
@@ -227,39 +237,39 @@ class DeviceLogBuffers(nn.Cell):
         return value
 
     def close_window(self):
-        """Turns the current window into the step value and starts a new window (graph-parseable)."""
+        """Makes the open window the step value, adds it to the epoch, and opens a new one (graph-parseable)."""
         state = self.state
-        window, weight = state[WINDOW], state[WINDOW_WEIGHT]
-        value = ops.select(self.is_mean, window / ops.maximum(weight, 1e-12), window)
-        ops.assign(state, ops.stack([self.initial, ops.zeros_like(weight), value, weight,
-                                     state[EPOCH], state[EPOCH_WEIGHT]]))
-        return value
+        if not self.has_extremes:
+            return ops.assign(state, ops.matmul(self.close_matrix, state))
+        window, weight, epoch = state[WINDOW], state[WINDOW_WEIGHT], state[EPOCH]
+        merged = ops.select(self.is_max, ops.maximum(epoch, window),
+                            ops.select(self.is_min, ops.minimum(epoch, window), epoch + window))
+        return ops.assign(state, ops.stack([self.initial, ops.zeros_like(weight), window, weight, merged,
+                                            state[EPOCH_WEIGHT] + weight]))
 
     # ---- host side -------------------------------------------------------
-    def _read(self, value_row: int, sums_of_means: bool) -> Dict[str, float]:
-        # weight > 0 means the name was logged at this level; a mean is stored as a
-        # weighted sum (window, epoch) or already divided (step).
+    def _read(self, value_row: int) -> Dict[str, float]:
+        # weight > 0 means the name was logged at this level; a mean is a weighted sum.
         state = self.state.asnumpy()
         self.host_reads += 1
         values, weights = state[value_row], state[value_row + 1]
         out = {}
         for i, opt in enumerate(self.options):
             if weights[i] > 0:
-                divide = sums_of_means and opt.reduce_fx == "mean"
-                out[opt.name] = float(values[i] / weights[i]) if divide else float(values[i])
+                out[opt.name] = float(values[i] / weights[i]) if opt.reduce_fx == "mean" else float(values[i])
         return out
 
     def read_step(self) -> Dict[str, float]:
         """Returns the last finished window's value of every name logged in it (a host sync)."""
-        return self._read(STEP, sums_of_means=False)
+        return self._read(STEP)
 
     def read_window(self) -> Dict[str, float]:
         """Returns the current, unfinished window's value of every name logged in it (a host sync)."""
-        return self._read(WINDOW, sums_of_means=True)
+        return self._read(WINDOW)
 
     def read_epoch(self) -> Dict[str, float]:
         """Returns the epoch value of every name logged this epoch (a host sync)."""
-        return self._read(EPOCH, sums_of_means=True)
+        return self._read(EPOCH)
 
     def epoch_state(self) -> List[List[float]]:
         """Returns the epoch rows (reduced values, weights), for checkpoints."""
