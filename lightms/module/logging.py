@@ -158,13 +158,6 @@ class LogRecorder:
 # Rows of DeviceLogBuffers.state: (reduced value, weight) for the open window, the last
 # closed window (the step value) and the epoch. Means are kept as weighted sums.
 WINDOW, WINDOW_WEIGHT, STEP, STEP_WEIGHT, EPOCH, EPOCH_WEIGHT = range(6)
-# Closing a window of sums and means is linear: step = window, epoch += window, window = 0.
-_CLOSE = np.array([[0, 0, 0, 0, 0, 0],
-                   [0, 0, 0, 0, 0, 0],
-                   [1, 0, 0, 0, 0, 0],
-                   [0, 1, 0, 0, 0, 0],
-                   [1, 0, 0, 0, 1, 0],
-                   [0, 1, 0, 0, 0, 1]], np.float32)
 
 
 class DeviceLogBuffers(nn.Cell):
@@ -173,8 +166,9 @@ class DeviceLogBuffers(nn.Cell):
     Three levels per name: the open window (the micro-batches of one optimizer
     step), the last closed window (the step value), and the epoch. Means are
     weighted by batch size; `sum`, `max` and `min` reduce as named. All levels live
-    in one (6, names) Parameter: a `self.log` call is one small update and closing
-    a window one matrix product, so logging adds next to nothing to a step.
+    in one (6, names) Parameter, so a `self.log` call and the closing of a window
+    are a handful of small kernels each. Updates are masked, not multiplied by
+    one-hot patterns, so that a NaN or infinite value stays in its own slot.
 
     Args:
         options: What the dry run recorded, in slot order.
@@ -196,12 +190,12 @@ class DeviceLogBuffers(nn.Cell):
         self.is_max = Tensor(np.array([opt.reduce_fx == "max" for opt in self.options] + pad))
         self.is_min = Tensor(np.array([opt.reduce_fx == "min" for opt in self.options] + pad))
         self.initial = Tensor(initial)
-        self.close_matrix = Tensor(_CLOSE)
-        eye = np.eye(count, dtype=np.float32)
-        # Per name: where its value and its weight go in the state.
-        self.value_patterns = [Tensor(np.outer(np.eye(6, dtype=np.float32)[WINDOW], eye[i])) for i in range(count)]
-        self.weight_patterns = [Tensor(np.outer(np.eye(6, dtype=np.float32)[WINDOW_WEIGHT], eye[i]))
-                                for i in range(count)]
+        eye = np.eye(count, dtype=bool)
+        rows = np.eye(6, dtype=bool)
+        # Per name: masks of where its value and its weight go in the state.
+        self.value_masks = [Tensor(np.outer(rows[WINDOW], eye[i])) for i in range(count)]
+        self.weight_masks = [Tensor(np.outer(rows[WINDOW_WEIGHT], eye[i])) for i in range(count)]
+        self.window_zeros = Tensor(np.zeros((2, count), np.float32))
         self.state = Parameter(Tensor(self._initial_state.copy()), name="lightms_log.state", requires_grad=False)
         self.batch_size = Parameter(Tensor(1.0, ms.float32), name="lightms_log.batch_size", requires_grad=False)
 
@@ -225,27 +219,30 @@ class DeviceLogBuffers(nn.Cell):
             )
         i = self.index[name]
         value = ops.cast(value, ms.float32).reshape(())
-        values, weights = self.value_patterns[i], self.weight_patterns[i]
-        if reduce_fx == "mean":
-            weight = self.batch_size if batch_size is None else ops.cast(batch_size, ms.float32)
-            ops.assign_add(self.state, values * (value * weight) + weights * weight)
-        elif reduce_fx == "sum":
-            ops.assign_add(self.state, values * value + weights)
+        values, weights = self.value_masks[i], self.weight_masks[i]
+        if reduce_fx in ("mean", "sum"):
+            weight = 1.0 if reduce_fx == "sum" else (
+                self.batch_size if batch_size is None else ops.cast(batch_size, ms.float32))
+            ops.assign_add(self.state, ops.where(values, value * weight, ops.where(weights, weight, 0.0)))
         else:
             extreme = ops.maximum(self.state, value) if reduce_fx == "max" else ops.minimum(self.state, value)
-            ops.assign(self.state, ops.select(values > 0, extreme, self.state) + weights)
+            ops.assign(self.state, ops.where(values, extreme, ops.where(weights, self.state + 1.0, self.state)))
         return value
 
     def close_window(self):
         """Makes the open window the step value, adds it to the epoch, and opens a new one (graph-parseable)."""
-        state = self.state
-        if not self.has_extremes:
-            return ops.assign(state, ops.matmul(self.close_matrix, state))
-        window, weight, epoch = state[WINDOW], state[WINDOW_WEIGHT], state[EPOCH]
-        merged = ops.select(self.is_max, ops.maximum(epoch, window),
-                            ops.select(self.is_min, ops.minimum(epoch, window), epoch + window))
-        return ops.assign(state, ops.stack([self.initial, ops.zeros_like(weight), window, weight, merged,
-                                            state[EPOCH_WEIGHT] + weight]))
+        state = self.state.value()  # an explicit load, ordered after this step's record() updates
+        window = state[WINDOW:WINDOW_WEIGHT + 1]
+        epoch = state[EPOCH:EPOCH_WEIGHT + 1]
+        if self.has_extremes:
+            merged = ops.select(self.is_max, ops.maximum(epoch[0], window[0]),
+                                ops.select(self.is_min, ops.minimum(epoch[0], window[0]), epoch[0] + window[0]))
+            epoch = ops.stack([merged, epoch[1] + window[1]])
+            opened = ops.stack([self.initial, self.window_zeros[0]])
+        else:
+            epoch = epoch + window
+            opened = self.window_zeros
+        return ops.assign(self.state, ops.concat((opened, window, epoch)))
 
     # ---- host side -------------------------------------------------------
     def _read(self, value_row: int) -> Dict[str, float]:

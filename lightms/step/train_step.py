@@ -32,6 +32,12 @@ class LoopCounters(nn.Cell):
         super().__init__(auto_prefix=False)
         self.global_step = Parameter(Tensor(0, ms.int32), name="lightms.global_step", requires_grad=False)
         self.current_epoch = Parameter(Tensor(0, ms.int32), name="lightms.current_epoch", requires_grad=False)
+        # Micro-batches whose loss was NaN or infinite; the host reads it when it syncs anyway.
+        self.nonfinite_losses = Parameter(Tensor(0, ms.int32), name="lightms.nonfinite_losses", requires_grad=False)
+
+    def count_nonfinite(self, loss):
+        """Adds 1 to `nonfinite_losses` if `loss` is not finite (graph-parseable)."""
+        return ops.assign_add(self.nonfinite_losses, ops.logical_not(ops.isfinite(loss)).astype(ms.int32))
 
     def set(self, current_epoch: int, global_step: int) -> None:
         """Writes the host's counters to the device (no sync; `set_data` would unlink compiled graphs)."""
@@ -85,11 +91,13 @@ class TrainStep:
             def window_step(batch, batch_idx, batch_size):
                 ops.assign(logs.batch_size, batch_size)
                 loss, grads = grad_fn(batch, batch_idx)
+                loss = ops.depend(loss, counters.count_nonfinite(loss))
                 return ops.depend(loss, _hyper_map(ops.assign_add, accumulators, grads))
 
             def optimizer_step(batch, batch_idx, batch_size, window_size):
                 ops.assign(logs.batch_size, batch_size)
                 loss, grads = grad_fn(batch, batch_idx)
+                loss = ops.depend(loss, counters.count_nonfinite(loss))
                 summed = _hyper_map(ops.add, accumulators, grads)
                 grads = _hyper_map(ops.partial(_divide, window_size), summed)
                 loss = ops.depend(loss, optimizer(transforms(grads)))
@@ -102,6 +110,7 @@ class TrainStep:
             def optimizer_step(batch, batch_idx, batch_size, window_size):
                 ops.assign(logs.batch_size, batch_size)
                 loss, grads = grad_fn(batch, batch_idx)
+                loss = ops.depend(loss, counters.count_nonfinite(loss))
                 loss = ops.depend(loss, optimizer(transforms(grads)))
                 loss = ops.depend(loss, logs.close_window())
                 return ops.depend(loss, ops.assign_add(counters.global_step, Tensor(1, ms.int32)))

@@ -1,6 +1,10 @@
 """`Trainer`: runs fit / validate / test / predict as plain loops around compiled steps."""
 
 import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -32,6 +36,14 @@ from lightms.trainer.optimizers import is_plateau, read_optimizer_config
 from lightms.trainer.seed import seed_everything
 
 _EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
+
+
+class _Interrupted(Exception):
+    """Raised inside fit after SIGINT/SIGTERM, once the checkpoint is written."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 @dataclass
@@ -81,6 +93,9 @@ class Trainer:
         enable_progress_bar: Add a TQDMProgressBar unless one is in `callbacks`.
         max_time: Stop after this much training time ("DD:HH:MM:SS", a timedelta or a
             dict), via a Timer callback; checked after each optimizer step.
+        detect_anomaly: Stop with an error at the first optimizer step whose training loss
+            is NaN or infinite (costs one host sync per step). Off, lightms counts such
+            losses on the device and warns once, at the end of the epoch they occur in.
         enable_checkpointing: Add a ModelCheckpoint (last epoch's checkpoint under the
             logger's folder) unless one is in `callbacks`.
 
@@ -114,6 +129,7 @@ class Trainer:
         enable_progress_bar: bool = True,
         enable_checkpointing: bool = True,
         max_time=None,
+        detect_anomaly: bool = False,
     ):
         self.max_steps = check.check_int("max_steps", max_steps, -1)
         max_epochs = check.check_int("max_epochs", max_epochs, -1, allow_none=True)
@@ -147,6 +163,7 @@ class Trainer:
         self.seed = check.check_int("seed", seed, 0, allow_none=True)
         check.check_bool("enable_progress_bar", enable_progress_bar)
         self.enable_checkpointing = check.check_bool("enable_checkpointing", enable_checkpointing)
+        self.detect_anomaly = check.check_bool("detect_anomaly", detect_anomaly)
 
         if self.fast_dev_run:
             n = self.fast_dev_run
@@ -173,6 +190,10 @@ class Trainer:
         self._scalars: Dict[float, Tensor] = {}
         self._ckpt_path: Optional[str] = None
         self._val_source: Optional[DataSource] = None
+        self._nonfinite_seen = 0
+        self._extra_host_reads = 0
+        self._interrupt_signal: Optional[int] = None
+        self.interrupted = False
         self._pending_accumulators = None
 
     # ---- construction helpers -------------------------------------------------------
@@ -272,7 +293,7 @@ class Trainer:
     @property
     def host_sync_count(self) -> int:
         """Device-to-host reads lightms made for logged values in this Trainer."""
-        return self._metrics.host_reads
+        return self._metrics.host_reads + self._extra_host_reads
 
     @property
     def estimated_stepping_batches(self) -> float:
@@ -308,7 +329,13 @@ class Trainer:
         if train is None:
             raise ValueError("Trainer.fit needs training data: pass train_dataloaders or a datamodule whose "
                              "train_dataloader() returns batches.")
-        self._run("fit", model, datamodule, lambda: self._fit(train, val))
+        self._interrupt_signal, self.interrupted = None, False
+        try:
+            with self._interrupt_handlers():
+                self._run("fit", model, datamodule, lambda: self._fit(train, val))
+        except _Interrupted as interruption:
+            self.interrupted = True
+            raise SystemExit(128 + interruption.signum) from None
 
     def validate(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Dict[str, float]]:
         """Runs validation_step over the data; returns `[metrics]` as Lightning does."""
@@ -425,6 +452,8 @@ class Trainer:
                 body()
             status = "success"
         except BaseException as exception:
+            if isinstance(exception, _Interrupted):
+                status = "interrupted"
             moved = dump_guard.tidy()
             if moved:
                 warnings.warn(f"MindSpore's compile report (rank_0/om/analyze_fail.ir) was moved out of the "
@@ -558,6 +587,65 @@ class Trainer:
         self._call("on_train_end")
         self._call("on_fit_end")
 
+    def _check_nonfinite(self) -> None:
+        """Reads the device's count of non-finite losses (a host sync) and raises or warns on new ones."""
+        if self._counters is None:
+            return
+        count = int(self._counters.nonfinite_losses.asnumpy())
+        self._extra_host_reads += 1
+        if count <= self._nonfinite_seen:
+            return
+        new, self._nonfinite_seen = count - self._nonfinite_seen, count
+        if self.detect_anomaly:
+            logged = self._metrics.read_train_step(self.state.global_step)
+            raise FloatingPointError(
+                f"Trainer(detect_anomaly=True): the training loss was NaN or infinite at optimizer step "
+                f"{self.state.global_step} (epoch {self.state.current_epoch}, batch {self.state.batch_idx}). "
+                f"Values logged at that step: {logged or 'none'}.")
+        if count == new:  # first time: warn once
+            warnings.warn(
+                f"The training loss was NaN or infinite in {new} micro-batch(es) of epoch {self.state.current_epoch}; "
+                "training goes on. Trainer(detect_anomaly=True) stops at the first such step.", stacklevel=2)
+
+    @contextmanager
+    def _interrupt_handlers(self):
+        """While fit runs, SIGINT and SIGTERM ask the loop to stop after the current optimizer step.
+
+        Both end the process (SystemExit 128 + signal) once the checkpoint is written. Once
+        MindSpore has run a graph, its own SIGINT handler turns Ctrl-C into SIGTERM, so the
+        two cannot be told apart and are treated alike.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def request_stop(signum, frame):
+            self._interrupt_signal = signum
+
+        for sig in previous:
+            signal.signal(sig, request_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_for_interrupt(self) -> None:
+        """Writes a resumable checkpoint (when checkpointing is on) and ends fit."""
+        name = "SIGINT/SIGTERM"  # indistinguishable once MindSpore runs (see _interrupt_handlers)
+        callback = self.checkpoint_callback
+        if callback is not None:
+            path = os.path.join(callback.dirpath, f"interrupted-epoch={self.state.current_epoch}"
+                                                  f"-step={self.state.global_step}.ckpt")
+            self.save_checkpoint(path)
+            where = f"a checkpoint that resumes exactly is at {path} (fit(..., ckpt_path=that path))"
+        else:
+            where = "checkpointing is off, so no checkpoint was written"
+        print(f"lightms: {name} received; stopped after optimizer step {self.state.global_step}; {where}.",
+              file=sys.stderr)
+        raise _Interrupted(self._interrupt_signal)
+
     def _step_schedulers(self, interval: str, count: int) -> None:
         """Steps the host-side schedulers of `interval` that are due after `count` steps or epochs."""
         for config in self._optimizer_config.schedulers:
@@ -633,6 +721,8 @@ class Trainer:
                 state.window = 0
                 state.global_step += 1
                 self._step_schedulers("step", state.global_step)
+                if self.detect_anomaly:
+                    self._check_nonfinite()
             self._call("on_train_batch_end", {"loss": loss}, batch.data, batch.index)
             if not closes:
                 continue
@@ -640,10 +730,14 @@ class Trainer:
                 self._logger_write(metrics.read_train_step(state.global_step))
             if self._val_due_in_epoch(batch, closes):
                 self._run_validation()
+            if self._interrupt_signal is not None:
+                self._stop_for_interrupt()
             if skip_rest or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps):
                 break
         if self._val_due_at_epoch_end():
             self._run_validation()
+        if not self.detect_anomaly:
+            self._check_nonfinite()
         state.epoch_done = True
         self._call("on_train_epoch_end")
         self._read_step_values()
