@@ -187,15 +187,21 @@ class DeviceLogBuffers(nn.Cell):
         self.host_reads = 0  # device-to-host reads of these buffers, for the trainer's sync count
         self.has_extremes = any(opt.reduce_fx in ("max", "min") for opt in self.options)
         pad = [False] * (count - len(self.options))
-        self.is_max = Tensor(np.array([opt.reduce_fx == "max" for opt in self.options] + pad))
-        self.is_min = Tensor(np.array([opt.reduce_fx == "min" for opt in self.options] + pad))
-        self.initial = Tensor(initial)
         eye = np.eye(count, dtype=bool)
         rows = np.eye(6, dtype=bool)
         # Per name: masks of where its value and its weight go in the state.
         self.value_masks = [Tensor(np.outer(rows[WINDOW], eye[i])) for i in range(count)]
         self.weight_masks = [Tensor(np.outer(rows[WINDOW_WEIGHT], eye[i])) for i in range(count)]
-        self.window_zeros = Tensor(np.zeros((2, count), np.float32))
+        # Closing a window: rows (window, step, epoch) become (opened, window, epoch + window).
+        self.close_sources = Tensor(np.array([WINDOW, WINDOW_WEIGHT, WINDOW, WINDOW_WEIGHT, EPOCH, EPOCH_WEIGHT],
+                                             np.int32))
+        self.window_sources = Tensor(np.array([WINDOW, WINDOW_WEIGHT] * 3, np.int32))
+        self.window_rows = Tensor(np.isin(np.arange(6), [WINDOW, WINDOW_WEIGHT])[:, None])
+        self.epoch_rows = Tensor(np.isin(np.arange(6), [EPOCH, EPOCH_WEIGHT])[:, None])
+        self.epoch_value_row = Tensor((np.arange(6) == EPOCH)[:, None])
+        self.opened = Tensor(np.stack([initial] + [zeros] * 5))
+        self.max_columns = Tensor(np.array([opt.reduce_fx == "max" for opt in self.options] + pad)[None, :])
+        self.min_columns = Tensor(np.array([opt.reduce_fx == "min" for opt in self.options] + pad)[None, :])
         self.state = Parameter(Tensor(self._initial_state.copy()), name="lightms_log.state", requires_grad=False)
         self.batch_size = Parameter(Tensor(1.0, ms.float32), name="lightms_log.batch_size", requires_grad=False)
 
@@ -230,19 +236,21 @@ class DeviceLogBuffers(nn.Cell):
         return value
 
     def close_window(self):
-        """Makes the open window the step value, adds it to the epoch, and opens a new one (graph-parseable)."""
-        state = self.state.value()  # an explicit load, ordered after this step's record() updates
-        window = state[WINDOW:WINDOW_WEIGHT + 1]
-        epoch = state[EPOCH:EPOCH_WEIGHT + 1]
+        """Makes the open window the step value, adds it to the epoch, and opens a new one (graph-parseable).
+
+        Written with whole-state gathers and masks: slicing the Parameter instead
+        made every step about 4 ms slower on the CPU backend.
+        """
+        state = self.state
+        kept = ops.gather(state, self.close_sources, 0)  # [window, window, epoch] rows
+        window = ops.gather(state, self.window_sources, 0)  # [window, window, window] rows
+        added = kept + window
         if self.has_extremes:
-            merged = ops.select(self.is_max, ops.maximum(epoch[0], window[0]),
-                                ops.select(self.is_min, ops.minimum(epoch[0], window[0]), epoch[0] + window[0]))
-            epoch = ops.stack([merged, epoch[1] + window[1]])
-            opened = ops.stack([self.initial, self.window_zeros[0]])
-        else:
-            epoch = epoch + window
-            opened = self.window_zeros
-        return ops.assign(self.state, ops.concat((opened, window, epoch)))
+            extremes = ops.where(self.max_columns, ops.maximum(kept, window),
+                                 ops.where(self.min_columns, ops.minimum(kept, window), added))
+            added = ops.where(self.epoch_value_row, extremes, added)
+        new = ops.where(self.window_rows, self.opened, ops.where(self.epoch_rows, added, kept))
+        return ops.assign(state, new)
 
     # ---- host side -------------------------------------------------------
     def _read(self, value_row: int) -> Dict[str, float]:
