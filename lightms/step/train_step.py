@@ -34,10 +34,11 @@ class LoopCounters(nn.Cell):
         self.current_epoch = Parameter(Tensor(0, ms.int32), name="lightms.current_epoch", requires_grad=False)
         # Micro-batches whose loss was NaN or infinite; the host reads it when it syncs anyway.
         self.nonfinite_losses = Parameter(Tensor(0, ms.int32), name="lightms.nonfinite_losses", requires_grad=False)
+        self._zero, self._one = Tensor(0, ms.int32), Tensor(1, ms.int32)
 
     def count_nonfinite(self, loss):
         """Adds 1 to `nonfinite_losses` if `loss` is not finite (graph-parseable)."""
-        return ops.assign_add(self.nonfinite_losses, ops.logical_not(ops.isfinite(loss)).astype(ms.int32))
+        return ops.assign_add(self.nonfinite_losses, ops.select(ops.isfinite(loss), self._zero, self._one))
 
     def set(self, current_epoch: int, global_step: int) -> None:
         """Writes the host's counters to the device (no sync; `set_data` would unlink compiled graphs)."""
