@@ -291,26 +291,44 @@ class DeviceLogBuffers(nn.Cell):
         ops.assign(self.state, Tensor(self._initial_state))
 
 
-class HostLogs:
-    """Where `self.log` writes from `on_*` hooks, which run on the host.
+def is_metric(value) -> bool:
+    """Whether `value` is a `mindspore.train.Metric` (clear / update / eval)."""
+    from mindspore.train import Metric
 
-    Values are read to Python floats at once (the hook runs on the host anyway)
-    and reduced like the device buffers.
+    return isinstance(value, Metric)
+
+
+class HostLogs:
+    """Where `self.log` writes when the hook runs on the host.
+
+    That is every `on_*` hook, and the evaluation steps of a module that holds
+    `mindspore.train.Metric`s. Values are read to Python floats at once and reduced
+    like the device buffers; a logged Metric is evaluated (then cleared) at epoch end.
+
+    Attributes:
+        current_batch_size: Weight of the values logged by the step running now.
     """
 
     def __init__(self):
         self.options: Dict[str, LogOptions] = {}
         self._step: Dict[str, float] = {}
         self._epoch: Dict[str, List[float]] = {}  # name -> [reduced value, weight]
+        self._metrics: Dict[str, object] = {}
+        self.current_batch_size = 1
 
     def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
         """`LightningCell.log` from a host hook."""
+        if is_metric(value):
+            # Lightning logs a metric object's compute() at epoch end; here, its eval().
+            self.options[name] = resolve_log_options(hook, name, prog_bar, logger, False, True, "mean", None)
+            self._metrics[name] = value
+            return value
         options = resolve_log_options(hook, name, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size)
         LogRecorder(hook).record(options, value)  # same checks as inside steps
         number = float(value.asnumpy()) if hasattr(value, "asnumpy") else float(value)
         self.options[name] = options
         self._step[name] = number
-        weight = float(batch_size or 1) if reduce_fx == "mean" else 1.0
+        weight = float(batch_size or self.current_batch_size) if reduce_fx == "mean" else 1.0
         acc = self._epoch.setdefault(name, [_INITIAL[reduce_fx], 0.0])
         if reduce_fx == "mean":
             acc[0] += number * weight
@@ -329,12 +347,17 @@ class HostLogs:
         return out
 
     def read_epoch(self) -> Dict[str, float]:
-        """Returns the epoch reduction of every name logged this epoch."""
-        return {
+        """Returns the epoch reduction of every name logged this epoch; logged Metrics are evaluated and cleared."""
+        values = {
             name: acc[0] / acc[1] if self.options[name].reduce_fx == "mean" else acc[0]
             for name, acc in self._epoch.items()
         }
+        for name, metric in self._metrics.items():
+            values[name] = float(np.asarray(metric.eval()))
+            metric.clear()
+        self._metrics = {}
+        return values
 
     def reset(self) -> None:
         """Forgets everything (start of an epoch)."""
-        self._step, self._epoch = {}, {}
+        self._step, self._epoch, self._metrics = {}, {}, {}

@@ -11,12 +11,14 @@ class EvalStep:
 
     Args:
         hook: The module's bound hook, e.g. `module.validation_step`.
-        logs: The device log buffers for this hook.
+        logs: The device log buffers for this hook, or None when the hook runs on the host.
         compile: Compile with `mindspore.jit` (True) or run eagerly (False).
     """
 
     def __init__(self, hook, logs, compile: bool):
         def step(batch, batch_idx, batch_size):
+            if logs is None:  # a host-run hook (it updates Metrics): HostLogs weighs its own values
+                return hook(batch, batch_idx)
             ops.assign(logs.batch_size, batch_size)
             output = hook(batch, batch_idx)
             logs.close_window()

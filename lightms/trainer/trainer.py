@@ -23,7 +23,7 @@ from lightms.loggers.logger import Logger
 from lightms.loggers.tensorboard import TensorBoardLogger
 from lightms.module.cell import LightningCell
 from lightms.module.datamodule import LightningDataModule
-from lightms.module.logging import DeviceLogBuffers
+from lightms.module.logging import DeviceLogBuffers, HostLogs, is_metric
 from lightms.step.binding import graph_callable_methods, inside_step
 from lightms.step.dry_run import check_training_output, dry_run
 from lightms.step.eval_step import EvalStep
@@ -187,6 +187,7 @@ class Trainer:
         self._counters: Optional[LoopCounters] = None
         self._train_step: Optional[TrainStep] = None
         self._eval_steps: Dict[str, EvalStep] = {}
+        self._eval_log_targets: Dict[str, Any] = {}
         self._scalars: Dict[float, Tensor] = {}
         self._ckpt_path: Optional[str] = None
         self._val_source: Optional[DataSource] = None
@@ -442,7 +443,7 @@ class Trainer:
         self._counters = LoopCounters()
         self._counters.set(self.state.current_epoch, self.state.global_step)
         object.__setattr__(model, "_lightms_counters", self._counters)
-        self._train_step, self._eval_steps = None, {}
+        self._train_step, self._eval_steps, self._eval_log_targets = None, {}, {}
         self.state.stage = stage
         status = "failed"
         dump_guard = GraphDumpGuard()
@@ -470,6 +471,7 @@ class Trainer:
                     lg.finalize(status)
                 object.__setattr__(model, "_lightms_log_target", None)
                 object.__setattr__(model, "_lightms_hook", None)
+                model.__dict__.pop("construct", None)  # the compiled forward of metric-updating eval steps
                 self.state.stage = None
 
     def _call(self, hook: str, *args) -> Any:
@@ -541,8 +543,18 @@ class Trainer:
             self._pending_accumulators = None
         return step
 
+    def _module_metrics(self) -> list:
+        return [value for value in vars(self.model).values() if is_metric(value)]
+
     def _build_eval_step(self, stage: str, batch) -> EvalStep:
         hook = _EVAL_HOOKS[stage]
+        if self._module_metrics() and stage != "predict":
+            # Metric.update is host code: the hook runs eagerly, its forward (construct) compiled.
+            if self.compile:
+                object.__setattr__(self.model, "construct", ms.jit(type(self.model).construct.__get__(self.model),
+                                                                   jit_level="O1"))
+            self._eval_log_targets[stage] = self._metrics.host[stage]
+            return EvalStep(getattr(self.model, hook), None, compile=False)
         recorder, _ = dry_run(self.model, hook, batch.data, batch.index)
         logs = DeviceLogBuffers(list(recorder.options.values()))
         for options in logs.options:
@@ -551,6 +563,7 @@ class Trainer:
                               f"{stage} values per epoch; the step value is not sent to the loggers.",
                               stacklevel=2)
         self._metrics.device[stage] = logs
+        self._eval_log_targets[stage] = logs
         return EvalStep(getattr(self.model, hook), logs, self.compile)
 
     # ---- the loops ----------------------------------------------------------------------
@@ -756,6 +769,8 @@ class Trainer:
         prefix = {"validation": "validation", "test": "test", "predict": "predict"}[stage]
         self.num_eval_batches = source.batch_count(limit)
         metrics.start_epoch(stage)
+        for metric in self._module_metrics():
+            metric.clear()  # e.g. updates of the sanity check do not count
         self._call(f"on_{prefix}_start")  # also while sanity checking, as Lightning does
         self._call(f"on_{prefix}_epoch_start")
         outputs = []
@@ -763,7 +778,10 @@ class Trainer:
             self._call(f"on_{prefix}_batch_start", batch.data, batch.index)
             if stage not in self._eval_steps:
                 self._eval_steps[stage] = self._build_eval_step(stage, batch)
-            with inside_step(model, _EVAL_HOOKS[stage], metrics.device[stage]):
+            target = self._eval_log_targets[stage]
+            if isinstance(target, HostLogs):
+                target.current_batch_size = batch.size
+            with inside_step(model, _EVAL_HOOKS[stage], target):
                 output = self._eval_steps[stage](as_step_input(batch.data), self._batch_index(batch.index),
                                                  self._scalar(float(batch.size)))
             if stage == "predict":
