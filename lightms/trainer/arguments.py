@@ -1,6 +1,13 @@
-"""Checks for Trainer arguments: each names the argument and what was expected."""
+"""Checks and resolves Trainer arguments: each error names the argument and what was expected."""
 
 import numbers
+from typing import List
+
+from lightms.callbacks.callback import Callback
+from lightms.callbacks.model_checkpoint import ModelCheckpoint
+from lightms.callbacks.progress import TQDMProgressBar
+from lightms.loggers.logger import Logger
+from lightms.loggers.tensorboard import TensorBoardLogger
 
 
 def check_int(name: str, value, minimum: int, allow_none: bool = False):
@@ -87,3 +94,46 @@ def check_val_check_interval(value):
             raise ValueError(f"Trainer(val_check_interval=...) as a float must be in (0, 1], got {value}.")
         return value
     return check_int("val_check_interval", value, 1)
+
+
+def build_callbacks(callbacks, enable_progress_bar: bool, enable_checkpointing: bool) -> List[Callback]:
+    """Checks `Trainer(callbacks=...)`, adds the default progress bar and checkpoint, and sorts by `order`.
+
+    Raises:
+        TypeError: If an element is not a lightms Callback.
+        ValueError: If a flag contradicts a callback that was passed.
+    """
+    if callbacks is None:
+        callbacks = []
+    elif isinstance(callbacks, Callback):
+        callbacks = [callbacks]
+    elif not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"Trainer(callbacks=...) must be a Callback or a list of them, got {type(callbacks).__name__}.")
+    callbacks = list(callbacks)
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise TypeError(f"Trainer(callbacks=...) holds a {type(cb).__name__}, which is not a lightms Callback.")
+    for flag, enabled, kind, default in (("enable_progress_bar", enable_progress_bar, TQDMProgressBar, TQDMProgressBar),
+                                         ("enable_checkpointing", enable_checkpointing, ModelCheckpoint, ModelCheckpoint)):
+        present = any(isinstance(cb, kind) for cb in callbacks)
+        if present and not enabled:
+            raise ValueError(f"Trainer({flag}=False) contradicts the {kind.__name__} in callbacks: drop one of them.")
+        if enabled and not present:
+            callbacks.append(default())
+    return sorted(callbacks, key=lambda cb: cb.order)
+
+
+def build_loggers(logger, default_root_dir: str) -> List[Logger]:
+    """Turns `Trainer(logger=...)` into a list: True is a TensorBoardLogger under `default_root_dir`.
+
+    Raises:
+        TypeError: For anything but a bool, a Logger or a list of Loggers.
+    """
+    if logger is True:
+        return [TensorBoardLogger(default_root_dir)]
+    if logger is False or logger is None:
+        return []
+    loggers = [logger] if isinstance(logger, Logger) else logger
+    if not isinstance(loggers, (list, tuple)) or not all(isinstance(lg, Logger) for lg in loggers):
+        raise TypeError(f"Trainer(logger=...) must be True, False, a Logger or a list of Loggers, got {logger!r}.")
+    return list(loggers)

@@ -216,3 +216,44 @@ def as_step_input(data):
     if isinstance(data, (tuple, list, dict)):
         return ms.mutable(data)
     return data
+
+
+def _prepare_datamodule(entry: str, datamodule, loaders_given: bool, trainer) -> None:
+    from lightms.module.datamodule import LightningDataModule
+
+    if loaders_given:
+        raise ValueError(f"Pass either a datamodule or dataloaders to Trainer.{entry}, not both.")
+    if not isinstance(datamodule, LightningDataModule):
+        raise TypeError(f"datamodule must be a lightms.LightningDataModule, got {type(datamodule).__name__}.")
+    datamodule.trainer = trainer
+    datamodule.prepare_data()
+    datamodule.setup(entry)
+
+
+def fit_sources(trainer, datamodule, train, val):
+    """Returns the (train, val) DataSources of `fit`, from loaders or a datamodule (None where absent).
+
+    Raises:
+        ValueError: If both loaders and a datamodule are given.
+    """
+    if datamodule is not None:
+        _prepare_datamodule("fit", datamodule, train is not None or val is not None, trainer)
+        train, val = datamodule.train_dataloader(), datamodule.val_dataloader()
+    train_source = DataSource(train, "train_dataloaders") if train is not None else None
+    val_source = DataSource(val, "val_dataloaders") if val is not None else None
+    return train_source, val_source
+
+
+def eval_source(trainer, entry: str, datamodule, dataloaders) -> DataSource:
+    """Returns the DataSource of `validate`, `test` or `predict`.
+
+    Raises:
+        ValueError: If no data, or both loaders and a datamodule, are given.
+    """
+    if datamodule is not None:
+        _prepare_datamodule(entry, datamodule, dataloaders is not None, trainer)
+        loader_method = {"validate": "val", "test": "test", "predict": "predict"}[entry] + "_dataloader"
+        dataloaders = getattr(datamodule, loader_method)()
+    if dataloaders is None:
+        raise ValueError(f"Trainer.{entry} needs data: pass dataloaders or a datamodule.")
+    return DataSource(dataloaders, "dataloaders")

@@ -9,10 +9,12 @@ stepped by the trainer after optimizer steps or epochs.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-from lightms._mindspore import mindspore as ms  # noqa: F401
-from mindspore import Parameter, nn
+import warnings
+
+from lightms._mindspore import mindspore as ms
+from mindspore import Parameter, Tensor, nn
 
 INTERVALS = ("step", "epoch")
 
@@ -138,3 +140,34 @@ def read_optimizer_config(returned, module_name: str) -> OptimizerConfig:
         optimizer = _single_optimizer(returned, where)
         schedulers, monitor = [], None
     return OptimizerConfig(optimizer, [_scheduler_config(item, where, monitor) for item in schedulers])
+
+
+def step_schedulers(schedulers: List[SchedulerConfig], interval: str, count: int,
+                    metrics: Callable[[], Dict[str, float]]) -> None:
+    """Steps the host-side schedulers of `interval` that are due after `count` optimizer steps or epochs.
+
+    Args:
+        schedulers: The run's scheduler configurations.
+        interval: "step" or "epoch".
+        count: Optimizer steps (or epochs) done so far.
+        metrics: Returns `trainer.callback_metrics` (read only for plateau schedulers: a host sync).
+
+    Raises:
+        KeyError: If a strict plateau scheduler's monitor is not logged.
+    """
+    for config in schedulers:
+        if config.interval != interval or not config.due(count):
+            continue
+        if not is_plateau(config.scheduler):
+            config.scheduler.step()
+            continue
+        available = metrics()
+        value = available.get(config.monitor)
+        if value is None:
+            message = (f"{type(config.scheduler).__name__} monitors {config.monitor!r}, which is not logged; "
+                       f"available: {sorted(available)}")
+            if config.strict:
+                raise KeyError(message)
+            warnings.warn(message + "; the scheduler was not stepped.", stacklevel=2)
+            continue
+        config.scheduler.step(Tensor(value, ms.float32))

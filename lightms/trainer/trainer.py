@@ -1,10 +1,7 @@
 """`Trainer`: runs fit / validate / test / predict as plain loops around compiled steps."""
 
 import os
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -17,10 +14,8 @@ from lightms.callbacks.callback import Callback
 from lightms.checkpoint.io import assign_parameters, write_checkpoint
 from lightms.checkpoint.run_state import collect_run_state, restore_run_state
 from lightms.callbacks.model_checkpoint import ModelCheckpoint
-from lightms.callbacks.progress import TQDMProgressBar
 from lightms.callbacks.timer import Timer
 from lightms.loggers.logger import Logger
-from lightms.loggers.tensorboard import TensorBoardLogger
 from lightms.module.cell import LightningCell
 from lightms.module.datamodule import LightningDataModule
 from lightms.module.logging import DeviceLogBuffers, HostLogs, is_metric
@@ -30,20 +25,13 @@ from lightms.step.eval_step import EvalStep
 from lightms.step.gradients import ClipGradNorm, ClipGradValue, GradientPipeline
 from lightms.step.train_step import LoopCounters, TrainStep
 from lightms.trainer import arguments as check
-from lightms.trainer.data import DataSource, as_step_input
+from lightms.trainer.data import DataSource, as_step_input, eval_source, fit_sources
+from lightms.trainer.interrupts import Interrupted, stop_requests
 from lightms.trainer.metrics import MetricStore, stage_of_hook
-from lightms.trainer.optimizers import is_plateau, read_optimizer_config
+from lightms.trainer.optimizers import read_optimizer_config, step_schedulers
 from lightms.trainer.seed import seed_everything
 
 _EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
-
-
-class _Interrupted(Exception):
-    """Raised inside fit after SIGINT/SIGTERM, once the checkpoint is written."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 @dataclass
@@ -173,10 +161,10 @@ class Trainer:
             self.val_check_interval, self.check_val_every_n_epoch = None, 1
             logger = False
 
-        self.callbacks = self._build_callbacks(callbacks, enable_progress_bar, self.enable_checkpointing)
+        self.callbacks = check.build_callbacks(callbacks, enable_progress_bar, self.enable_checkpointing)
         if max_time is not None:
             self.callbacks = sorted(self.callbacks + [Timer(max_time)], key=lambda cb: cb.order)
-        self.loggers = self._build_loggers(logger)
+        self.loggers = check.build_loggers(logger, self.default_root_dir)
         self.state = LoopState()
         self.model: Optional[LightningCell] = None
         self.optimizers: List[Any] = []
@@ -198,42 +186,6 @@ class Trainer:
         self._pending_accumulators = None
 
     # ---- construction helpers -------------------------------------------------------
-    @staticmethod
-    def _build_callbacks(callbacks, enable_progress_bar: bool, enable_checkpointing: bool) -> List[Callback]:
-        if callbacks is None:
-            callbacks = []
-        elif isinstance(callbacks, Callback):
-            callbacks = [callbacks]
-        elif not isinstance(callbacks, (list, tuple)):
-            raise TypeError(f"Trainer(callbacks=...) must be a Callback or a list of them, got {type(callbacks).__name__}.")
-        callbacks = list(callbacks)
-        for cb in callbacks:
-            if not isinstance(cb, Callback):
-                raise TypeError(f"Trainer(callbacks=...) holds a {type(cb).__name__}, which is not a lightms Callback.")
-        has_bar = any(isinstance(cb, TQDMProgressBar) for cb in callbacks)
-        if has_bar and not enable_progress_bar:
-            raise ValueError("Trainer(enable_progress_bar=False) contradicts the TQDMProgressBar in callbacks: "
-                             "drop one of them.")
-        if enable_progress_bar and not has_bar:
-            callbacks.append(TQDMProgressBar())
-        has_checkpoint = any(isinstance(cb, ModelCheckpoint) for cb in callbacks)
-        if has_checkpoint and not enable_checkpointing:
-            raise ValueError("Trainer(enable_checkpointing=False) contradicts the ModelCheckpoint in callbacks: "
-                             "drop one of them.")
-        if enable_checkpointing and not has_checkpoint:
-            callbacks.append(ModelCheckpoint())
-        return sorted(callbacks, key=lambda cb: cb.order)
-
-    def _build_loggers(self, logger) -> List[Logger]:
-        if logger is True:
-            return [TensorBoardLogger(self.default_root_dir)]
-        if logger is False or logger is None:
-            return []
-        loggers = [logger] if isinstance(logger, Logger) else logger
-        if not isinstance(loggers, (list, tuple)) or not all(isinstance(lg, Logger) for lg in loggers):
-            raise TypeError(f"Trainer(logger=...) must be True, False, a Logger or a list of Loggers, got {logger!r}.")
-        return list(loggers)
-
     # ---- public state -------------------------------------------------------------------
     @property
     def logger(self) -> Optional[Logger]:
@@ -326,15 +278,15 @@ class Trainer:
         """
         self._check_model(model)
         self._ckpt_path = self._resolve_ckpt_path(ckpt_path)
-        train, val = self._resolve_data("fit", datamodule, train_dataloaders, val_dataloaders)
+        train, val = fit_sources(self, datamodule, train_dataloaders, val_dataloaders)
         if train is None:
             raise ValueError("Trainer.fit needs training data: pass train_dataloaders or a datamodule whose "
                              "train_dataloader() returns batches.")
         self._interrupt_signal, self.interrupted = None, False
         try:
-            with self._interrupt_handlers():
+            with stop_requests(self._request_stop):
                 self._run("fit", model, datamodule, lambda: self._fit(train, val))
-        except _Interrupted as interruption:
+        except Interrupted as interruption:
             self.interrupted = True
             raise SystemExit(128 + interruption.signum) from None
 
@@ -349,7 +301,7 @@ class Trainer:
     def predict(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Any]:
         """Runs predict_step over the data; returns the list of per-batch outputs."""
         self._check_model(model)
-        source = self._resolve_eval_data("predict", datamodule, dataloaders)
+        source = eval_source(self, "predict", datamodule, dataloaders)
         outputs: List[Any] = []
         self._run("predict", model, datamodule,
                   lambda: outputs.extend(self._eval_loop("predict", source, self.limit_predict_batches)))
@@ -397,38 +349,11 @@ class Trainer:
         if not isinstance(model, LightningCell):
             raise TypeError(f"Trainer expects a lightms.LightningCell, got {type(model).__name__}.")
 
-    def _prepare_datamodule(self, entry: str, datamodule, loaders_given: bool) -> None:
-        """Checks `datamodule` against the loaders and runs its prepare_data and setup."""
-        if loaders_given:
-            raise ValueError(f"Pass either a datamodule or dataloaders to Trainer.{entry}, not both.")
-        if not isinstance(datamodule, LightningDataModule):
-            raise TypeError(f"datamodule must be a lightms.LightningDataModule, got {type(datamodule).__name__}.")
-        datamodule.trainer = self
-        datamodule.prepare_data()
-        datamodule.setup(entry)
-
-    def _resolve_data(self, stage, datamodule, train, val):
-        if datamodule is not None:
-            self._prepare_datamodule(stage, datamodule, train is not None or val is not None)
-            train, val = datamodule.train_dataloader(), datamodule.val_dataloader()
-        train_source = DataSource(train, "train_dataloaders") if train is not None else None
-        val_source = DataSource(val, "val_dataloaders") if val is not None else None
-        return train_source, val_source
-
-    def _resolve_eval_data(self, stage, datamodule, dataloaders) -> DataSource:
-        if datamodule is not None:
-            self._prepare_datamodule(stage, datamodule, dataloaders is not None)
-            loader_method = {"validate": "val", "test": "test", "predict": "predict"}[stage] + "_dataloader"
-            dataloaders = getattr(datamodule, loader_method)()
-        if dataloaders is None:
-            raise ValueError(f"Trainer.{stage} needs data: pass dataloaders or a datamodule.")
-        return DataSource(dataloaders, "dataloaders")
-
     def _evaluate(self, entry: str, stage: str, model, dataloaders, datamodule) -> List[Dict[str, float]]:
         self._check_model(model)
         if getattr(type(model), _EVAL_HOOKS[stage], None) is None:
             raise NotImplementedError(f"Trainer.{entry} needs {type(model).__name__}.{_EVAL_HOOKS[stage]}(batch, batch_idx).")
-        source = self._resolve_eval_data(entry, datamodule, dataloaders)
+        source = eval_source(self, entry, datamodule, dataloaders)
         limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
         results: List[Dict[str, float]] = []
         self._run(entry, model, datamodule, lambda: results.append(self._eval_loop(stage, source, limit)))
@@ -453,7 +378,7 @@ class Trainer:
                 body()
             status = "success"
         except BaseException as exception:
-            if isinstance(exception, _Interrupted):
+            if isinstance(exception, Interrupted):
                 status = "interrupted"
             moved = dump_guard.tidy()
             if moved:
@@ -620,33 +545,12 @@ class Trainer:
                 f"The training loss was NaN or infinite in {new} micro-batch(es) of epoch {self.state.current_epoch}; "
                 "training goes on. Trainer(detect_anomaly=True) stops at the first such step.", stacklevel=2)
 
-    @contextmanager
-    def _interrupt_handlers(self):
-        """While fit runs, SIGINT and SIGTERM ask the loop to stop after the current optimizer step.
-
-        Both end the process (SystemExit 128 + signal) once the checkpoint is written. Once
-        MindSpore has run a graph, its own SIGINT handler turns Ctrl-C into SIGTERM, so the
-        two cannot be told apart and are treated alike.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def request_stop(signum, frame):
-            self._interrupt_signal = signum
-
-        for sig in previous:
-            signal.signal(sig, request_stop)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def _request_stop(self, signum: int) -> None:
+        self._interrupt_signal = signum
 
     def _stop_for_interrupt(self) -> None:
         """Writes a resumable checkpoint (when checkpointing is on) and ends fit."""
-        name = "SIGINT/SIGTERM"  # indistinguishable once MindSpore runs (see _interrupt_handlers)
+        name = "SIGINT/SIGTERM"  # indistinguishable once MindSpore runs (see stop_requests)
         callback = self.checkpoint_callback
         if callback is not None:
             path = os.path.join(callback.dirpath, f"interrupted-epoch={self.state.current_epoch}"
@@ -657,25 +561,11 @@ class Trainer:
             where = "checkpointing is off, so no checkpoint was written"
         print(f"lightms: {name} received; stopped after optimizer step {self.state.global_step}; {where}.",
               file=sys.stderr)
-        raise _Interrupted(self._interrupt_signal)
+        raise Interrupted(self._interrupt_signal)
 
     def _step_schedulers(self, interval: str, count: int) -> None:
-        """Steps the host-side schedulers of `interval` that are due after `count` steps or epochs."""
-        for config in self._optimizer_config.schedulers:
-            if config.interval != interval or not config.due(count):
-                continue
-            if not is_plateau(config.scheduler):
-                config.scheduler.step()
-                continue
-            value = self.callback_metrics.get(config.monitor)
-            if value is None:
-                message = (f"{type(config.scheduler).__name__} monitors {config.monitor!r}, which is not logged; "
-                           f"available: {sorted(self.callback_metrics)}")
-                if config.strict:
-                    raise KeyError(message)
-                warnings.warn(message + "; the scheduler was not stepped.", stacklevel=2)
-                continue
-            config.scheduler.step(Tensor(value, ms.float32))
+        if self._optimizer_config.schedulers:
+            step_schedulers(self._optimizer_config.schedulers, interval, count, lambda: self.callback_metrics)
 
     def _fit_done(self) -> bool:
         if self.state.should_stop:
