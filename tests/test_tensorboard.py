@@ -48,3 +48,26 @@ def test_default_logger_writes_under_default_root_dir(tmp_path):
     trainer.fit(fresh_model(), batches_of(x, y, 8))
     assert trainer.log_dir == os.path.join(str(tmp_path), "lightning_logs", "version_0")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(trainer.log_dir))
+
+
+def test_hparams_plugin_and_progress_bar_reads_only_at_refresh(tmp_path, capsys):
+    import lightms
+    from lightms.callbacks import TQDMProgressBar
+
+    x, y = make_data(30 * 4)
+    logger = TensorBoardLogger(str(tmp_path))
+    # a bar that never redraws within the run reads the device only when it closes the epoch
+    bar = TQDMProgressBar(mininterval=3600.0)
+    trainer = lightms.Trainer(max_epochs=1, logger=logger, callbacks=[bar], log_every_n_steps=1000,
+                              enable_checkpointing=False)
+    trainer.fit(fresh_model(cls=LogsInputMean, lr=0.05), batches_of(x, y, 4))
+    assert trainer.host_sync_count <= 4  # one bar read + step, epoch and non-finite reads at the epoch end
+    out = capsys.readouterr().out
+    assert "Epoch 0: 100%" in out and "30/30" in out
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    raw = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(raw).session_start_info
+    assert start.hparams["lr"].number_value == 0.05

@@ -7,6 +7,7 @@ single array. Every batch of a run must have the first batch's structure,
 dtypes and per-sample shapes; only the leading (batch) dimension may differ.
 """
 
+import warnings
 from typing import Any, Iterator, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -121,6 +122,12 @@ class DataSource:
         it is deterministic.
         """
         self._resume_epochs, self._resume_batches = epochs_done, batches_done
+        if batches_done and not isinstance(self.data, (msds.Dataset, list, tuple)):
+            warnings.warn(
+                f"Resuming in the middle of an epoch: lightms skips the first {batches_done} batches of "
+                f"{self.argument} ({type(self.data).__name__}). This is exact only if iterating it yields the same "
+                "batches in the same order every time; a source that shuffles on its own cannot be positioned.",
+                stacklevel=3)
 
     def __len__(self) -> int:
         length = self.length()
