@@ -185,7 +185,6 @@ class Trainer:
         self.interrupted = False
         self._pending_accumulators = None
 
-    # ---- construction helpers -------------------------------------------------------
     # ---- public state -------------------------------------------------------------------
     @property
     def logger(self) -> Optional[Logger]:
@@ -275,6 +274,8 @@ class Trainer:
         Raises:
             ValueError: If no training data is given, both loaders and a datamodule are,
                 the training data is empty, or the checkpoint does not fit.
+            SystemExit: After SIGINT/SIGTERM, once the step is finished and the checkpoint written
+                (code 128 + signal).
         """
         self._check_model(model)
         self._ckpt_path = self._resolve_ckpt_path(ckpt_path)
