@@ -4,11 +4,10 @@ import csv
 import os
 from typing import Any, Dict, List
 
-from lightms.loggers.logger import Logger
-from lightms.loggers.tensorboard import next_version, write_hparams_yaml
+from lightms.loggers.logger import FolderLogger, write_hparams_yaml
 
 
-class CSVLogger(Logger):
+class CSVLogger(FolderLogger):
     """Writes `save_dir/name/version_N/metrics.csv`, one row per logging call.
 
     Columns are the union of all metric names seen, plus `step`; a metric absent
@@ -22,26 +21,8 @@ class CSVLogger(Logger):
     """
 
     def __init__(self, save_dir: str, name: str = "lightning_logs", version=None):
-        self._save_dir = os.fspath(save_dir)
-        self._name = name or ""
-        self._version = version
+        super().__init__(save_dir, name, version)
         self._rows: List[Dict[str, Any]] = []
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def version(self):
-        if self._version is None:
-            self._version = next_version(os.path.join(self._save_dir, self._name))
-        return self._version
-
-    @property
-    def log_dir(self) -> str:
-        version = self.version
-        folder = version if isinstance(version, str) else f"version_{version}"
-        return os.path.join(self._save_dir, self._name, folder)
 
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
         self._rows.append({**metrics, "step": step})

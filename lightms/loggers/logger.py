@@ -1,5 +1,8 @@
 """`Logger`: the interface the trainer writes metrics and hyperparameters through."""
 
+import json
+import os
+import re
 from typing import Any, Dict, Optional
 
 
@@ -39,3 +42,54 @@ class Logger:
     def finalize(self, status: str) -> None:
         """Flushes and closes at the end of a run ("success", "failed" or "interrupted")."""
         self.save()
+
+
+def next_version(root: str) -> int:
+    """Returns one more than the highest `version_N` folder under `root` (0 if none)."""
+    if not os.path.isdir(root):
+        return 0
+    found = [int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"version_(\d+)", d))]
+    return max(found) + 1 if found else 0
+
+
+def write_hparams_yaml(path: str, params: Dict[str, Any]) -> None:
+    """Writes `params` as YAML (each value as JSON, which YAML reads)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for key, value in params.items():
+            try:
+                text = json.dumps(value)
+            except TypeError:
+                text = json.dumps(repr(value))
+            handle.write(f"{key}: {text}\n")
+
+
+class FolderLogger(Logger):
+    """A logger that writes into `save_dir/name/version_N`, N the next free number.
+
+    Args:
+        save_dir: The root folder.
+        name: Experiment folder under `save_dir`.
+        version: An int (folder `version_<int>`), a string (used as the folder name), or
+            None for the next free number.
+    """
+
+    def __init__(self, save_dir: str, name: str = "lightning_logs", version=None):
+        self._save_dir = os.fspath(save_dir)
+        self._name = name or ""
+        self._version = version
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self):
+        if self._version is None:
+            self._version = next_version(os.path.join(self._save_dir, self._name))
+        return self._version
+
+    @property
+    def log_dir(self) -> str:
+        version = self.version
+        folder = version if isinstance(version, str) else f"version_{version}"
+        return os.path.join(self._save_dir, self._name, folder)

@@ -1,34 +1,13 @@
 """`TensorBoardLogger`: scalars and hyperparameters as TensorBoard event files, via tensorboardX."""
 
-import json
 import os
-import re
 from typing import Any, Dict
 
-from lightms.loggers.logger import Logger
+from lightms.loggers.logger import FolderLogger, write_hparams_yaml
 
 
-def next_version(root: str) -> int:
-    """Returns one more than the highest `version_N` folder under `root` (0 if none)."""
-    if not os.path.isdir(root):
-        return 0
-    found = [int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"version_(\d+)", d))]
-    return max(found) + 1 if found else 0
-
-
-def write_hparams_yaml(path: str, params: Dict[str, Any]) -> None:
-    """Writes `params` as YAML (each value as JSON, which YAML reads)."""
-    with open(path, "w", encoding="utf-8") as handle:
-        for key, value in params.items():
-            try:
-                text = json.dumps(value)
-            except TypeError:
-                text = json.dumps(repr(value))
-            handle.write(f"{key}: {text}\n")
-
-
-class TensorBoardLogger(Logger):
-    """Writes to `save_dir/name/version_N`, N chosen as the next free number.
+class TensorBoardLogger(FolderLogger):
+    """Writes TensorBoard event files to `save_dir/name/version_N` through tensorboardX.
 
     Args:
         save_dir: The root folder.
@@ -38,26 +17,8 @@ class TensorBoardLogger(Logger):
     """
 
     def __init__(self, save_dir: str, name: str = "lightning_logs", version=None):
-        self._save_dir = os.fspath(save_dir)
-        self._name = name or ""
-        self._version = version
+        super().__init__(save_dir, name, version)
         self._writer = None
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def version(self):
-        if self._version is None:
-            self._version = next_version(os.path.join(self._save_dir, self._name))
-        return self._version
-
-    @property
-    def log_dir(self) -> str:
-        version = self.version
-        folder = version if isinstance(version, str) else f"version_{version}"
-        return os.path.join(self._save_dir, self._name, folder)
 
     @property
     def experiment(self):
