@@ -18,11 +18,10 @@ from lightms.callbacks.timer import Timer
 from lightms.loggers.logger import Logger
 from lightms.module.cell import LightningCell
 from lightms.module.datamodule import LightningDataModule
-from lightms.module.logging import DeviceLogBuffers, HostLogs, is_metric
+from lightms.module.logging import HostLogs
 from lightms.step.binding import graph_callable_methods, inside_step
-from lightms.step.dry_run import check_training_output, dry_run
+from lightms.step.builder import build_eval_step, build_train_step, gradient_pipeline, module_metrics
 from lightms.step.eval_step import EvalStep
-from lightms.step.gradients import ClipGradNorm, ClipGradValue, GradientPipeline
 from lightms.step.train_step import LoopCounters, TrainStep
 from lightms.trainer import arguments as check
 from lightms.trainer.data import DataSource, as_step_input, eval_source, fit_sources
@@ -448,49 +447,24 @@ class Trainer:
             self._metrics.read_train_step(self.state.global_step)
 
     def _build_train_step(self, batch) -> TrainStep:
-        model = self.model
-        recorder, output = dry_run(model, "training_step", batch.data, batch.index)
-        check_training_output(output, f"{type(model).__name__}.training_step")
-        config = self._optimizer_config
-        options = list(recorder.options.values())
-        logs = self._metrics.device.get("train")
-        if logs is None or logs.options != options:  # restored buffers are kept when they fit
-            logs = DeviceLogBuffers(options)
-            self._metrics.device["train"] = logs
-        stages = []
-        if self.gradient_clip_val:
-            stages.append(ClipGradNorm(self.gradient_clip_val) if self.gradient_clip_algorithm == "norm"
-                          else ClipGradValue(self.gradient_clip_val))
-        step = TrainStep(model, config.optimizer, logs, self._counters, self.accumulate,
-                         GradientPipeline(stages), self.compile)
-        if self._pending_accumulators:
+        step, logs = build_train_step(self.model, batch, self._optimizer_config.optimizer, self._counters,
+                                      self._metrics.device.get("train"), self.accumulate,
+                                      gradient_pipeline(self.gradient_clip_val, self.gradient_clip_algorithm),
+                                      self.compile)
+        self._metrics.device["train"] = logs
+        if self._pending_accumulators:  # a checkpoint written inside an accumulation window
             assign_parameters({p.name: p for p in step.accumulators}, self._pending_accumulators,
                               "accumulation window", str(self._ckpt_path))
             self._pending_accumulators = None
         return step
 
-    def _module_metrics(self) -> list:
-        return [value for value in vars(self.model).values() if is_metric(value)]
-
     def _build_eval_step(self, stage: str, batch) -> EvalStep:
-        hook = _EVAL_HOOKS[stage]
-        if self._module_metrics() and stage != "predict":
-            # Metric.update is host code: the hook runs eagerly, its forward (construct) compiled.
-            if self.compile:
-                object.__setattr__(self.model, "construct", ms.jit(type(self.model).construct.__get__(self.model),
-                                                                   jit_level="O1"))
-            self._eval_log_targets[stage] = self._metrics.host[stage]
-            return EvalStep(getattr(self.model, hook), None, compile=False)
-        recorder, _ = dry_run(self.model, hook, batch.data, batch.index)
-        logs = DeviceLogBuffers(list(recorder.options.values()))
-        for options in logs.options:
-            if options.on_step and stage != "predict":
-                warnings.warn(f"self.log({options.name!r}, on_step=True) in {hook}: lightms reports "
-                              f"{stage} values per epoch; the step value is not sent to the loggers.",
-                              stacklevel=2)
-        self._metrics.device[stage] = logs
-        self._eval_log_targets[stage] = logs
-        return EvalStep(getattr(self.model, hook), logs, self.compile)
+        step, target, logs = build_eval_step(self.model, stage, _EVAL_HOOKS[stage], batch, self._metrics.host[stage],
+                                             self.compile)
+        if logs is not None:
+            self._metrics.device[stage] = logs
+        self._eval_log_targets[stage] = target
+        return step
 
     # ---- the loops ----------------------------------------------------------------------
     def _fit(self, train: DataSource, val: Optional[DataSource]) -> None:
@@ -660,7 +634,7 @@ class Trainer:
         prefix = {"validation": "validation", "test": "test", "predict": "predict"}[stage]
         self.num_eval_batches = source.batch_count(limit)
         metrics.start_epoch(stage)
-        for metric in self._module_metrics():
+        for metric in module_metrics(self.model):
             metric.clear()  # e.g. updates of the sanity check do not count
         self._call(f"on_{prefix}_start")  # also while sanity checking, as Lightning does
         self._call(f"on_{prefix}_epoch_start")

@@ -1,0 +1,68 @@
+"""Builds the steps of a run from a module: dry run, log buffers, gradient pipeline, graphs."""
+
+import warnings
+from typing import Optional, Tuple
+
+from lightms._mindspore import mindspore as ms
+from lightms.module.logging import DeviceLogBuffers, HostLogs, is_metric
+from lightms.step.dry_run import check_training_output, dry_run
+from lightms.step.eval_step import EvalStep
+from lightms.step.gradients import ClipGradNorm, ClipGradValue, GradientPipeline
+from lightms.step.train_step import LoopCounters, TrainStep
+
+
+def gradient_pipeline(clip_val: Optional[float], clip_algorithm: str) -> GradientPipeline:
+    """The gradient transforms between the averaged gradients and the optimizer."""
+    stages = []
+    if clip_val:
+        stages.append(ClipGradNorm(clip_val) if clip_algorithm == "norm" else ClipGradValue(clip_val))
+    return GradientPipeline(stages)
+
+
+def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Optional[DeviceLogBuffers],
+                     accumulate: int, transforms: GradientPipeline, compile: bool
+                     ) -> Tuple[TrainStep, DeviceLogBuffers]:
+    """Dry-runs training_step on `batch`, then builds its graphs.
+
+    Args:
+        logs: Buffers restored from a checkpoint, kept if the dry run logs the same names.
+
+    Returns:
+        The step and the log buffers it writes.
+    """
+    recorder, output = dry_run(module, "training_step", batch.data, batch.index)
+    check_training_output(output, f"{type(module).__name__}.training_step")
+    options = list(recorder.options.values())
+    if logs is None or logs.options != options:
+        logs = DeviceLogBuffers(options)
+    return TrainStep(module, optimizer, logs, counters, accumulate, transforms, compile), logs
+
+
+def module_metrics(module) -> list:
+    """The `mindspore.train.Metric`s held as attributes of `module`."""
+    return [value for value in vars(module).values() if is_metric(value)]
+
+
+def build_eval_step(module, stage: str, hook: str, batch, host_logs: HostLogs, compile: bool):
+    """Builds the step of validation_step, test_step or predict_step.
+
+    A module holding `mindspore.train.Metric`s runs validation/test hooks on the host
+    (`Metric.update` is host code), with only its forward (`construct`) compiled.
+
+    Returns:
+        (the step, where `self.log` writes, the device buffers or None).
+    """
+    if module_metrics(module) and stage != "predict":
+        if compile:
+            object.__setattr__(module, "construct", ms.jit(type(module).construct.__get__(module), jit_level="O1"))
+        return EvalStep(getattr(module, hook), None, compile=False), host_logs, None
+    recorder, _ = dry_run(module, hook, batch.data, batch.index)
+    logs = DeviceLogBuffers(list(recorder.options.values()))
+    for options in logs.options:
+        if options.on_step and stage != "predict":
+            warnings.warn(f"self.log({options.name!r}, on_step=True) in {hook}: lightms reports {stage} values "
+                          "per epoch; the step value is not sent to the loggers.", stacklevel=3)
+    return EvalStep(getattr(module, hook), logs, compile), logs, logs
+
+
+__all__ = ["build_eval_step", "build_train_step", "gradient_pipeline", "module_metrics"]
