@@ -88,12 +88,16 @@ class RecordingLogger(Logger):
     def __init__(self):
         self.metrics = []  # (step, dict)
         self.hparams = None
+        self.status = None  # what finalize was called with
 
     def log_metrics(self, metrics, step):
         self.metrics.append((step, dict(metrics)))
 
     def log_hyperparams(self, params):
         self.hparams = dict(params)
+
+    def finalize(self, status):
+        self.status = status
 
     def values(self, name):
         """Returns [(step, value)] for one metric name."""

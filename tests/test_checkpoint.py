@@ -222,3 +222,34 @@ def test_resume_restores_host_scheduler_state(tmp_path):
     assert lr[0] == pytest.approx(0.05 * 0.5 ** 6) and lr[1] == pytest.approx(lr[0])
     for name, value in parameters_of(straight).items():
         np.testing.assert_allclose(parameters_of(resumed)[name], value, atol=1e-6, rtol=0)
+
+
+def test_checkpoint_inside_an_accumulation_window_and_module_hooks(tmp_path):
+    path = str(tmp_path / "mid-window.ckpt")
+
+    class Hooked(AdamRegressor):
+        def on_save_checkpoint(self, checkpoint):
+            checkpoint["note"] = "saved by the module"
+
+        def on_load_checkpoint(self, checkpoint):
+            object.__setattr__(self, "loaded_note", checkpoint["note"])
+
+    class SaveInsideWindow(lightms.callbacks.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == 4:  # the second micro-batch of the third window of 3
+                assert trainer.state.window == 2
+                trainer.save_checkpoint(path)
+
+    x, y = make_data(48)
+    batches = batches_of(x, y, 4)  # 12 batches, accumulate=3 -> 4 steps per epoch
+    straight = fresh_model(cls=Hooked)
+    quiet_trainer(max_epochs=2, accumulate=3).fit(straight, batches)
+    saver = fresh_model(cls=Hooked)
+    quiet_trainer(max_epochs=1, accumulate=3, callbacks=[SaveInsideWindow()]).fit(saver, batches)
+    resumed = fresh_model(cls=Hooked)
+    trainer = quiet_trainer(max_epochs=2, accumulate=3)
+    trainer.fit(resumed, batches, ckpt_path=path)
+    assert resumed.loaded_note == "saved by the module"
+    assert trainer.global_step == 8
+    for name, value in parameters_of(straight).items():
+        np.testing.assert_allclose(parameters_of(resumed)[name], value, atol=1e-6, rtol=0)

@@ -89,3 +89,17 @@ def test_mindspore_dataset_is_reshuffled_every_epoch_and_limits_keep_epochs_alig
     assert first == expected[0]
     assert partial == expected[1][:2]
     assert third == expected[2]
+
+
+def test_resuming_mid_epoch_on_a_custom_iterable_warns():
+    x, y = make_data(16)
+
+    class Custom:
+        def __iter__(self):
+            return iter(batches_of(x, y, 4))
+
+    with pytest.warns(UserWarning, match="exact only if iterating it yields the same batches"):
+        DataSource(Custom(), "train_dataloaders").resume_at(0, 2)
+    source = DataSource(batches_of(x, y, 4), "train_dataloaders")
+    source.resume_at(0, 2)  # a list is positioned exactly: no warning
+    assert [b.index for b in source.batches()] == [2, 3]

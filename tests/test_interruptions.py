@@ -45,6 +45,7 @@ def test_signal_saves_a_checkpoint_that_resumes_exactly(tmp_path, signum, capsys
     # MindSpore turns SIGINT into SIGTERM once it has run a graph: either code is a clean exit
     assert exit_info.value.code in (128 + signal.SIGINT, 128 + signal.SIGTERM)
     assert victim.interrupted
+    assert logger.status == "interrupted"  # the loggers were closed
     assert victim.global_step == 3  # finished the current step, then stopped
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     message = capsys.readouterr().err
