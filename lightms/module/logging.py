@@ -204,6 +204,17 @@ class DeviceLogBuffers(nn.Cell):
         self.min_columns = Tensor(np.array([opt.reduce_fx == "min" for opt in self.options] + pad)[None, :])
         self.state = Parameter(Tensor(self._initial_state.copy()), name="lightms_log.state", requires_grad=False)
         self.batch_size = Parameter(Tensor(1.0, ms.float32), name="lightms_log.batch_size", requires_grad=False)
+        self._host_batch_size = 1.0
+
+    def set_batch_size(self, size: int) -> None:
+        """Sets the weight of the next step's means, from the host and only when it changes.
+
+        Kept out of the compiled step on purpose: every extra Parameter write inside
+        the graph cost a few percent of an MLP step on the CPU backend.
+        """
+        if size != self._host_batch_size:
+            ops.assign(self.batch_size, Tensor(float(size), ms.float32))
+            self._host_batch_size = size
 
     def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
         """`LightningCell.log` inside a step: the options were checked by the dry run."""

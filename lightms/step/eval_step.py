@@ -1,7 +1,6 @@
 """The compiled evaluation step: one call of validation_step, test_step or predict_step."""
 
 from lightms._mindspore import mindspore as ms  # noqa: F401
-from mindspore import ops
 
 from lightms.step.train_step import compile_function
 
@@ -16,16 +15,15 @@ class EvalStep:
     """
 
     def __init__(self, hook, logs, compile: bool):
-        def step(batch, batch_idx, batch_size):
+        def step(batch, batch_idx):
             if logs is None:  # a host-run hook (it updates Metrics): HostLogs weighs its own values
                 return hook(batch, batch_idx)
-            ops.assign(logs.batch_size, batch_size)
             output = hook(batch, batch_idx)
             logs.close_window()
             return output
 
         self._step = compile_function(step, compile)
 
-    def __call__(self, batch, batch_idx, batch_size):
+    def __call__(self, batch, batch_idx):
         """Returns what the hook returned for this batch."""
-        return self._step(batch, batch_idx, batch_size)
+        return self._step(batch, batch_idx)

@@ -89,14 +89,12 @@ class TrainStep:
             )
             accumulators = self.accumulators
 
-            def window_step(batch, batch_idx, batch_size):
-                ops.assign(logs.batch_size, batch_size)
+            def window_step(batch, batch_idx):
                 loss, grads = grad_fn(batch, batch_idx)
                 loss = ops.depend(loss, counters.count_nonfinite(loss))
                 return ops.depend(loss, _hyper_map(ops.assign_add, accumulators, grads))
 
-            def optimizer_step(batch, batch_idx, batch_size, window_size):
-                ops.assign(logs.batch_size, batch_size)
+            def optimizer_step(batch, batch_idx, window_size):
                 loss, grads = grad_fn(batch, batch_idx)
                 loss = ops.depend(loss, counters.count_nonfinite(loss))
                 summed = _hyper_map(ops.add, accumulators, grads)
@@ -108,8 +106,7 @@ class TrainStep:
 
             self._window_step = compile_function(window_step, compile)
         else:
-            def optimizer_step(batch, batch_idx, batch_size, window_size):
-                ops.assign(logs.batch_size, batch_size)
+            def optimizer_step(batch, batch_idx, window_size):
                 loss, grads = grad_fn(batch, batch_idx)
                 loss = ops.depend(loss, counters.count_nonfinite(loss))
                 loss = ops.depend(loss, optimizer(transforms(grads)))
@@ -120,13 +117,13 @@ class TrainStep:
             self.accumulators = None
         self._optimizer_step = compile_function(optimizer_step, compile)
 
-    def window_step(self, batch, batch_idx, batch_size):
+    def window_step(self, batch, batch_idx):
         """Runs forward and backward of a micro-batch that does not end its window; returns the loss."""
-        return self._window_step(batch, batch_idx, batch_size)
+        return self._window_step(batch, batch_idx)
 
-    def optimizer_step(self, batch, batch_idx, batch_size, window_size):
+    def optimizer_step(self, batch, batch_idx, window_size):
         """Runs the micro-batch that ends a window of `window_size` micro-batches and updates the weights."""
-        return self._optimizer_step(batch, batch_idx, batch_size, window_size)
+        return self._optimizer_step(batch, batch_idx, window_size)
 
 
 def _divide(divisor, value):

@@ -588,7 +588,8 @@ class Trainer:
                 self._train_step = self._build_train_step(batch)
             state.window += 1
             closes = state.window == self.accumulate or batch.is_last or skip_rest
-            inputs = (as_step_input(batch.data), self._batch_index(batch.index), self._scalar(float(batch.size)))
+            inputs = (as_step_input(batch.data), self._batch_index(batch.index))
+            metrics.device["train"].set_batch_size(batch.size)
             with inside_step(model, "training_step", metrics.device["train"]):
                 if closes:
                     loss = self._train_step.optimizer_step(*inputs, self._scalar(float(state.window)))
@@ -646,9 +647,10 @@ class Trainer:
             target = self._eval_log_targets[stage]
             if isinstance(target, HostLogs):
                 target.current_batch_size = batch.size
+            else:
+                target.set_batch_size(batch.size)
             with inside_step(model, _EVAL_HOOKS[stage], target):
-                output = self._eval_steps[stage](as_step_input(batch.data), self._batch_index(batch.index),
-                                                 self._scalar(float(batch.size)))
+                output = self._eval_steps[stage](as_step_input(batch.data), self._batch_index(batch.index))
             if stage == "predict":
                 outputs.append(output)
             self._call(f"on_{prefix}_batch_end", output, batch.data, batch.index)
