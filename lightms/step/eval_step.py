@@ -1,6 +1,5 @@
 """The compiled evaluation step: one call of validation_step, test_step or predict_step."""
 
-from lightms._mindspore import mindspore as ms  # noqa: F401
 
 from lightms.step.train_step import compile_function
 
