@@ -7,14 +7,7 @@ from lightms.loggers.logger import FolderLogger, write_hparams_yaml
 
 
 class TensorBoardLogger(FolderLogger):
-    """Writes TensorBoard event files to `save_dir/name/version_N` through tensorboardX.
-
-    Args:
-        save_dir: The root folder.
-        name: Experiment folder under `save_dir`.
-        version: An int (folder `version_<int>`), a string (used as the folder name), or
-            None for the next free number.
-    """
+    """Writes TensorBoard event files through tensorboardX (arguments as `FolderLogger`)."""
 
     def __init__(self, save_dir: str, name: str = "lightning_logs", version=None):
         super().__init__(save_dir, name, version)
