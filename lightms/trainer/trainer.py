@@ -1,36 +1,33 @@
-"""`Trainer`: runs fit / validate / test / predict as plain loops around compiled steps."""
+"""`Trainer`: arguments, public state and the fit / validate / test / predict entry points.
+
+The loop itself (epochs, batches, validation scheduling) is in `lightms/trainer/loop.py`.
+"""
 
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
-
 
 from lightms._mindspore import GraphDumpGuard, mindspore as ms
 from mindspore import Tensor
 
 from lightms.callbacks.callback import Callback
-from lightms.checkpoint.io import assign_parameters, write_checkpoint
-from lightms.checkpoint.run_state import collect_run_state, restore_run_state
+from lightms.checkpoint.io import write_checkpoint
+from lightms.checkpoint.run_state import collect_run_state
 from lightms.callbacks.model_checkpoint import ModelCheckpoint
 from lightms.callbacks.timer import Timer
 from lightms.loggers.logger import Logger
 from lightms.module.cell import LightningCell
 from lightms.module.datamodule import LightningDataModule
-from lightms.module.logging import HostLogs
-from lightms.step.binding import graph_callable_methods, inside_step
-from lightms.step.builder import build_eval_step, build_train_step, gradient_pipeline, module_metrics
+from lightms.step.binding import graph_callable_methods
 from lightms.step.eval_step import EvalStep
 from lightms.step.train_step import LoopCounters, TrainStep
 from lightms.trainer import arguments as check
-from lightms.trainer.data import DataSource, as_step_input, eval_source, fit_sources
+from lightms.trainer.data import DataSource, eval_source, fit_sources
 from lightms.trainer.interrupts import Interrupted, stop_requests
+from lightms.trainer.loop import EVAL_HOOKS, TrainingLoop
 from lightms.trainer.metrics import MetricStore, stage_of_hook
-from lightms.trainer.optimizers import read_optimizer_config, step_schedulers
 from lightms.trainer.seed import seed_everything
-
-_EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
 
 
 @dataclass
@@ -48,7 +45,7 @@ class LoopState:
     sanity_checking: bool = False
 
 
-class Trainer:
+class Trainer(TrainingLoop):
     """Trains and evaluates a `LightningCell` with compiled MindSpore steps.
 
     All arguments are keyword-only. Steps are counted in optimizer steps:
@@ -351,8 +348,8 @@ class Trainer:
 
     def _evaluate(self, entry: str, stage: str, model, dataloaders, datamodule) -> List[Dict[str, float]]:
         self._check_model(model)
-        if getattr(type(model), _EVAL_HOOKS[stage], None) is None:
-            raise NotImplementedError(f"Trainer.{entry} needs {type(model).__name__}.{_EVAL_HOOKS[stage]}(batch, batch_idx).")
+        if getattr(type(model), EVAL_HOOKS[stage], None) is None:
+            raise NotImplementedError(f"Trainer.{entry} needs {type(model).__name__}.{EVAL_HOOKS[stage]}(batch, batch_idx).")
         source = eval_source(self, entry, datamodule, dataloaders)
         limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
         results: List[Dict[str, float]] = []
@@ -445,232 +442,3 @@ class Trainer:
     def _read_step_values(self) -> None:
         if self.state.stage == "fit":
             self._metrics.read_train_step(self.state.global_step)
-
-    def _build_train_step(self, batch) -> TrainStep:
-        step, logs = build_train_step(self.model, batch, self._optimizer_config.optimizer, self._counters,
-                                      self._metrics.device.get("train"), self.accumulate,
-                                      gradient_pipeline(self.gradient_clip_val, self.gradient_clip_algorithm),
-                                      self.compile)
-        self._metrics.device["train"] = logs
-        if self._pending_accumulators:  # a checkpoint written inside an accumulation window
-            assign_parameters({p.name: p for p in step.accumulators}, self._pending_accumulators,
-                              "accumulation window", str(self._ckpt_path))
-            self._pending_accumulators = None
-        return step
-
-    def _build_eval_step(self, stage: str, batch) -> EvalStep:
-        step, target, logs = build_eval_step(self.model, stage, _EVAL_HOOKS[stage], batch, self._metrics.host[stage],
-                                             self.compile)
-        if logs is not None:
-            self._metrics.device[stage] = logs
-        self._eval_log_targets[stage] = target
-        return step
-
-    # ---- the loops ----------------------------------------------------------------------
-    def _fit(self, train: DataSource, val: Optional[DataSource]) -> None:
-        model = self.model
-        self._optimizer_config = read_optimizer_config(model.configure_optimizers(), type(model).__name__)
-        self.optimizers = [self._optimizer_config.optimizer]
-        if self._ckpt_path is not None:
-            restore_run_state(self, self._ckpt_path)
-            train.resume_at(self.state.current_epoch, self.state.batches_done)
-        self._train_source = train
-        self.num_training_batches = train.batch_count(self.limit_train_batches)
-        if self.num_training_batches == 0:
-            if train.length() == 0:
-                raise ValueError("train_dataloaders yielded no batches: the dataset is empty.")
-            raise ValueError(f"Trainer(limit_train_batches={self.limit_train_batches}) leaves no training batches.")
-        has_val = val is not None and self.limit_val_batches != 0 and getattr(type(model), "validation_step") is not None
-        self._val_source = val if has_val else None
-        if model.hparams:
-            for lg in self.loggers:
-                lg.log_hyperparams(dict(model.hparams))
-        self._call("on_fit_start")
-        if self._val_source is not None and self.num_sanity_val_steps != 0:
-            self.state.sanity_checking = True
-            self._call("on_sanity_check_start")
-            limit = None if self.num_sanity_val_steps == -1 else self.num_sanity_val_steps
-            self._eval_loop("validation", self._val_source, limit)
-            self._call("on_sanity_check_end")
-            self.state.sanity_checking = False
-        self._call("on_train_start")
-        while not self._fit_done():
-            self._train_epoch()
-            self.state.current_epoch += 1
-        self._call("on_train_end")
-        self._call("on_fit_end")
-
-    def _check_nonfinite(self) -> None:
-        """Reads the device's count of non-finite losses (a host sync) and raises or warns on new ones."""
-        if self._counters is None:
-            return
-        count = int(self._counters.nonfinite_losses.asnumpy())
-        self._extra_host_reads += 1
-        if count <= self._nonfinite_seen:
-            return
-        new, self._nonfinite_seen = count - self._nonfinite_seen, count
-        if self.detect_anomaly:
-            logged = self._metrics.read_train_step(self.state.global_step)
-            raise FloatingPointError(
-                f"Trainer(detect_anomaly=True): the training loss was NaN or infinite at optimizer step "
-                f"{self.state.global_step} (epoch {self.state.current_epoch}, batch {self.state.batch_idx}). "
-                f"Values logged at that step: {logged or 'none'}.")
-        if count == new:  # first time: warn once
-            warnings.warn(
-                f"The training loss was NaN or infinite in {new} micro-batch(es) of epoch {self.state.current_epoch}; "
-                "training goes on. Trainer(detect_anomaly=True) stops at the first such step.", stacklevel=2)
-
-    def _request_stop(self, signum: int) -> None:
-        self._interrupt_signal = signum
-
-    def _stop_for_interrupt(self) -> None:
-        """Writes a resumable checkpoint (when checkpointing is on) and ends fit."""
-        name = "SIGINT/SIGTERM"  # indistinguishable once MindSpore runs (see stop_requests)
-        callback = self.checkpoint_callback
-        if callback is not None:
-            path = os.path.join(callback.dirpath, f"interrupted-epoch={self.state.current_epoch}"
-                                                  f"-step={self.state.global_step}.ckpt")
-            self.save_checkpoint(path)
-            where = f"a checkpoint that resumes exactly is at {path} (fit(..., ckpt_path=that path))"
-        else:
-            where = "checkpointing is off, so no checkpoint was written"
-        print(f"lightms: {name} received; stopped after optimizer step {self.state.global_step}; {where}.",
-              file=sys.stderr)
-        raise Interrupted(self._interrupt_signal)
-
-    def _step_schedulers(self, interval: str, count: int) -> None:
-        if self._optimizer_config.schedulers:
-            step_schedulers(self._optimizer_config.schedulers, interval, count, lambda: self.callback_metrics)
-
-    def _fit_done(self) -> bool:
-        if self.state.should_stop:
-            return True
-        if self.max_steps != -1 and self.state.global_step >= self.max_steps:
-            return True
-        return self.max_epochs != -1 and self.state.current_epoch >= self.max_epochs
-
-    def _val_due_at_epoch_end(self) -> bool:
-        if self._val_source is None or isinstance(self.val_check_interval, int):
-            return False
-        return (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
-
-    def _val_due_in_epoch(self, batch, closed_window: bool) -> bool:
-        if self._val_source is None:
-            return False
-        interval = self.val_check_interval
-        if isinstance(interval, int):
-            epoch_ok = self.check_val_every_n_epoch is None or \
-                (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
-            return closed_window and epoch_ok and self.state.global_step % interval == 0
-        if interval is None or interval == 1.0 or batch.is_last or self.num_training_batches is None:
-            return False
-        every = max(1, int(self.num_training_batches * interval))
-        return (batch.index + 1) % every == 0 and self._val_due_at_epoch_end()
-
-    def _train_epoch(self) -> None:
-        model, state, metrics = self.model, self.state, self._metrics
-        model.set_train(True)
-        metrics.start_epoch("train")
-        self._counters.set(state.current_epoch, state.global_step)
-        state.epoch_done = False
-        self._call("on_train_epoch_start")
-        skip_rest = False
-        for batch in self._train_source.batches(self.limit_train_batches):
-            state.batch_idx = batch.index
-            if self._call("on_train_batch_start", batch.data, batch.index) == -1:
-                if not state.window:
-                    break
-                # Ending now would leave gradients in the accumulators: finish the window first.
-                warnings.warn("on_train_batch_start returned -1 inside an accumulation window; lightms "
-                              "finishes the window, then ends the epoch.", stacklevel=2)
-                skip_rest = True
-            if self._train_step is None:
-                self._train_step = self._build_train_step(batch)
-            state.window += 1
-            closes = state.window == self.accumulate or batch.is_last or skip_rest
-            inputs = (as_step_input(batch.data), self._batch_index(batch.index))
-            metrics.device["train"].set_batch_size(batch.size)
-            with inside_step(model, "training_step", metrics.device["train"]):
-                if closes:
-                    loss = self._train_step.optimizer_step(*inputs, self._scalar(float(state.window)))
-                else:
-                    loss = self._train_step.window_step(*inputs)
-            state.batches_done = batch.index + 1
-            if closes:
-                state.window = 0
-                state.global_step += 1
-                self._step_schedulers("step", state.global_step)
-                if self.detect_anomaly:
-                    self._check_nonfinite()
-            self._call("on_train_batch_end", {"loss": loss}, batch.data, batch.index)
-            if not closes:
-                continue
-            if state.global_step % self.log_every_n_steps == 0 and self.loggers:
-                self._logger_write(metrics.read_train_step(state.global_step))
-            if self._val_due_in_epoch(batch, closes):
-                self._run_validation()
-            if self._interrupt_signal is not None:
-                self._stop_for_interrupt()
-            if skip_rest or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps):
-                break
-        if self._val_due_at_epoch_end():
-            self._run_validation()
-        if not self.detect_anomaly:
-            self._check_nonfinite()
-        state.epoch_done = True
-        self._call("on_train_epoch_end")
-        self._read_step_values()
-        epoch_values = metrics.read_epoch("train")
-        self._logger_write(epoch_values)
-        self._step_schedulers("epoch", state.current_epoch + 1)
-
-    def _run_validation(self) -> None:
-        self._eval_loop("validation", self._val_source, self.limit_val_batches)
-        self.model.set_train(True)
-
-    def _eval_loop(self, stage: str, source: DataSource, limit):
-        """Runs one pass of validation, test or predict. Returns metrics, or outputs for predict."""
-        model, metrics = self.model, self._metrics
-        model.set_train(False)
-        prefix = {"validation": "validation", "test": "test", "predict": "predict"}[stage]
-        self.num_eval_batches = source.batch_count(limit)
-        metrics.start_epoch(stage)
-        for metric in module_metrics(self.model):
-            metric.clear()  # e.g. updates of the sanity check do not count
-        self._call(f"on_{prefix}_start")  # also while sanity checking, as Lightning does
-        self._call(f"on_{prefix}_epoch_start")
-        outputs = []
-        for batch in source.batches(limit):
-            self._call(f"on_{prefix}_batch_start", batch.data, batch.index)
-            if stage not in self._eval_steps:
-                self._eval_steps[stage] = self._build_eval_step(stage, batch)
-            target = self._eval_log_targets[stage]
-            if isinstance(target, HostLogs):
-                target.current_batch_size = batch.size
-            else:
-                target.set_batch_size(batch.size)
-            with inside_step(model, _EVAL_HOOKS[stage], target):
-                output = self._eval_steps[stage](as_step_input(batch.data), self._batch_index(batch.index))
-            if stage == "predict":
-                outputs.append(output)
-            self._call(f"on_{prefix}_batch_end", output, batch.data, batch.index)
-        self._call(f"on_{prefix}_epoch_end")
-        results: Dict[str, float] = {}
-        if not self.sanity_checking and stage != "predict":
-            logged = metrics.read_epoch(stage)
-            if self.state.stage == "fit":
-                self._logger_write(logged)
-            results = {name: value for name, value in metrics.callback_metrics.items()
-                       if name in self._stage_names(stage)}
-        self._call(f"on_{prefix}_end")
-        return outputs if stage == "predict" else results
-
-    def _stage_names(self, stage: str) -> set:
-        names = set()
-        device = self._metrics.device.get(stage)
-        options = list(device.options) if device is not None else []
-        options += list(self._metrics.host[stage].options.values())
-        for opt in options:
-            names.update(opt.reported_names().values())
-            names.add(opt.name)
-        return names
