@@ -24,6 +24,17 @@ def assert_same_series(got, expected, atol):
     np.testing.assert_allclose([v for _, v in got], [v for _, v in expected], atol=atol, rtol=0)
 
 
+def fitted_checkpoint(tmp_path, **hparams):
+    """Fits a TinyRegressor for one epoch and saves a full checkpoint; returns (model, trainer, path)."""
+    x, y = make_data(16)
+    model = fresh_model(**hparams)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, batches_of(x, y, 8))
+    path = str(tmp_path / "model.ckpt")
+    trainer.save_checkpoint(path)
+    return model, trainer, path
+
+
 def shuffled_dataset(x, y, batch_size=8):
     return msds.NumpySlicesDataset({"x": x, "y": y}, shuffle=True).batch(batch_size)
 
@@ -108,12 +119,7 @@ def test_top_k_files_best_and_last(tmp_path):
 
 
 def test_plain_mindspore_loads_the_weights_and_load_from_checkpoint_rebuilds(tmp_path):
-    x, y = make_data(16)
-    model = fresh_model(lr=0.05)
-    trainer = quiet_trainer(max_epochs=1)
-    trainer.fit(model, batches_of(x, y, 8))
-    path = str(tmp_path / "model.ckpt")
-    trainer.save_checkpoint(path)
+    model, trainer, path = fitted_checkpoint(tmp_path, lr=0.05)
     plain = TinyRegressor()
     not_loaded, _ = ms.load_param_into_net(plain, ms.load_checkpoint(path))
     assert not_loaded == []
@@ -125,12 +131,8 @@ def test_plain_mindspore_loads_the_weights_and_load_from_checkpoint_rebuilds(tmp
 
 
 def test_mismatched_and_corrupt_checkpoints_are_refused(tmp_path):
+    _, trainer, path = fitted_checkpoint(tmp_path)
     x, y = make_data(16)
-    model = fresh_model()
-    trainer = quiet_trainer(max_epochs=1)
-    trainer.fit(model, batches_of(x, y, 8))
-    path = str(tmp_path / "model.ckpt")
-    trainer.save_checkpoint(path)
 
     class Wider(TinyRegressor):
         def __init__(self, lr=0.1):
@@ -159,12 +161,7 @@ def test_mismatched_and_corrupt_checkpoints_are_refused(tmp_path):
 def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import lightms.checkpoint.io as io
 
-    x, y = make_data(16)
-    model = fresh_model()
-    trainer = quiet_trainer(max_epochs=1)
-    trainer.fit(model, batches_of(x, y, 8))
-    path = str(tmp_path / "model.ckpt")
-    trainer.save_checkpoint(path)
+    _, trainer, path = fitted_checkpoint(tmp_path)
     before = open(path, "rb").read()
 
     def crash(entries, filename, **kwargs):
