@@ -33,6 +33,15 @@ class Callback:
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restores what `state_dict` returned."""
 
+    def needs_host_at_step(self, trainer, step: int) -> bool:
+        """Whether this callback must run right after optimizer step `step`.
+
+        Under `Trainer(sink_size>1)`, batch hooks run once per sunk chunk; a chunk ends
+        after every step for which a callback returns True, so that its
+        `on_train_batch_end` sees exactly that `trainer.global_step`. Default: False.
+        """
+        return False
+
     def setup(self, trainer, module, stage: str) -> None: """Called at the start of fit/validate/test/predict."""
     def teardown(self, trainer, module, stage: str) -> None: """Called at the end of fit/validate/test/predict."""
     def on_fit_start(self, trainer, module) -> None: """Called at the start of fit."""

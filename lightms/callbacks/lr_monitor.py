@@ -57,6 +57,10 @@ class LearningRateMonitor(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(rates, step=step)
 
+    def needs_host_at_step(self, trainer, step: int) -> bool:
+        # The rate of step s is read before it runs: a sunk chunk ends after step s - 1.
+        return self.logging_interval == "step" and (step + 1) % trainer.log_every_n_steps == 0
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         upcoming = trainer.global_step + 1
         if self.logging_interval == "step" and trainer.state.window == 0 \

@@ -123,6 +123,9 @@ class ModelCheckpoint(Callback):
             root = trainer.logger.log_dir if trainer.logger is not None else trainer.default_root_dir
             self.dirpath = os.path.join(root, "checkpoints")
 
+    def needs_host_at_step(self, trainer, step: int) -> bool:
+        return bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step
         if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._last_saved_step \

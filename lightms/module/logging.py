@@ -205,6 +205,24 @@ class DeviceLogBuffers(nn.Cell):
         self.state = Parameter(Tensor(self._initial_state.copy()), name="lightms_log.state", requires_grad=False)
         self.batch_size = Parameter(Tensor(1.0, ms.float32), name="lightms_log.batch_size", requires_grad=False)
         self._host_batch_size = 1.0
+        self.step_rows = Tensor(np.array([STEP, STEP_WEIGHT], np.int32))
+        self.history = None  # step values of the optimizer steps of one sunk chunk (see keep_step_history)
+
+    def keep_step_history(self, length: int) -> None:
+        """Makes room for the step values of up to `length` optimizer steps of one sunk chunk.
+
+        Under sinking, many optimizer steps run in one graph call; `record_step` keeps
+        each one's (value, weight) rows so loggers get every step they ask for.
+        """
+        if self.history is None or self.history.shape[0] < length:
+            count = self.state.shape[1]
+            self.history = Parameter(Tensor(np.zeros((length, 2, count), np.float32)), name="lightms_log.history",
+                                     requires_grad=False)
+
+    def record_step(self, slot):
+        """Copies the last closed window (the step value) into history row `slot` (graph-parseable)."""
+        rows = ops.gather(self.state, self.step_rows, 0)
+        return ops.scatter_update(self.history, slot.reshape((1,)), rows.reshape((1,) + rows.shape))
 
     def set_batch_size(self, size: int) -> None:
         """Sets the weight of the next step's means, from the host and only when it changes.
@@ -268,7 +286,9 @@ class DeviceLogBuffers(nn.Cell):
         # weight > 0 means the name was logged at this level; a mean is a weighted sum.
         state = self.state.asnumpy()
         self.host_reads += 1
-        values, weights = state[value_row], state[value_row + 1]
+        return self._values(state[value_row], state[value_row + 1])
+
+    def _values(self, values: np.ndarray, weights: np.ndarray) -> Dict[str, float]:
         out = {}
         for i, opt in enumerate(self.options):
             if weights[i] > 0:
@@ -286,6 +306,12 @@ class DeviceLogBuffers(nn.Cell):
     def read_epoch(self) -> Dict[str, float]:
         """Returns the epoch value of every name logged this epoch (a host sync)."""
         return self._read(EPOCH)
+
+    def read_history(self) -> List[Dict[str, float]]:
+        """Returns the step values recorded by the last sunk chunk, one dict per history row (a host sync)."""
+        history = self.history.asnumpy()
+        self.host_reads += 1
+        return [self._values(row[0], row[1]) for row in history]
 
     def epoch_state(self) -> List[List[float]]:
         """Returns the epoch rows (reduced values, weights), for checkpoints."""

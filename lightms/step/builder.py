@@ -20,12 +20,14 @@ def gradient_pipeline(clip_val: Optional[float], clip_algorithm: str) -> Gradien
 
 
 def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Optional[DeviceLogBuffers],
-                     accumulate: int, transforms: GradientPipeline, compile: bool
-                     ) -> Tuple[TrainStep, DeviceLogBuffers]:
+                     accumulate: int, transforms: GradientPipeline, compile: bool, sink_length: int = 1,
+                     loss_scaler=None) -> Tuple[TrainStep, DeviceLogBuffers]:
     """Dry-runs training_step on `batch`, then builds its graphs.
 
     Args:
         logs: Buffers restored from a checkpoint, kept if the dry run logs the same names.
+        sink_length: Micro-batches per sunk host call (1: no sink graph).
+        loss_scaler: A `mindspore.amp` loss scaler, or None.
 
     Returns:
         The step and the log buffers it writes.
@@ -35,7 +37,9 @@ def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Opt
     options = list(recorder.options.values())
     if logs is None or logs.options != options:
         logs = DeviceLogBuffers(options)
-    return TrainStep(module, optimizer, logs, counters, accumulate, transforms, compile), logs
+    step = TrainStep(module, optimizer, logs, counters, accumulate, transforms, compile, loss_scaler,
+                     sink_length if sink_length > 1 else 0)
+    return step, logs
 
 
 def module_metrics(module) -> list:

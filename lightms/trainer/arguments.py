@@ -96,6 +96,19 @@ def check_val_check_interval(value):
     return check_int("val_check_interval", value, 1)
 
 
+def check_sink_size(value):
+    """Returns an int >= 1 or "epoch".
+
+    Raises:
+        TypeError, ValueError: For anything else.
+    """
+    if value == "epoch":
+        return value
+    if isinstance(value, str):
+        raise ValueError(f'Trainer(sink_size=...) must be an int >= 1 or "epoch", got {value!r}.')
+    return check_int("sink_size", value, 1)
+
+
 def build_callbacks(callbacks, enable_progress_bar: bool, enable_checkpointing: bool) -> List[Callback]:
     """Checks `Trainer(callbacks=...)`, adds the default progress bar and checkpoint, and sorts by `order`.
 

@@ -22,6 +22,7 @@ from lightms.step.train_step import TrainStep
 from lightms.trainer.data import DataSource, as_step_input
 from lightms.trainer.interrupts import Interrupted
 from lightms.trainer.optimizers import read_optimizer_config, step_schedulers
+from lightms.trainer.sinking import Chunk, check_sinkable, resolve_sink_length
 
 EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
 
@@ -29,11 +30,30 @@ EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "
 class TrainingLoop:
     """The loop half of `Trainer` (a mixin: it uses the Trainer's state and hooks)."""
 
+    def _warn_unsinkable_steps(self) -> None:
+        """Says once, loudly, when the configuration makes every optimizer step end a sunk chunk."""
+        if self._sink_length == 1:
+            return
+        reasons = []
+        if self.detect_anomaly:
+            reasons.append("detect_anomaly=True checks the loss after every optimizer step")
+        if any(config.interval == "step" and config.frequency == 1 for config in self._optimizer_config.schedulers):
+            reasons.append("a host-side lr scheduler with interval 'step' steps between optimizer steps "
+                           "(an nn.LearningRateSchedule in the optimizer runs inside the graph)")
+        if isinstance(self.val_check_interval, int) and self.val_check_interval == 1 and self._val_source is not None:
+            reasons.append("val_check_interval=1 validates after every optimizer step")
+        if reasons:
+            warnings.warn(f"Trainer(sink_size={self.sink_size!r}): chunks end after every optimizer step because "
+                          + "; ".join(reasons) + f". Up to accumulate={self.accumulate} micro-batches are sunk "
+                          "per host call.", stacklevel=4)
+
     def _build_train_step(self, batch) -> TrainStep:
+        if self._sink_length > 1:
+            check_sinkable(batch.data, "train_dataloaders")
         step, logs = build_train_step(self.model, batch, self._optimizer_config.optimizer, self._counters,
                                       self._metrics.device.get("train"), self.accumulate,
                                       gradient_pipeline(self.gradient_clip_val, self.gradient_clip_algorithm),
-                                      self.compile)
+                                      self.compile, self._sink_length)
         self._metrics.device["train"] = logs
         if self._pending_accumulators:  # a checkpoint written inside an accumulation window
             assign_parameters({p.name: p for p in step.accumulators}, self._pending_accumulators,
@@ -63,8 +83,10 @@ class TrainingLoop:
             if train.length() == 0:
                 raise ValueError("train_dataloaders yielded no batches: the dataset is empty.")
             raise ValueError(f"Trainer(limit_train_batches={self.limit_train_batches}) leaves no training batches.")
+        self._sink_length = resolve_sink_length(self.sink_size, self.num_training_batches) if self.compile else 1
         has_val = val is not None and self.limit_val_batches != 0 and getattr(type(model), "validation_step") is not None
         self._val_source = val if has_val else None
+        self._warn_unsinkable_steps()
         if model.hparams:
             for lg in self.loggers:
                 lg.log_hyperparams(dict(model.hparams))
@@ -137,14 +159,15 @@ class TrainingLoop:
             return False
         return (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
 
-    def _val_due_in_epoch(self, batch, closed_window: bool) -> bool:
+    def _val_due_in_epoch(self, batch, closed_window: bool, step: int) -> bool:
+        """Whether validation runs after `batch`, which took the run to optimizer step `step`."""
         if self._val_source is None:
             return False
         interval = self.val_check_interval
         if isinstance(interval, int):
             epoch_ok = self.check_val_every_n_epoch is None or \
                 (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
-            return closed_window and epoch_ok and self.state.global_step % interval == 0
+            return closed_window and epoch_ok and step % interval == 0
         if interval is None or interval == 1.0 or batch.is_last or self.num_training_batches is None:
             return False
         every = max(1, int(self.num_training_batches * interval))
@@ -157,45 +180,24 @@ class TrainingLoop:
         self._counters.set(state.current_epoch, state.global_step)
         state.epoch_done = False
         self._call("on_train_epoch_start")
-        skip_rest = False
+        chunk = Chunk(state.window)
         for batch in self._train_source.batches(self.limit_train_batches):
-            state.batch_idx = batch.index
-            if self._call("on_train_batch_start", batch.data, batch.index) == -1:
-                if not state.window:
+            if not chunk.accepts(batch):  # a batch of another size: it starts a chunk of its own
+                if self._run_chunk(chunk):
+                    chunk = None
                     break
-                # Ending now would leave gradients in the accumulators: finish the window first.
-                warnings.warn("on_train_batch_start returned -1 inside an accumulation window; lightms "
-                              "finishes the window, then ends the epoch.", stacklevel=2)
-                skip_rest = True
-            if self._train_step is None:
-                self._train_step = self._build_train_step(batch)
-            state.window += 1
-            closes = state.window == self.accumulate or batch.is_last or skip_rest
-            inputs = (as_step_input(batch.data), self._batch_index(batch.index))
-            metrics.device["train"].set_batch_size(batch.size)
-            with inside_step(model, "training_step", metrics.device["train"]):
-                if closes:
-                    loss = self._train_step.optimizer_step(*inputs, self._scalar(float(state.window)))
-                else:
-                    loss = self._train_step.window_step(*inputs)
-            state.batches_done = batch.index + 1
-            if closes:
-                state.window = 0
-                state.global_step += 1
-                self._step_schedulers("step", state.global_step)
-                if self.detect_anomaly:
-                    self._check_nonfinite()
-            self._call("on_train_batch_end", {"loss": loss}, batch.data, batch.index)
-            if not closes:
+                chunk = Chunk(state.window)
+            closes = chunk.add(batch, self.accumulate)
+            step = state.global_step + chunk.steps
+            if (len(chunk.batches) < self._sink_length and not batch.is_last
+                    and not (closes and self._host_needed_after(step, batch))):
                 continue
-            if state.global_step % self.log_every_n_steps == 0 and self.loggers:
-                self._logger_write(metrics.read_train_step(state.global_step))
-            if self._val_due_in_epoch(batch, closes):
-                self._run_validation()
-            if self._interrupt_signal is not None:
-                self._stop_for_interrupt()
-            if skip_rest or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps):
+            if self._run_chunk(chunk):
+                chunk = None
                 break
+            chunk = Chunk(state.window)
+        if chunk is not None and chunk.batches:  # only when a limit or the data ended mid-chunk
+            self._run_chunk(chunk)
         if self._val_due_at_epoch_end():
             self._run_validation()
         if not self.detect_anomaly:
@@ -206,6 +208,80 @@ class TrainingLoop:
         epoch_values = metrics.read_epoch("train")
         self._logger_write(epoch_values)
         self._step_schedulers("epoch", state.current_epoch + 1)
+
+    def _host_needed_after(self, step: int, batch) -> bool:
+        """Whether the host must act right after optimizer step `step` (so a sunk chunk ends there)."""
+        if self.detect_anomaly or (self.max_steps != -1 and step >= self.max_steps):
+            return True
+        if self._val_source is not None and self._val_due_in_epoch(batch, True, step):
+            return True
+        if any(config.due("step", step) for config in self._optimizer_config.schedulers):
+            return True
+        return any(cb.needs_host_at_step(self, step) for cb in self.callbacks)
+
+    def _run_chunk(self, chunk: Chunk) -> bool:
+        """Trains on a chunk's micro-batches (one host call when sinking) and does what follows its steps.
+
+        Returns:
+            Whether the epoch must end (a hook returned -1, should_stop, max_steps).
+        """
+        model, state, metrics = self.model, self.state, self._metrics
+        first, last = chunk.batches[0], chunk.batches[-1]
+        sinking = self._sink_length > 1
+        state.batch_idx = first.index
+        self.sink_batches = range(first.index, last.index + 1)
+        data = [b.data for b in chunk.batches] if sinking else first.data
+        end_epoch = False
+        if self._call("on_train_batch_start", data, first.index) == -1:
+            if not state.window:
+                return True
+            # Ending now would leave gradients in the accumulators: finish the window first.
+            warnings.warn("on_train_batch_start returned -1 inside an accumulation window; lightms "
+                          "finishes the window, then ends the epoch.", stacklevel=3)
+            chunk.cut_after_first(state.window)
+            last, end_epoch = first, True
+            self.sink_batches = range(first.index, first.index + 1)
+        if self._train_step is None:
+            self._train_step = self._build_train_step(first)
+        metrics.device["train"].set_batch_size(first.size)
+        with inside_step(model, "training_step", metrics.device["train"]):
+            if sinking:
+                loss = self._train_step.sink_step(*chunk.device_inputs(self._sink_length, first.index))
+            elif chunk.closes[0]:
+                loss = self._train_step.optimizer_step(as_step_input(first.data), self._batch_index(first.index),
+                                                       self._scalar(float(chunk.window_sizes[0])))
+            else:
+                loss = self._train_step.window_step(as_step_input(first.data), self._batch_index(first.index))
+        state.batches_done = last.index + 1
+        state.window = chunk.window
+        before = state.global_step
+        state.global_step += chunk.steps
+        for step in range(before + 1, state.global_step + 1):
+            self._step_schedulers("step", step)
+        if chunk.steps and self.detect_anomaly:
+            self._check_nonfinite()
+        self._call("on_train_batch_end", {"loss": loss}, data, last.index)
+        if not chunk.steps:
+            return end_epoch
+        self._write_step_logs(before)
+        if self._val_due_in_epoch(last, True, state.global_step):
+            self._run_validation()
+        if self._interrupt_signal is not None:
+            self._stop_for_interrupt()
+        return end_epoch or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps)
+
+    def _write_step_logs(self, step_before: int) -> None:
+        """Sends the step values of the optimizer steps after `step_before` that log_every_n_steps selects."""
+        if not self.loggers:
+            return
+        steps = [s for s in range(step_before + 1, self.state.global_step + 1) if s % self.log_every_n_steps == 0]
+        if not steps:
+            return
+        if self._sink_length > 1:
+            for step, values in self._metrics.read_sunk_steps(steps, step_before + 1):
+                self._logger_write(values, step)
+        else:
+            self._logger_write(self._metrics.read_train_step(steps[0]))
 
     def _run_validation(self) -> None:
         self._eval_loop("validation", self._val_source, self.limit_val_batches)

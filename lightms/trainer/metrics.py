@@ -6,7 +6,7 @@ progress bar at a redraw, a callback through `trainer.callback_metrics`, or the
 end of an epoch.
 """
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 from lightms.module.logging import DeviceLogBuffers, HostLogs, LogOptions
 
@@ -87,6 +87,26 @@ class MetricStore:
             values.update(self.host["train"].read_step())
             self._step_for_logger = self._publish("train", values, "step")
         return self._step_for_logger
+
+    def read_sunk_steps(self, steps: List[int], first_step: int) -> List[Tuple[int, Dict[str, float]]]:
+        """Returns (step, values bound for loggers) for chosen optimizer steps of the last sunk chunk.
+
+        One host read of the chunk's step-value history, however many steps are chosen.
+
+        Args:
+            steps: Global steps of the chunk, ascending.
+            first_step: The global step the chunk's first optimizer step got.
+        """
+        rows = self.device["train"].read_history() if "train" in self.device else []
+        out = []
+        for step in steps:
+            values = dict(rows[step - first_step]) if rows else {}
+            if step == steps[-1]:
+                values.update(self.host["train"].read_step())
+            out.append((step, self._publish("train", values, "step")))
+        if out:
+            self._step_read, self._step_for_logger = out[-1]
+        return out
 
     def read_epoch(self, stage: str) -> Dict[str, float]:
         """Reads a stage's epoch values; returns those bound for loggers."""

@@ -57,6 +57,20 @@ class Trainer(TrainingLoop):
         max_steps: Optimizer steps to train; -1 for no limit.
         accumulate: Micro-batches whose gradients are averaged into one optimizer step.
             The last window of an epoch is stepped with the micro-batches it holds.
+        sink_size: Micro-batches per host call (MindSpore's data and loop sinking): 1 runs
+            one compiled step per micro-batch; N > 1 stacks N batches and runs them in a
+            loop inside one graph; "epoch" sinks a whole epoch. Results equal sink_size=1
+            exactly; an epoch is always one pass over the data. As with Keras'
+            `steps_per_execution`, batch-level hooks run once per chunk:
+            `on_train_batch_start(batch, batch_idx)` gets the list of the chunk's batches and
+            its first index, `on_train_batch_end(outputs, batch, batch_idx)` its last index
+            (`trainer.sink_batches` is the range of indices the chunk covers, and `outputs`
+            the last micro-batch's loss). Step values logged inside a chunk still reach the
+            loggers at every step `log_every_n_steps` selects. A chunk ends early after any
+            optimizer step the host must see: `max_steps`, validation, a checkpoint
+            callback's `every_n_train_steps`, a host-side scheduler with interval "step",
+            `detect_anomaly`, and `Callback.needs_host_at_step`. Batches must be a Tensor or
+            a flat tuple/list/dict of Tensors. Ignored, with a warning, when compile=False.
         limit_train_batches, limit_val_batches, limit_test_batches, limit_predict_batches:
             Batches per epoch: an int count, a float fraction, or None for all.
         val_check_interval: None or 1.0 to validate at epoch ends; a float < 1 to also
@@ -94,6 +108,7 @@ class Trainer(TrainingLoop):
         max_epochs: Optional[int] = None,
         max_steps: int = -1,
         accumulate: int = 1,
+        sink_size=1,
         limit_train_batches=None,
         limit_val_batches=None,
         limit_test_batches=None,
@@ -121,6 +136,7 @@ class Trainer(TrainingLoop):
             max_epochs = 1000 if self.max_steps == -1 else -1
         self.max_epochs = max_epochs
         self.accumulate = check.check_int("accumulate", accumulate, 1)
+        self.sink_size = check.check_sink_size(sink_size)
         self.limit_train_batches = check.check_limit("limit_train_batches", limit_train_batches)
         self.limit_val_batches = check.check_limit("limit_val_batches", limit_val_batches)
         self.limit_test_batches = check.check_limit("limit_test_batches", limit_test_batches)
@@ -148,6 +164,9 @@ class Trainer(TrainingLoop):
         check.check_bool("enable_progress_bar", enable_progress_bar)
         self.enable_checkpointing = check.check_bool("enable_checkpointing", enable_checkpointing)
         self.detect_anomaly = check.check_bool("detect_anomaly", detect_anomaly)
+        if self.sink_size != 1 and not self.compile:
+            warnings.warn(f"Trainer(sink_size={self.sink_size!r}, compile=False): sinking needs compiled steps; "
+                          "this Trainer runs one eager step per micro-batch.", stacklevel=2)
 
         if self.fast_dev_run:
             n = self.fast_dev_run
@@ -180,6 +199,8 @@ class Trainer(TrainingLoop):
         self._interrupt_signal: Optional[int] = None
         self.interrupted = False
         self._pending_accumulators = None
+        self._sink_length = 1  # micro-batches per host call in the running fit
+        self.sink_batches = range(0)
 
     # ---- public state -------------------------------------------------------------------
     @property
@@ -432,12 +453,12 @@ class Trainer(TrainingLoop):
         # A mutable scalar, so that a new index does not recompile the graph.
         return ms.mutable(index) if self.compile else index
 
-    def _logger_write(self, metrics: Dict[str, float]) -> None:
+    def _logger_write(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
         if metrics:
             if self.state.stage == "fit":
                 metrics = {**metrics, "epoch": float(self.state.current_epoch)}  # as Lightning does
             for lg in self.loggers:
-                lg.log_metrics(metrics, step=self.state.global_step)
+                lg.log_metrics(metrics, step=self.state.global_step if step is None else step)
 
     def _read_step_values(self) -> None:
         if self.state.stage == "fit":

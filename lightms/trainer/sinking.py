@@ -1,0 +1,130 @@
+"""Sinking: many micro-batches per host call, planned on the host, run in one graph.
+
+A `Chunk` collects consecutive micro-batches of the same shapes and plans, for
+each, whether it ends its accumulation window. The loop cuts a chunk when it is
+full, at the end of the epoch, and after any optimizer step the host must see
+(validation, a checkpoint, `max_steps`, a host-side scheduler); windows may span
+chunks, since the accumulators live on the device.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple, Union
+
+import numpy as np
+
+from lightms._mindspore import mindspore as ms
+from mindspore import Tensor
+
+from lightms.trainer.data import Batch
+
+
+def _leaves(data) -> list:
+    if isinstance(data, dict):
+        return list(data.values())
+    if isinstance(data, (tuple, list)):
+        return list(data)
+    return [data]
+
+
+def check_sinkable(data, where: str) -> None:
+    """Raises if a batch's structure cannot be stacked for a sunk chunk.
+
+    Raises:
+        ValueError: If a batch nests containers (a tuple inside a tuple, ...).
+    """
+    for leaf in _leaves(data):
+        if isinstance(leaf, (dict, tuple, list)):
+            raise ValueError(
+                f"{where}: Trainer(sink_size>1) needs batches that are a Tensor or a flat tuple, list or dict "
+                f"of Tensors; this batch nests a {type(leaf).__name__}. Flatten the batch or use sink_size=1.")
+
+
+def shapes_of(data) -> Tuple:
+    """The shapes of a batch's leaves: batches in one chunk must share them."""
+    return tuple(tuple(leaf.shape) for leaf in _leaves(data))
+
+
+def stack(batches: List[Any], length: int):
+    """Stacks batches leaf by leaf on a new leading axis of `length`, padding with the last batch.
+
+    The padding rows are never run (the step gets the real count); padding keeps the
+    graph's input shape fixed, so a short last chunk does not recompile it.
+    """
+    padded = batches + [batches[-1]] * (length - len(batches))
+
+    def leaf_stack(leaves):
+        return Tensor(np.stack([leaf.asnumpy() for leaf in leaves]))
+
+    first = padded[0]
+    if isinstance(first, dict):
+        return ms.mutable({key: leaf_stack([b[key] for b in padded]) for key in first})
+    if isinstance(first, (tuple, list)):
+        return ms.mutable(type(first)(leaf_stack([b[i] for b in padded]) for i in range(len(first))))
+    return leaf_stack(padded)
+
+
+@dataclass
+class Chunk:
+    """Consecutive micro-batches run by one host call, and which of them close a window.
+
+    Attributes:
+        window: Micro-batches in the open window after the planned batches.
+        batches: The micro-batches.
+        closes: Whether each ends its accumulation window (an optimizer step).
+        window_sizes: For those that do, the micro-batches in that window.
+    """
+
+    window: int
+    batches: List[Batch] = field(default_factory=list)
+    closes: List[bool] = field(default_factory=list)
+    window_sizes: List[int] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps the chunk takes."""
+        return sum(self.closes)
+
+    def accepts(self, batch: Batch) -> bool:
+        """Whether `batch` has the shapes of the chunk's batches."""
+        return not self.batches or shapes_of(batch.data) == shapes_of(self.batches[0].data)
+
+    def add(self, batch: Batch, accumulate: int) -> bool:
+        """Plans `batch` after the others; returns whether it ends its window."""
+        self.window += 1
+        closes = self.window == accumulate or batch.is_last
+        self.batches.append(batch)
+        self.closes.append(closes)
+        self.window_sizes.append(self.window)
+        if closes:
+            self.window = 0
+        return closes
+
+    def cut_after_first(self, window_before: int) -> None:
+        """Keeps only the first batch and makes it end its window (an epoch that stops early)."""
+        self.batches, self.closes = self.batches[:1], [True]
+        self.window_sizes, self.window = [window_before + 1], 0
+
+    def device_inputs(self, length: int, first_index: int) -> Tuple:
+        """The inputs of `TrainStep.sink_step` for this chunk on an axis of `length`."""
+        pad = length - len(self.batches)
+        closes = np.array(self.closes + [False] * pad)
+        sizes = np.array(self.window_sizes + [1] * pad, np.float32)
+        return (stack([b.data for b in self.batches], length), Tensor(first_index, ms.int32), Tensor(closes),
+                Tensor(sizes), Tensor(len(self.batches), ms.int32))
+
+
+def resolve_sink_length(sink_size: Union[int, str], batches_per_epoch: Optional[int]) -> int:
+    """Micro-batches per host call for `Trainer(sink_size=...)`.
+
+    Raises:
+        ValueError: For sink_size="epoch" on data without a length.
+    """
+    if sink_size == "epoch":
+        if batches_per_epoch is None:
+            raise ValueError('Trainer(sink_size="epoch") needs training data with a length (len() or '
+                             "get_dataset_size()); pass an int sink_size instead.")
+        return max(1, batches_per_epoch)
+    return int(sink_size)
+
+
+__all__ = ["Chunk", "check_sinkable", "resolve_sink_length", "shapes_of", "stack"]
