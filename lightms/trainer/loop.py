@@ -215,7 +215,7 @@ class TrainingLoop:
             return True
         if self._val_source is not None and self._val_due_in_epoch(batch, True, step):
             return True
-        if any(config.due("step", step) for config in self._optimizer_config.schedulers):
+        if any(config.interval == "step" and config.due(step) for config in self._optimizer_config.schedulers):
             return True
         return any(cb.needs_host_at_step(self, step) for cb in self.callbacks)
 

@@ -41,7 +41,8 @@ def check_sinkable(data, where: str) -> None:
 
 def shapes_of(data) -> Tuple:
     """The shapes of a batch's leaves: batches in one chunk must share them."""
-    return tuple(tuple(leaf.shape) for leaf in _leaves(data))
+    return tuple(shapes_of(leaf) if isinstance(leaf, (dict, tuple, list)) else tuple(leaf.shape)
+                 for leaf in _leaves(data))
 
 
 def stack(batches: List[Any], length: int):

@@ -1,0 +1,200 @@
+"""Sinking: Trainer(sink_size=N) equals sink_size=1 and a hand-written loop, and really sinks."""
+
+import os
+
+import numpy as np
+import pytest
+
+import lightms
+from lightms.callbacks import Callback, ModelCheckpoint
+from lightms._mindspore import mindspore as ms
+from mindspore import nn
+from conftest import (RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, parameters_of,
+                      quiet_trainer, reference_sgd)
+
+
+class AdamLogger(TinyRegressor):
+    """Adam (stateful), and logs on step and epoch, including live device counters."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = ((self(x) - y) ** 2).mean()
+        self.log("loss", loss, on_step=True, on_epoch=True)
+        self.log("xsum", x.sum(), on_step=True, on_epoch=True, reduce_fx="sum")
+        self.log("seen_step", self.global_step * 1.0, on_step=True, on_epoch=False)
+        self.log("seen_idx", batch_idx * 1.0, on_step=True, on_epoch=False, reduce_fx="max")
+        return loss
+
+    def configure_optimizers(self):
+        return nn.Adam(self.trainable_params(), learning_rate=1e-2)
+
+
+class ChunkRecorder(Callback):
+    """Records what batch-level hooks see."""
+
+    def __init__(self):
+        self.starts, self.ends, self.ranges = [], [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.starts.append((batch_idx, len(batch) if isinstance(batch, list) else 1))
+        self.ranges.append(trainer.sink_batches)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.ends.append((batch_idx, trainer.global_step))
+
+
+def fit(sink_size, accumulate=1, epochs=2, samples=100, batch=8, cls=AdamLogger, **kwargs):
+    """13 batches per epoch (the last has 4 samples); returns (model, trainer, logger, recorder)."""
+    x, y = make_data(samples)
+    logger, recorder = RecordingLogger(), ChunkRecorder()
+    model = fresh_model(cls=cls)
+    callbacks = [recorder] + list(kwargs.pop("callbacks", []))
+    val = kwargs.pop("val", None)
+    trainer = quiet_trainer(max_epochs=epochs, sink_size=sink_size, accumulate=accumulate, logger=logger,
+                            log_every_n_steps=kwargs.pop("log_every_n_steps", 2), callbacks=callbacks,
+                            enable_checkpointing=kwargs.pop("enable_checkpointing", False), **kwargs)
+    trainer.fit(model, batches_of(x, y, batch), val)
+    return model, trainer, logger, recorder
+
+
+def assert_same_parameters(a, b, atol=1e-6):
+    for name, value in parameters_of(a).items():
+        np.testing.assert_allclose(parameters_of(b)[name], value, atol=atol, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+@pytest.mark.parametrize("sink_size", [4, 5, "epoch"])
+def test_sinking_equals_one_step_per_call(sink_size, accumulate):
+    base, base_trainer, base_log, _ = fit(1, accumulate)
+    model, trainer, log, recorder = fit(sink_size, accumulate)
+    assert_same_parameters(base, model)
+    assert trainer.global_step == base_trainer.global_step == 2 * -(-13 // accumulate)
+    # every step log_every_n_steps selects reaches the logger, with the same values, at the same step
+    assert [step for step, _ in log.metrics] == [step for step, _ in base_log.metrics]
+    for (_, got), (_, expected) in zip(log.metrics, base_log.metrics):
+        assert got.keys() == expected.keys()
+        np.testing.assert_allclose([got[k] for k in sorted(got)], [expected[k] for k in sorted(got)],
+                                   atol=1e-5, rtol=1e-6)
+    # global_step and batch_idx read inside the sunk graph are live
+    assert log.values("seen_step")[:3] == [(2, 1.0), (4, 3.0), (6, 5.0)] if accumulate == 1 else \
+        log.values("seen_step")[:2] == [(2, 1.0), (4, 3.0)]
+    assert trainer.callback_metrics["xsum_epoch"] == pytest.approx(base_trainer.callback_metrics["xsum_epoch"],
+                                                                   abs=1e-4)
+    # it really sinks: one host call per chunk (the 4-sample last batch runs on its own)
+    length = 13 if sink_size == "epoch" else sink_size
+    full_chunks = -(-12 // length)
+    assert len(recorder.starts) == 2 * (full_chunks + 1)
+    assert recorder.ranges[0] == range(0, min(length, 12))
+    assert recorder.ranges[full_chunks] == range(12, 13)
+    assert recorder.ends[0][0] == min(length, 12) - 1
+
+
+def test_sinking_matches_a_hand_written_sgd_loop():
+    x, y = make_data(100)
+    batches = batches_of(x, y, 8)
+    model = fresh_model()
+    quiet_trainer(max_epochs=1, sink_size=6, accumulate=4).fit(model, batches)
+    reference = fresh_model()
+    windows = [batches[i:i + 4] for i in range(0, 12, 4)] + [batches[12:]]
+    reference_sgd(reference, windows, lr=0.1)
+    assert_same_parameters(reference, model, atol=1e-6)
+
+
+def test_sinking_does_not_recompile_after_the_first_epoch():
+    counts = []
+
+    class CountGraphs(Callback):
+        def on_train_epoch_end(self, trainer, module):
+            counts.append(lightms.compiled_graph_count())
+
+    fit(5, 1, epochs=3, callbacks=[CountGraphs()])
+    assert counts[1] == counts[0] == counts[2]
+
+
+def test_chunks_end_at_validation_checkpoint_and_max_steps(tmp_path):
+    x, y = make_data(40)
+    val = batches_of(x, y, 20)
+    seen_at = []
+
+    class ValSteps(Callback):
+        def on_validation_start(self, trainer, module):
+            seen_at.append(trainer.global_step)
+
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=3, save_top_k=-1)
+    model, trainer, _, recorder = fit(5, 1, epochs=3, val_check_interval=4, max_steps=17, val=val,
+                                      callbacks=[ValSteps(), checkpoint], enable_checkpointing=True)
+    assert trainer.global_step == 17
+    assert seen_at == [4, 8, 12, 16]
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".ckpt"))
+    assert files == sorted(f"epoch={s // 13}-step={s}.ckpt" for s in (3, 6, 9, 12, 15))
+    # the checkpoint at step 6 holds the weights a one-step-per-call run has after 6 steps
+    base, _, _, _ = fit(1, 1, epochs=1, max_steps=6)
+    saved = ms.load_checkpoint(os.path.join(tmp_path, "epoch=0-step=6.ckpt"))
+    for name, value in parameters_of(base).items():
+        np.testing.assert_allclose(saved[name].asnumpy(), value, atol=1e-6, rtol=0)
+    assert [end for _, end in recorder.ends][:5] == [3, 4, 6, 8, 9]  # cut at each checkpoint and validation
+
+
+def test_resume_from_a_checkpoint_written_inside_a_sunk_epoch(tmp_path):
+    straight, straight_trainer, _, _ = fit(4, 3, epochs=2)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=2, save_top_k=-1)
+    fit(4, 3, epochs=1, max_steps=2, callbacks=[checkpoint], enable_checkpointing=True)
+    path = os.path.join(tmp_path, "epoch=0-step=2.ckpt")
+    x, y = make_data(100)
+    resumed = fresh_model(cls=AdamLogger)
+    trainer = quiet_trainer(max_epochs=2, sink_size=4, accumulate=3)
+    trainer.fit(resumed, batches_of(x, y, 8), ckpt_path=path)
+    assert trainer.global_step == straight_trainer.global_step
+    assert_same_parameters(straight, resumed)
+
+
+def test_hooks_get_the_chunk_and_its_first_and_last_index():
+    _, _, _, recorder = fit(4, 1, epochs=1)
+    assert recorder.starts == [(0, 4), (4, 4), (8, 4), (12, 1)]
+    assert recorder.ends == [(3, 4), (7, 8), (11, 12), (12, 13)]
+
+
+def test_bad_sink_sizes_and_batches_are_named():
+    with pytest.raises(ValueError, match="sink_size"):
+        lightms.Trainer(sink_size=0)
+    with pytest.raises(ValueError, match="sink_size"):
+        lightms.Trainer(sink_size="all")
+    with pytest.raises(TypeError, match="sink_size"):
+        lightms.Trainer(sink_size=2.5)
+    with pytest.warns(UserWarning, match="sinking needs compiled steps"):
+        lightms.Trainer(sink_size=4, compile=False)
+
+    class Nested(TinyRegressor):
+        def training_step(self, batch, batch_idx):
+            (x, y), _ = batch
+            return ((self(x) - y) ** 2).mean()
+
+    x, y = make_data(16)
+    nested = [((x[i:i + 4], y[i:i + 4]), y[i:i + 4]) for i in range(0, 16, 4)]
+    with pytest.raises(ValueError, match="flat tuple, list or dict"):
+        quiet_trainer(max_epochs=1, sink_size=2).fit(fresh_model(cls=Nested), nested)
+
+    class Endless:
+        def __iter__(self):
+            return iter(batches_of(x, y, 4))
+
+    with pytest.raises(ValueError, match='sink_size="epoch"'):
+        quiet_trainer(max_epochs=1, sink_size="epoch").fit(fresh_model(), Endless())
+
+
+def test_step_schedulers_and_anomaly_detection_say_they_end_every_chunk():
+    from mindspore.experimental import optim
+
+    class StepScheduled(TinyRegressor):
+        def configure_optimizers(self):
+            optimizer = optim.SGD(self.trainable_params(), lr=0.1)
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": optim.lr_scheduler.StepLR(optimizer, 2, 0.5), "interval": "step"}}
+
+    with pytest.warns(UserWarning, match="interval 'step'"):
+        sunk, _, _, recorder = fit(4, 1, epochs=1, cls=StepScheduled)
+    assert len(recorder.starts) == 13
+    base, _, _, _ = fit(1, 1, epochs=1, cls=StepScheduled)
+    assert_same_parameters(base, sunk)
+    with pytest.warns(UserWarning, match="detect_anomaly"):
+        fit(4, 2, epochs=1, detect_anomaly=True)
