@@ -74,6 +74,8 @@ def main(argv=None) -> float:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--accumulate", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="32-true", help='e.g. "16-mixed" (see the README\'s table)')
+    parser.add_argument("--sink-size", default="1", help='micro-batches per host call: an int or "epoch"')
     parser.add_argument("--root", default=".", help="folder for lightning_logs/")
     args = parser.parse_args(argv)
 
@@ -81,8 +83,10 @@ def main(argv=None) -> float:
     train, val = digits_batches(batch_size=32, seed=args.seed)
     model = DigitsMLP()
     best = ModelCheckpoint(monitor="val_acc", mode="max", filename="{epoch}-{val_acc:.4f}")
+    sink_size = args.sink_size if args.sink_size == "epoch" else int(args.sink_size)
     trainer = lightms.Trainer(max_epochs=args.epochs, accumulate=args.accumulate, default_root_dir=args.root,
-                              log_every_n_steps=5, seed=args.seed, callbacks=[best, LearningRateMonitor()])
+                              log_every_n_steps=5, seed=args.seed, callbacks=[best, LearningRateMonitor()],
+                              precision=args.precision, sink_size=sink_size)
     trainer.fit(model, train, val)
     accuracy = trainer.callback_metrics["val_acc"]
     print(f"final validation accuracy: {accuracy:.4f}  (logs: {trainer.log_dir})")

@@ -19,6 +19,7 @@ from lightms.checkpoint.io import (OPTIMIZER_PREFIX, assign_parameters, optimize
 from lightms.module.logging import DeviceLogBuffers, LogOptions
 
 ACCUMULATOR_GROUP = "accumulator"
+LOSS_SCALE_GROUP = "loss_scale"
 SCHEDULER_GROUP = "scheduler"
 
 
@@ -49,6 +50,10 @@ def collect_run_state(trainer, weights_only: bool) -> Tuple[List, Dict]:
         parameters += [(OPTIMIZER_PREFIX + p.name, p) for p in optimizer_state(optimizer, names)]
     for index, config in enumerate(trainer._optimizer_config.schedulers):
         parameters += [(f"lightms.{SCHEDULER_GROUP}{index}.{name}", p) for name, p in config.state_parameters().items()]
+    scaler = trainer._loss_scaler
+    if scaler is not None:
+        parameters += [(f"lightms.{LOSS_SCALE_GROUP}.scale_value", scaler.scale_value),
+                       (f"lightms.{LOSS_SCALE_GROUP}.counter", scaler.counter)]
     state = trainer.state
     epoch_done = state.epoch_done
     meta["loop"] = {
@@ -89,6 +94,10 @@ def restore_run_state(trainer, path: str) -> Dict:
     for index, config in enumerate(trainer._optimizer_config.schedulers):
         assign_parameters(config.state_parameters(), groups.get(f"{SCHEDULER_GROUP}{index}", {}),
                           f"learning-rate scheduler {index} ({type(config.scheduler).__name__})", path)
+    scaler = trainer._loss_scaler
+    if scaler is not None and LOSS_SCALE_GROUP in groups:  # a float32 checkpoint starts at the initial scale
+        assign_parameters({"scale_value": scaler.scale_value, "counter": scaler.counter}, groups[LOSS_SCALE_GROUP],
+                          "loss scaler", path)
     loop = meta["loop"]
     trainer.state.current_epoch = loop["epoch"]
     trainer.state.global_step = loop["global_step"]

@@ -57,8 +57,11 @@ def build_eval_step(module, stage: str, hook: str, batch, host_logs: HostLogs, c
         (the step, where `self.log` writes, the device buffers or None).
     """
     if module_metrics(module) and stage != "predict":
-        if compile:
-            object.__setattr__(module, "construct", ms.jit(type(module).construct.__get__(module), jit_level="O1"))
+        if compile and "_lightms_construct_before" not in module.__dict__:
+            # The instance may already hold a construct (mixed precision decorates it): compile that one,
+            # and let the trainer put it back after the run.
+            object.__setattr__(module, "_lightms_construct_before", module.__dict__.get("construct"))
+            object.__setattr__(module, "construct", ms.jit(module.construct, jit_level="O1"))
         return EvalStep(getattr(module, hook), None, compile=False), host_logs, None
     recorder, _ = dry_run(module, hook, batch.data, batch.index)
     logs = DeviceLogBuffers(list(recorder.options.values()))

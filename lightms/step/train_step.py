@@ -106,6 +106,7 @@ class TrainStep:
             loss, grads = grad_fn(batch, batch_idx)
             if loss_scaler is not None:
                 loss = loss_scaler.unscale(loss)
+            loss = ops.cast(loss, ms.float32)  # a half-precision loss is reported as float32
             return ops.depend(loss, counters.count_nonfinite(loss)), grads
 
         def update(grads):

@@ -53,7 +53,7 @@ class TrainingLoop:
         step, logs = build_train_step(self.model, batch, self._optimizer_config.optimizer, self._counters,
                                       self._metrics.device.get("train"), self.accumulate,
                                       gradient_pipeline(self.gradient_clip_val, self.gradient_clip_algorithm),
-                                      self.compile, self._sink_length)
+                                      self.compile, self._sink_length, self._loss_scaler)
         self._metrics.device["train"] = logs
         if self._pending_accumulators:  # a checkpoint written inside an accumulation window
             assign_parameters({p.name: p for p in step.accumulators}, self._pending_accumulators,
@@ -74,6 +74,7 @@ class TrainingLoop:
         model = self.model
         self._optimizer_config = read_optimizer_config(model.configure_optimizers(), type(model).__name__)
         self.optimizers = [self._optimizer_config.optimizer]
+        self._loss_scaler = self.precision.loss_scaler()
         if self._ckpt_path is not None:
             restore_run_state(self, self._ckpt_path)
             train.resume_at(self.state.current_epoch, self.state.batches_done)
@@ -255,13 +256,19 @@ class TrainingLoop:
         state.batches_done = last.index + 1
         state.window = chunk.window
         before = state.global_step
-        state.global_step += chunk.steps
+        if self._loss_scaler is not None and chunk.steps:
+            # Overflowing steps were skipped on the device: the real count decides what comes next.
+            state.global_step = int(self._counters.global_step.asnumpy())
+            self._extra_host_reads += 1
+        else:
+            state.global_step += chunk.steps
+        steps_taken = state.global_step - before
         for step in range(before + 1, state.global_step + 1):
             self._step_schedulers("step", step)
         if chunk.steps and self.detect_anomaly:
             self._check_nonfinite()
         self._call("on_train_batch_end", {"loss": loss}, data, last.index)
-        if not chunk.steps:
+        if not steps_taken:
             return end_epoch
         self._write_step_logs(before)
         if self._val_due_in_epoch(last, True, state.global_step):

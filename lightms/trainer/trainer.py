@@ -19,6 +19,7 @@ from lightms.callbacks.timer import Timer
 from lightms.loggers.logger import Logger
 from lightms.module.cell import LightningCell
 from lightms.module.datamodule import LightningDataModule
+from lightms.precision.precision import check_backend, resolve_precision
 from lightms.step.binding import graph_callable_methods
 from lightms.step.eval_step import EvalStep
 from lightms.step.train_step import LoopCounters, TrainStep
@@ -71,6 +72,13 @@ class Trainer(TrainingLoop):
             callback's `every_n_train_steps`, a host-side scheduler with interval "step",
             `detect_anomaly`, and `Callback.needs_host_at_step`. Batches must be a Tensor or
             a flat tuple/list/dict of Tensors. Ignored, with a warning, when compile=False.
+        precision: "32-true" (default; also "32", 32, "O0"), "16-mixed" (also 16: float16
+            per-operator autocast, float32 master weights, dynamic loss scaling), "bf16-mixed",
+            "16-true", "bf16-true" (half-precision parameters), or MindSpore's levels "O1",
+            "O2", "O3" (applied to the module's sub-cells). Under loss scaling, an overflowing
+            optimizer step is skipped (weights, `global_step` and learning-rate schedules do not
+            advance) and the scale halves; the host reads `global_step` after each step to know.
+            A precision the backend cannot run raises here (see the README's table).
         limit_train_batches, limit_val_batches, limit_test_batches, limit_predict_batches:
             Batches per epoch: an int count, a float fraction, or None for all.
         val_check_interval: None or 1.0 to validate at epoch ends; a float < 1 to also
@@ -109,6 +117,7 @@ class Trainer(TrainingLoop):
         max_steps: int = -1,
         accumulate: int = 1,
         sink_size=1,
+        precision="32-true",
         limit_train_batches=None,
         limit_val_batches=None,
         limit_test_batches=None,
@@ -137,6 +146,8 @@ class Trainer(TrainingLoop):
         self.max_epochs = max_epochs
         self.accumulate = check.check_int("accumulate", accumulate, 1)
         self.sink_size = check.check_sink_size(sink_size)
+        self.precision = resolve_precision(precision)
+        check_backend(self.precision)
         self.limit_train_batches = check.check_limit("limit_train_batches", limit_train_batches)
         self.limit_val_batches = check.check_limit("limit_val_batches", limit_val_batches)
         self.limit_test_batches = check.check_limit("limit_test_batches", limit_test_batches)
@@ -199,6 +210,7 @@ class Trainer(TrainingLoop):
         self._interrupt_signal: Optional[int] = None
         self.interrupted = False
         self._pending_accumulators = None
+        self._loss_scaler = None  # the running fit's mindspore.amp loss scaler, if any
         self._sink_length = 1  # micro-batches per host call in the running fit
         self.sink_batches = range(0)
 
@@ -382,6 +394,7 @@ class Trainer(TrainingLoop):
         if self.seed is not None:
             seed_everything(self.seed)
         self.model = model
+        self.precision.apply(model)
         object.__setattr__(model, "_trainer", self)
         self._counters = LoopCounters()
         self._counters.set(self.state.current_epoch, self.state.global_step)
@@ -414,8 +427,18 @@ class Trainer(TrainingLoop):
                     lg.finalize(status)
                 object.__setattr__(model, "_lightms_log_target", None)
                 object.__setattr__(model, "_lightms_hook", None)
-                model.__dict__.pop("construct", None)  # the compiled forward of metric-updating eval steps
+                self._restore_construct(model)
                 self.state.stage = None
+
+    @staticmethod
+    def _restore_construct(model) -> None:
+        """Removes the compiled forward of metric-updating eval steps, restoring what was there."""
+        if "_lightms_construct_before" in model.__dict__:
+            before = model.__dict__.pop("_lightms_construct_before")
+            if before is None:
+                model.__dict__.pop("construct", None)
+            else:
+                object.__setattr__(model, "construct", before)
 
     def _call(self, hook: str, *args) -> Any:
         """Calls `hook` on the callbacks and the module, in `order` (the module at Callback.MODULE_ORDER).

@@ -1,0 +1,139 @@
+"""`Trainer(precision=...)`: which dtype the module computes in, and loss scaling.
+
+Lightning's names map onto `mindspore.amp`:
+
+* "32" / "32-true" / "O0": float32 throughout (the default).
+* "16-mixed" / "bf16-mixed": `auto_mixed_precision(module, "auto", dtype)`, MindSpore's
+  per-operator autocast: matrix products and convolutions run in half precision,
+  reductions, softmax and losses in float32; the parameters stay float32 (the
+  master weights). "16-mixed" adds dynamic loss scaling in the compiled step.
+* "16-true" / "bf16-true": the parameters themselves become half precision and the
+  module computes in it (no master weights, no loss scaling), as Lightning's.
+* "O1" / "O2" / "O3": MindSpore's own levels, applied to each sub-cell of the module
+  (a LightningCell's own methods stay float32 code), float16, with dynamic loss
+  scaling for O1 and O2 and none for O3, as `mindspore.train.Model` does.
+
+Whether the running backend has the kernels is checked by running them once
+(`check_backend`), not assumed from a table.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from lightms._mindspore import mindspore as ms
+from mindspore import Tensor, amp, nn, ops
+
+PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "O0", "O1", "O2", "O3")
+_ALIASES = {32: "32-true", "32": "32-true", 16: "16-mixed", "16": "16-mixed", "bf16": "bf16-mixed", "O0": "32-true"}
+
+# Dynamic loss scaling as `mindspore.amp.DynamicLossScaler` defaults it in `Model`.
+INITIAL_SCALE = 2.0 ** 16
+SCALE_FACTOR = 2
+SCALE_WINDOW = 2000
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes.
+
+    Attributes:
+        name: The value given to the Trainer.
+        dtype: The half dtype (float16 or bfloat16), or None for float32.
+        amp_level: "auto" (per-operator autocast), "O1".."O3", "true" (half parameters) or "O0".
+        loss_scaling: Whether the step scales the loss dynamically.
+    """
+
+    name: str
+    dtype: Optional[object]
+    amp_level: str
+    loss_scaling: bool
+
+    @property
+    def is_float32(self) -> bool:
+        """Whether nothing changes (float32 throughout)."""
+        return self.dtype is None
+
+    def loss_scaler(self) -> Optional[amp.DynamicLossScaler]:
+        """A fresh dynamic loss scaler with lightms-prefixed parameter names, or None."""
+        if not self.loss_scaling:
+            return None
+        scaler = amp.DynamicLossScaler(INITIAL_SCALE, SCALE_FACTOR, SCALE_WINDOW)
+        scaler.scale_value.name = "lightms.loss_scale.scale_value"  # unique names inside the graph
+        scaler.counter.name = "lightms.loss_scale.counter"
+        return scaler
+
+    def apply(self, module: nn.Cell) -> None:
+        """Makes `module` compute in this precision, in place (parameter names do not change).
+
+        Applied once: a module that already has this precision is left alone.
+
+        Raises:
+            ValueError: If the module was prepared for another precision before.
+        """
+        if self.is_float32:
+            return
+        done = getattr(module, "_lightms_precision", None)
+        if done == self.name:
+            return
+        if done is not None:
+            raise ValueError(f"This module was already converted for Trainer(precision={done!r}); build a fresh "
+                             f"module for precision={self.name!r}.")
+        if self.amp_level == "auto":
+            amp.auto_mixed_precision(module, "auto", self.dtype)  # decorates module.construct in place
+        elif self.amp_level == "true":
+            module.to_float(self.dtype)
+            for parameter in module.get_parameters():
+                parameter.set_dtype(self.dtype)
+        else:
+            # MindSpore wraps the cell it converts (O2/O3 in an output cast); wrap the sub-cells instead, so
+            # the LightningCell itself, its hooks and its parameter names stay as they are.
+            for name, cell in list(module.name_cells().items()):
+                module._cells[name] = amp.auto_mixed_precision(cell, self.amp_level, self.dtype)
+        object.__setattr__(module, "_lightms_precision", self.name)
+
+
+def resolve_precision(value) -> Precision:
+    """Reads `Trainer(precision=...)`.
+
+    Raises:
+        ValueError: For an unknown precision, listing the accepted ones.
+    """
+    key = _ALIASES.get(value, value)
+    if not isinstance(key, str) or key not in PRECISIONS:
+        raise ValueError(f"Trainer(precision={value!r}) is not a precision lightms knows; use one of "
+                         f"{', '.join(repr(p) for p in PRECISIONS)}.")
+    if key in ("32", "32-true"):
+        return Precision(str(value), None, "O0", False)
+    half = ms.bfloat16 if key.startswith("bf16") else ms.float16
+    if key.endswith("-mixed"):
+        return Precision(key, half, "auto", half == ms.float16)
+    if key.endswith("-true"):
+        return Precision(key, half, "true", False)
+    return Precision(key, ms.float16, key, key in ("O1", "O2"))
+
+
+def check_backend(precision: Precision) -> None:
+    """Runs a matrix product and a convolution in the precision's dtype once.
+
+    Raises:
+        RuntimeError: If the running MindSpore backend has no such kernels, naming the
+            backend and what to use instead.
+    """
+    if precision.is_float32:
+        return
+    dtype = precision.dtype
+    try:
+        a = Tensor(np.ones((2, 2), np.float32)).astype(dtype)
+        ops.matmul(a, a).asnumpy()
+        image = Tensor(np.ones((1, 1, 4, 4), np.float32)).astype(dtype)
+        kernel = Tensor(np.ones((1, 1, 3, 3), np.float32)).astype(dtype)
+        ops.conv2d(image, kernel).asnumpy()
+    except (RuntimeError, TypeError, ValueError) as error:
+        backend = ms.get_context("device_target")
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RuntimeError(
+            f"Trainer(precision={precision.name!r}) needs {dtype} matrix products and convolutions, which the "
+            f"MindSpore {ms.__version__} {backend} backend does not have (it said: {first_line}). Use "
+            f"precision='32-true' or '16-mixed' on {backend}; see the precision table in the README.") from None
