@@ -1,0 +1,153 @@
+"""Precision: the names, loss scaling with skipped overflow steps, checkpoints, and accuracy on digits."""
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import lightms
+from lightms.callbacks import ModelCheckpoint
+from lightms.precision import resolve_precision
+from lightms._mindspore import mindspore as ms
+from mindspore import nn
+from mindspore.experimental import optim
+from conftest import TinyRegressor, batches_of, fresh_model, make_data, parameters_of, quiet_trainer
+
+ON_CPU = ms.get_context("device_target") == "CPU"
+
+
+class AdamRegressor(TinyRegressor):
+    def configure_optimizers(self):
+        return nn.Adam(self.trainable_params(), learning_rate=1e-2)
+
+
+def test_precision_names():
+    assert resolve_precision(32).is_float32 and resolve_precision("O0").is_float32
+    mixed = resolve_precision("16-mixed")
+    assert (mixed.dtype, mixed.amp_level, mixed.loss_scaling) == (ms.float16, "auto", True)
+    assert resolve_precision(16) == mixed
+    assert resolve_precision("16-true").loss_scaling is False
+    assert [resolve_precision(level).loss_scaling for level in ("O1", "O2", "O3")] == [True, True, False]
+    with pytest.raises(ValueError, match=r"precision='fp16'.*'16-mixed'"):
+        lightms.Trainer(precision="fp16")
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the CPU backend has no bfloat16 MatMul in MindSpore 2.10")
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bfloat16_on_cpu_is_refused_by_name(precision):
+    with pytest.raises(RuntimeError, match=f"precision='{precision}'.*CPU backend does not have") as error:
+        lightms.Trainer(precision=precision)
+    assert "C++" not in str(error.value)
+
+
+def test_an_overflowing_step_is_skipped_and_halves_the_scale():
+    x, y = make_data(16)
+    poisoned = x.copy()
+    poisoned[0, 0] = np.inf
+    model = fresh_model(cls=AdamRegressor)
+    before = parameters_of(model)
+    trainer = quiet_trainer(max_epochs=1, precision="16-mixed")
+    trainer.fit(model, [(poisoned[:8], y[:8])])  # the loss stays finite (tanh), the gradients do not
+    for name, value in before.items():
+        np.testing.assert_array_equal(parameters_of(model)[name], value)
+    assert trainer.global_step == 0
+    assert int(trainer.optimizers[0].global_step.asnumpy()) == 0  # in-graph schedules read this counter
+    assert float(trainer._loss_scaler.scale_value.asnumpy()) == 2.0 ** 15
+
+
+def test_skipped_steps_do_not_step_host_schedulers_and_sinking_stays_exact():
+    class Scheduled(TinyRegressor):
+        def configure_optimizers(self):
+            optimizer = optim.SGD(self.trainable_params(), lr=0.1)
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": optim.lr_scheduler.StepLR(optimizer, 1, 0.5), "interval": "step"}}
+
+    x, y = make_data(48)
+    batches = batches_of(x, y, 8)
+    batches[2] = (batches[2][0].copy(), batches[2][1])
+    batches[2][0][3, 1] = np.inf  # window 2 (batches 2, 3) overflows
+
+    def fit(sink_size):
+        model = fresh_model(cls=Scheduled)
+        trainer = quiet_trainer(max_epochs=1, precision="16-mixed", accumulate=2, sink_size=sink_size)
+        trainer.fit(model, batches)
+        return model, trainer
+
+    model, trainer = fit(1)
+    # every skip halves the scale (2 ** 16 at the start; no growth within 2000 steps)
+    skipped = 16 - int(np.log2(float(trainer._loss_scaler.scale_value.asnumpy())))
+    assert skipped >= 1 and trainer.global_step == 3 - skipped
+    lr = float(np.asarray(trainer.optimizers[0].param_groups[0]["lr"].asnumpy()))
+    assert lr == pytest.approx(0.1 * 0.5 ** trainer.global_step)  # stepped once per real update only
+    sunk, sunk_trainer = fit(3)
+    assert sunk_trainer.global_step == trainer.global_step
+    for name, value in parameters_of(model).items():
+        np.testing.assert_allclose(parameters_of(sunk)[name], value, atol=1e-6, rtol=0)
+
+
+def test_loss_scaler_state_is_checkpointed_and_restored(tmp_path):
+    x, y = make_data(32)
+    batches = batches_of(x, y, 8)
+    batches[0] = (batches[0][0] * np.float32(np.inf), batches[0][1])
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path))
+    trainer = quiet_trainer(max_epochs=1, precision="16-mixed", callbacks=[checkpoint], enable_checkpointing=True)
+    trainer.fit(fresh_model(cls=AdamRegressor), batches)
+    scale = float(trainer._loss_scaler.scale_value.asnumpy())
+    assert scale <= 2.0 ** 15 and trainer.global_step == 4 - (16 - int(np.log2(scale)))
+    saved = ms.load_checkpoint(checkpoint.last_model_path)
+    assert float(saved["lightms.loss_scale.scale_value"].asnumpy()) == scale
+    counter = int(trainer._loss_scaler.counter.asnumpy())  # finite steps since the last skip
+    assert 1 <= counter <= trainer.global_step
+    assert int(saved["lightms.loss_scale.counter"].asnumpy()) == counter
+    resumed = quiet_trainer(max_epochs=1, precision="16-mixed")  # max_epochs reached: restores, trains nothing
+    resumed.fit(fresh_model(cls=AdamRegressor), batches_of(x, y, 8), ckpt_path=checkpoint.last_model_path)
+    assert float(resumed._loss_scaler.scale_value.asnumpy()) == scale
+    assert int(resumed._loss_scaler.counter.asnumpy()) == counter
+
+
+def test_a_module_converted_for_one_precision_is_not_reused_for_another():
+    x, y = make_data(16)
+    model = fresh_model()
+    quiet_trainer(max_epochs=1, precision="O2").fit(model, batches_of(x, y, 8))
+    quiet_trainer(max_epochs=1, precision="O2").fit(model, batches_of(x, y, 8))  # same: fine
+    with pytest.raises(ValueError, match="already converted for Trainer\\(precision='O2'\\)"):
+        quiet_trainer(max_epochs=1, precision="O3").fit(model, batches_of(x, y, 8))
+
+
+# ---- accuracy: the README example's MLP on digits, float32 against each precision the backend runs --------
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "digits.py")
+RUNNABLE = ["16-mixed", "O1", "O2", "O3"] if ON_CPU else ["16-mixed", "bf16-mixed", "O1", "O2", "O3"]
+
+
+@pytest.fixture(scope="module")
+def digits_accuracy(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("digits_precision", EXAMPLE)
+    digits = importlib.util.module_from_spec(spec)
+    sys.modules["digits_precision"] = digits
+    spec.loader.exec_module(digits)
+    results = {}
+
+    def accuracy(precision):
+        if precision not in results:
+            root = tmp_path_factory.mktemp(precision)
+            cwd = os.getcwd()
+            os.chdir(root)
+            try:
+                results[precision] = digits.main(["--root", str(root), "--precision", precision, "--epochs", "15",
+                                                  "--sink-size", "epoch"])
+            finally:
+                os.chdir(cwd)
+        return results[precision]
+
+    yield accuracy
+    del sys.modules["digits_precision"]
+
+
+@pytest.mark.parametrize("precision", RUNNABLE)
+def test_digits_accuracy_within_two_points_of_float32(digits_accuracy, precision):
+    reference = digits_accuracy("32-true")
+    assert reference >= 0.95
+    assert digits_accuracy(precision) >= reference - 0.02
