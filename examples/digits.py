@@ -24,7 +24,7 @@ import mindspore as ms
 class DigitsMLP(lightms.LightningCell):
     """A 64-128-128-10 MLP classifier."""
 
-    def __init__(self, hidden: int = 128, lr: float = 2e-3):
+    def __init__(self, hidden: int = 128, lr: float = 2e-3, adam_eps: float = 1e-8):
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.SequentialCell(
@@ -53,7 +53,7 @@ class DigitsMLP(lightms.LightningCell):
     def configure_optimizers(self):
         # An in-graph schedule: evaluated inside the compiled step at the optimizer's own step count.
         schedule = nn.CosineDecayLR(min_lr=self.hparams.lr / 20, max_lr=self.hparams.lr, decay_steps=300)
-        return nn.Adam(self.trainable_params(), learning_rate=schedule)
+        return nn.Adam(self.trainable_params(), learning_rate=schedule, eps=self.hparams.adam_eps)
 
 
 def digits_batches(batch_size: int, seed: int):
@@ -81,7 +81,8 @@ def main(argv=None) -> float:
 
     lightms.seed_everything(args.seed)
     train, val = digits_batches(batch_size=32, seed=args.seed)
-    model = DigitsMLP()
+    # With half-precision parameters ("16-true") Adam's state is float16 too, where 1e-8 is 0.
+    model = DigitsMLP(adam_eps=1e-4 if args.precision.endswith("-true") else 1e-8)
     best = ModelCheckpoint(monitor="val_acc", mode="max", filename="{epoch}-{val_acc:.4f}")
     sink_size = args.sink_size if args.sink_size == "epoch" else int(args.sink_size)
     trainer = lightms.Trainer(max_epochs=args.epochs, accumulate=args.accumulate, default_root_dir=args.root,

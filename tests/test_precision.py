@@ -29,7 +29,8 @@ def test_precision_names():
     assert (mixed.dtype, mixed.amp_level, mixed.loss_scaling) == (ms.float16, "auto", True)
     assert resolve_precision(16) == mixed
     assert resolve_precision("16-true").loss_scaling is False
-    assert [resolve_precision(level).loss_scaling for level in ("O1", "O2", "O3")] == [True, True, False]
+    # as mindspore.train.Model defaults them: dynamic loss scaling at O2 only
+    assert [resolve_precision(level).loss_scaling for level in ("O1", "O2", "O3")] == [False, True, False]
     with pytest.raises(ValueError, match=r"precision='fp16'.*'16-mixed'"):
         lightms.Trainer(precision="fp16")
 
@@ -107,6 +108,24 @@ def test_loss_scaler_state_is_checkpointed_and_restored(tmp_path):
     assert int(resumed._loss_scaler.counter.asnumpy()) == counter
 
 
+def test_16_true_warns_when_adam_eps_is_zero_in_float16():
+    class DefaultAdam(TinyRegressor):
+        def configure_optimizers(self):
+            return nn.Adam(self.trainable_params(), learning_rate=1e-3)  # eps=1e-8
+
+    x, y = make_data(16)
+    with pytest.warns(UserWarning, match="eps=1e-08 is 0 in float16"):
+        quiet_trainer(max_epochs=1, precision="16-true").fit(fresh_model(cls=DefaultAdam), batches_of(x, y, 8))
+
+
+def test_o1_leaves_no_rewritten_network_folder_in_the_working_directory(tmp_path):
+    x, y = make_data(16)
+    trainer = quiet_trainer(max_epochs=1, precision="O1")
+    trainer.fit(fresh_model(), batches_of(x, y, 8))
+    trainer.validate(trainer.model, batches_of(x, y, 8))  # a later compile still finds the rewritten code
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_module_converted_for_one_precision_is_not_reused_for_another():
     x, y = make_data(16)
     model = fresh_model()
@@ -119,7 +138,9 @@ def test_a_module_converted_for_one_precision_is_not_reused_for_another():
 # ---- accuracy: the README example's MLP on digits, float32 against each precision the backend runs --------
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "digits.py")
-RUNNABLE = ["16-mixed", "O1", "O2", "O3"] if ON_CPU else ["16-mixed", "bf16-mixed", "O1", "O2", "O3"]
+RUNNABLE = ["16-mixed", "16-true", "O1", "O2", "O3"]
+if not ON_CPU:
+    RUNNABLE += ["bf16-mixed", "bf16-true"]
 
 
 @pytest.fixture(scope="module")

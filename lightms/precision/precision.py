@@ -11,14 +11,23 @@ Lightning's names map onto `mindspore.amp`:
   module computes in it (no master weights, no loss scaling), as Lightning's.
 * "O1" / "O2" / "O3": MindSpore's own levels, applied to each sub-cell of the module
   (a LightningCell's own methods stay float32 code), float16, with dynamic loss
-  scaling for O1 and O2 and none for O3, as `mindspore.train.Model` does.
+  scaling for O2 only, as `mindspore.train.Model` defaults it. O1 rewrites the
+  sub-cells' source; MindSpore writes that code to `./rewritten_network/` and
+  compiles from it for the life of the process, so lightms has it written into a
+  temporary folder (removed at exit), not the working directory.
 
 Whether the running backend has the kernels is checked by running them once
 (`check_backend`), not assumed from a table.
 """
 
+import atexit
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -87,11 +96,48 @@ class Precision:
             for parameter in module.get_parameters():
                 parameter.set_dtype(self.dtype)
         else:
-            # MindSpore wraps the cell it converts (O2/O3 in an output cast); wrap the sub-cells instead, so
-            # the LightningCell itself, its hooks and its parameter names stay as they are.
-            for name, cell in list(module.name_cells().items()):
-                module._cells[name] = amp.auto_mixed_precision(cell, self.amp_level, self.dtype)
+            # MindSpore wraps the cell it converts (O2/O3 in an output cast, O1 in a rewritten copy); convert the
+            # sub-cells instead, so the LightningCell itself, its hooks and its parameter names stay as they are.
+            with _rewrite_folder(self.amp_level == "O1"):
+                for name, cell in list(module.name_cells().items()):
+                    module._cells[name] = amp.auto_mixed_precision(cell, self.amp_level, self.dtype)
         object.__setattr__(module, "_lightms_precision", self.name)
+
+
+@contextmanager
+def _rewrite_folder(needed: bool) -> Iterator[None]:
+    """Runs in a temporary folder that lives until the process exits (amp O1 compiles from files it writes)."""
+    if not needed:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="lightms-amp-O1-")
+    atexit.register(shutil.rmtree, folder, True)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
+def warn_half_optimizer(precision: Precision, optimizer) -> None:
+    """Warns when "16-true" makes the optimizer's epsilon round to zero (float16's smallest value is 6e-8).
+
+    With half-precision parameters the optimizer state is half too; Adam's default
+    eps=1e-8 becomes 0 and updates of small-gradient weights blow up or stall.
+    """
+    if precision.amp_level != "true" or precision.dtype != ms.float16:
+        return
+    values = [getattr(optimizer, "eps", None)]
+    values += [group.get("eps") for group in getattr(optimizer, "param_groups", [])]
+    for eps in values:
+        if hasattr(eps, "asnumpy"):  # nn.Adam keeps eps as a Tensor (a host read, once per fit)
+            eps = float(eps.asnumpy())
+        if isinstance(eps, float) and eps > 0 and float(np.float16(eps)) == 0.0:
+            warnings.warn(f"Trainer(precision={precision.name!r}): {type(optimizer).__name__}'s eps={eps:g} is 0 in "
+                          "float16, which the optimizer state now uses; training degrades (the digits example "
+                          "loses 18 points). Pass eps=1e-4 or use precision='16-mixed'.", stacklevel=4)
+            return
 
 
 def resolve_precision(value) -> Precision:
@@ -111,7 +157,7 @@ def resolve_precision(value) -> Precision:
         return Precision(key, half, "auto", half == ms.float16)
     if key.endswith("-true"):
         return Precision(key, half, "true", False)
-    return Precision(key, ms.float16, key, key in ("O1", "O2"))
+    return Precision(key, ms.float16, key, key == "O2")
 
 
 def check_backend(precision: Precision) -> None:

@@ -15,6 +15,7 @@ from lightms._mindspore import mindspore as ms  # noqa: F401
 from lightms.checkpoint.io import assign_parameters
 from lightms.checkpoint.run_state import restore_run_state
 from lightms.module.logging import HostLogs
+from lightms.precision.precision import warn_half_optimizer
 from lightms.step.binding import inside_step
 from lightms.step.builder import build_eval_step, build_train_step, gradient_pipeline, module_metrics
 from lightms.step.eval_step import EvalStep
@@ -75,6 +76,7 @@ class TrainingLoop:
         self._optimizer_config = read_optimizer_config(model.configure_optimizers(), type(model).__name__)
         self.optimizers = [self._optimizer_config.optimizer]
         self._loss_scaler = self.precision.loss_scaler()
+        warn_half_optimizer(self.precision, self._optimizer_config.optimizer)
         if self._ckpt_path is not None:
             restore_run_state(self, self._ckpt_path)
             train.resume_at(self.state.current_epoch, self.state.batches_done)
