@@ -46,7 +46,8 @@ class GraphDumpGuard:
 def compiled_graph_count() -> int:
     """Returns how many graphs MindSpore has compiled in this process so far.
 
-    Reads the cache of compiled phases that `mindspore.jit` keeps; used by tests
+    Reads the caches of compiled phases MindSpore keeps for `mindspore.jit`
+    functions and for Cells run as whole graphs (lightms's steps); used by tests
     and benchmarks to show that an epoch triggers no recompilation.
 
     Returns:
@@ -54,10 +55,10 @@ def compiled_graph_count() -> int:
         keeps its cache elsewhere.
     """
     try:
-        from mindspore.graph.api import ms_compile_cache
+        from mindspore.graph.api import cells_compile_cache, ms_compile_cache
     except ImportError:  # pragma: no cover - other MindSpore versions
         return -1
-    return len(ms_compile_cache)
+    return len(ms_compile_cache) + sum(len(phases) for phases in cells_compile_cache.values())
 
 
 __all__ = ["mindspore", "compiled_graph_count", "GraphDumpGuard"]

@@ -59,9 +59,27 @@ def loss_from_output(output):
     return output
 
 
+class GraphFunction(nn.Cell):
+    """Runs a Python function as one whole-graph Cell.
+
+    `Cell.compile_and_run` executes on MindSpore's graph executor, as a Cell does in
+    GRAPH_MODE, without changing the process's execution mode. A `mindspore.jit`
+    function instead goes through the PyNative executor (`grad_jit`), which cost
+    about 8 ms per call on this project's CPU: a 784-512-512-10 MLP step took 12 ms
+    that way and 3-4 ms as a Cell, with identical losses.
+    """
+
+    def __init__(self, fn: Callable):
+        super().__init__(auto_prefix=False)
+        self.fn = fn
+
+    def construct(self, *inputs):
+        return self.fn(*inputs)
+
+
 def compile_function(fn: Callable, compile: bool) -> Callable:
-    """Returns `fn` compiled with `mindspore.jit`, or `fn` itself when `compile` is False."""
-    return ms.jit(fn, jit_level="O1") if compile else fn
+    """Returns `fn` compiled as a whole graph, or `fn` itself when `compile` is False."""
+    return GraphFunction(fn).compile_and_run if compile else fn
 
 
 def take_micro_batch(batches, i):
