@@ -19,7 +19,7 @@ optimizer (and its own step counter and in-graph schedules) and `global_step`
 do not advance, and the scale drops.
 """
 
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -40,6 +40,11 @@ class LoopCounters(nn.Cell):
         self.current_epoch = Parameter(Tensor(0, ms.int32), name="lightms.current_epoch", requires_grad=False)
         # Micro-batches whose loss was NaN or infinite; the host reads it when it syncs anyway.
         self.nonfinite_losses = Parameter(Tensor(0, ms.int32), name="lightms.nonfinite_losses", requires_grad=False)
+        # batch_idx of the next micro-batch and the micro-batches in the open window: kept on the device,
+        # because every scalar input of a graph call cost about 0.25 ms on the CPU backend.
+        self.batch_idx = Parameter(Tensor(0, ms.int32), name="lightms.batch_idx", requires_grad=False)
+        self.window = Parameter(Tensor(0, ms.int32), name="lightms.window", requires_grad=False)
+        self._host_batch_idx, self._host_window = 0, 0
         self._zero, self._one = Tensor(0, ms.int32), Tensor(1, ms.int32)
 
     def count_nonfinite(self, loss):
@@ -50,6 +55,23 @@ class LoopCounters(nn.Cell):
         """Writes the host's counters to the device (no sync; `set_data` would unlink compiled graphs)."""
         ops.assign(self.current_epoch, Tensor(current_epoch, ms.int32))
         ops.assign(self.global_step, Tensor(global_step, ms.int32))
+
+    def expect(self, batch_idx: int, window: int) -> None:
+        """Makes the device's batch_idx and window counters equal the host's, writing only when they differ.
+
+        The steps advance both on the device; the host mirrors them and writes only at
+        epoch starts, resumes and early window ends.
+        """
+        if batch_idx != self._host_batch_idx:
+            ops.assign(self.batch_idx, Tensor(batch_idx, ms.int32))
+        if window != self._host_window:
+            ops.assign(self.window, Tensor(window, ms.int32))
+        self._host_batch_idx, self._host_window = batch_idx, window
+
+    def advanced(self, micro_batches: int, window: int) -> None:
+        """Records on the host what a step call did to the device counters."""
+        self._host_batch_idx += micro_batches
+        self._host_window = window
 
 
 def loss_from_output(output):
@@ -112,7 +134,7 @@ class TrainStep:
                  transforms: GradientPipeline, compile: bool, loss_scaler=None, sink_length: int = 0):
         self.accumulate = accumulate
         weights = optimizer.parameters
-        one_step = Tensor(1, ms.int32)
+        one_step, zero = Tensor(1, ms.int32), Tensor(0, ms.int32)
 
         def forward(batch, batch_idx):
             loss = loss_from_output(module.training_step(batch, batch_idx))
@@ -120,12 +142,13 @@ class TrainStep:
 
         grad_fn = ms.value_and_grad(forward, None, weights)
 
-        def gradients(batch, batch_idx):
-            loss, grads = grad_fn(batch, batch_idx)
+        def gradients(batch):
+            loss, grads = grad_fn(batch, counters.batch_idx + 0)
             if loss_scaler is not None:
                 loss = loss_scaler.unscale(loss)
             loss = ops.cast(loss, ms.float32)  # a half-precision loss is reported as float32
-            return ops.depend(loss, counters.count_nonfinite(loss)), grads
+            loss = ops.depend(loss, counters.count_nonfinite(loss))
+            return ops.depend(loss, ops.assign_add(counters.batch_idx, one_step)), grads
 
         def update(grads):
             """Unscales, checks, transforms and applies a window's gradients; returns whether it stepped."""
@@ -152,35 +175,38 @@ class TrainStep:
         accumulators = self.accumulators
 
         def accumulate_step(loss, grads):
+            loss = ops.depend(loss, ops.assign_add(counters.window, one_step))
             return ops.depend(loss, _hyper_map(ops.assign_add, accumulators, grads))
 
-        def window_update(grads, window_size):
+        def window_update(grads):
             """Averages the window (this micro-batch's `grads` added), updates, and empties the window."""
+            window_size = ops.cast(counters.window, ms.float32) + 1.0
             summed = _hyper_map(ops.add, accumulators, grads)
             stepped = update(_hyper_map(ops.partial(_divide, window_size), summed))
+            stepped = ops.depend(stepped, ops.assign(counters.window, zero))
             return ops.depend(stepped, _hyper_map(ops.assign, accumulators, _hyper_map(ops.zeros_like, accumulators)))
 
-        def window_step(batch, batch_idx):
-            return accumulate_step(*gradients(batch, batch_idx))
+        def window_step(batch):
+            return accumulate_step(*gradients(batch))
 
-        def optimizer_step(batch, batch_idx, window_size):
-            loss, grads = gradients(batch, batch_idx)
+        def optimizer_step(batch):
+            loss, grads = gradients(batch)
             if accumulate > 1:
-                return ops.depend(loss, window_update(grads, window_size))
+                return ops.depend(loss, window_update(grads))
             return ops.depend(loss, update(grads))
 
-        def sink_step(batches, first_index, closes, window_sizes, count):
+        def sink_step(batches, closes, count):
             i = Tensor(0, ms.int32)
             slot = Tensor(0, ms.int32)  # the next row of the step-value history
             loss = Tensor(0.0, ms.float32)
             while i < count:
-                loss, grads = gradients(take_micro_batch(batches, i), first_index + i)
+                loss, grads = gradients(take_micro_batch(batches, i))
                 if accumulate == 1:
                     stepped = update(grads)
                     loss = ops.depend(loss, logs.record_step(slot))
                     slot = slot + ops.cast(stepped, ms.int32)
                 elif closes[i]:
-                    stepped = window_update(grads, window_sizes[i])
+                    stepped = window_update(grads)
                     loss = ops.depend(loss, logs.record_step(slot))
                     slot = slot + ops.cast(stepped, ms.int32)
                 else:
@@ -196,25 +222,26 @@ class TrainStep:
             logs.keep_step_history(sink_length)
             self._sink_step = compile_function(sink_step, compile)
 
-    def window_step(self, batch, batch_idx):
-        """Runs forward and backward of a micro-batch that does not end its window; returns the loss."""
-        return self._window_step(batch, batch_idx)
+    def window_step(self, batch):
+        """Runs forward and backward of a micro-batch that does not end its window; returns the loss.
 
-    def optimizer_step(self, batch, batch_idx, window_size):
-        """Runs the micro-batch that ends a window of `window_size` micro-batches and updates the weights."""
-        return self._optimizer_step(batch, batch_idx, window_size)
+        Its batch_idx and the window's size are the device counters (`LoopCounters.expect`).
+        """
+        return self._window_step(batch)
 
-    def sink_step(self, batches, first_index: Tensor, closes: Tensor, window_sizes: Tensor, count: Tensor):
+    def optimizer_step(self, batch):
+        """Runs the micro-batch that ends its window and updates the weights; returns the loss."""
+        return self._optimizer_step(batch)
+
+    def sink_step(self, batches, closes: Tensor, count: Tensor):
         """Runs `count` stacked micro-batches in one graph call; returns the last micro-batch's loss.
 
         Args:
             batches: The chunk, each leaf stacked on a new leading axis of length `sink_length`.
-            first_index: batch_idx of the chunk's first micro-batch (int32 scalar).
             closes: Whether micro-batch i ends its accumulation window (bool, `sink_length`).
-            window_sizes: Micro-batches in the window micro-batch i closes (float32, `sink_length`).
             count: Micro-batches of the chunk to run (the rest of the axis is padding).
         """
-        return self._sink_step(batches, first_index, closes, window_sizes, count)
+        return self._sink_step(batches, closes, count)
 
 
 def _divide(divisor, value):

@@ -241,20 +241,21 @@ class TrainingLoop:
             # Ending now would leave gradients in the accumulators: finish the window first.
             warnings.warn("on_train_batch_start returned -1 inside an accumulation window; lightms "
                           "finishes the window, then ends the epoch.", stacklevel=3)
-            chunk.cut_after_first(state.window)
+            chunk.cut_after_first()
             last, end_epoch = first, True
             self.sink_batches = range(first.index, first.index + 1)
         if self._train_step is None:
             self._train_step = self._build_train_step(first)
         metrics.device["train"].set_batch_size(first.size)
+        self._counters.expect(first.index, state.window)
         with inside_step(model, "training_step", metrics.device["train"]):
             if sinking:
-                loss = self._train_step.sink_step(*chunk.device_inputs(self._sink_length, first.index))
+                loss = self._train_step.sink_step(*chunk.device_inputs(self._sink_length))
             elif chunk.closes[0]:
-                loss = self._train_step.optimizer_step(as_step_input(first.data), self._batch_index(first.index),
-                                                       self._scalar(float(chunk.window_sizes[0])))
+                loss = self._train_step.optimizer_step(as_step_input(first.data))
             else:
-                loss = self._train_step.window_step(as_step_input(first.data), self._batch_index(first.index))
+                loss = self._train_step.window_step(as_step_input(first.data))
+        self._counters.advanced(len(chunk.batches), chunk.window)
         state.batches_done = last.index + 1
         state.window = chunk.window
         before = state.global_step

@@ -72,13 +72,11 @@ class Chunk:
         window: Micro-batches in the open window after the planned batches.
         batches: The micro-batches.
         closes: Whether each ends its accumulation window (an optimizer step).
-        window_sizes: For those that do, the micro-batches in that window.
     """
 
     window: int
     batches: List[Batch] = field(default_factory=list)
     closes: List[bool] = field(default_factory=list)
-    window_sizes: List[int] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -95,23 +93,18 @@ class Chunk:
         closes = self.window == accumulate or batch.is_last
         self.batches.append(batch)
         self.closes.append(closes)
-        self.window_sizes.append(self.window)
         if closes:
             self.window = 0
         return closes
 
-    def cut_after_first(self, window_before: int) -> None:
+    def cut_after_first(self) -> None:
         """Keeps only the first batch and makes it end its window (an epoch that stops early)."""
-        self.batches, self.closes = self.batches[:1], [True]
-        self.window_sizes, self.window = [window_before + 1], 0
+        self.batches, self.closes, self.window = self.batches[:1], [True], 0
 
-    def device_inputs(self, length: int, first_index: int) -> Tuple:
+    def device_inputs(self, length: int) -> Tuple:
         """The inputs of `TrainStep.sink_step` for this chunk on an axis of `length`."""
-        pad = length - len(self.batches)
-        closes = np.array(self.closes + [False] * pad)
-        sizes = np.array(self.window_sizes + [1] * pad, np.float32)
-        return (stack([b.data for b in self.batches], length), Tensor(first_index, ms.int32), Tensor(closes),
-                Tensor(sizes), Tensor(len(self.batches), ms.int32))
+        closes = np.array(self.closes + [False] * (length - len(self.batches)))
+        return stack([b.data for b in self.batches], length), Tensor(closes), Tensor(len(self.batches), ms.int32)
 
 
 def resolve_sink_length(sink_size: Union[int, str], batches_per_epoch: Optional[int]) -> int:

@@ -202,7 +202,6 @@ class Trainer(TrainingLoop):
         self._train_step: Optional[TrainStep] = None
         self._eval_steps: Dict[str, EvalStep] = {}
         self._eval_log_targets: Dict[str, Any] = {}
-        self._scalars: Dict[float, Tensor] = {}
         self._ckpt_path: Optional[str] = None
         self._val_source: Optional[DataSource] = None
         self._nonfinite_seen = 0
@@ -465,16 +464,10 @@ class Trainer(TrainingLoop):
                 getattr(cb, hook)(self, self.model, *args)
         return returned
 
-    def _scalar(self, value: float) -> Tensor:
-        """A cached float32 scalar Tensor (batch sizes, window sizes): no new Tensor per step."""
-        tensor = self._scalars.get(value)
-        if tensor is None:
-            tensor = self._scalars[value] = Tensor(value, ms.float32)
-        return tensor
-
     def _batch_index(self, index: int):
-        # A mutable scalar, so that a new index does not recompile the graph.
-        return ms.mutable(index) if self.compile else index
+        # An int32 Tensor, so that a new index does not recompile the graph. (A `mutable` Python int
+        # does not either, but cost about 2 ms per call of an MLP step on the CPU backend.)
+        return Tensor(index, ms.int32) if self.compile else index
 
     def _logger_write(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
         if metrics:
