@@ -75,9 +75,14 @@ def test_sinking_equals_one_step_per_call(sink_size, accumulate):
         assert got.keys() == expected.keys()
         np.testing.assert_allclose([got[k] for k in sorted(got)], [expected[k] for k in sorted(got)],
                                    atol=1e-5, rtol=1e-6)
-    # global_step and batch_idx read inside the sunk graph are live
-    assert log.values("seen_step")[:3] == [(2, 1.0), (4, 3.0), (6, 5.0)] if accumulate == 1 else \
-        log.values("seen_step")[:2] == [(2, 1.0), (4, 3.0)]
+    # global_step and batch_idx read inside the graph are live (batch_idx restarts each epoch: 13 batches)
+    seen_idx = dict(log.values("seen_idx"))
+    if accumulate == 1:
+        assert log.values("seen_step")[:3] == [(2, 1.0), (4, 3.0), (6, 5.0)]
+        assert [seen_idx[s] for s in (2, 4, 12, 14, 16)] == [1.0, 3.0, 11.0, 0.0, 2.0]
+    else:
+        assert log.values("seen_step")[:2] == [(2, 1.0), (4, 3.0)]
+        assert [seen_idx[s] for s in (2, 4, 6, 8)] == [5.0, 11.0, 2.0, 8.0]  # the max over each window
     assert trainer.callback_metrics["xsum_epoch"] == pytest.approx(base_trainer.callback_metrics["xsum_epoch"],
                                                                    abs=1e-4)
     # it really sinks: one host call per chunk (the 4-sample last batch runs on its own)
@@ -198,3 +203,16 @@ def test_step_schedulers_and_anomaly_detection_say_they_end_every_chunk():
     assert_same_parameters(base, sunk)
     with pytest.warns(UserWarning, match="detect_anomaly"):
         fit(4, 2, epochs=1, detect_anomaly=True)
+
+
+def test_a_sink_length_that_does_not_fit_in_memory_is_shortened_loudly(monkeypatch):
+    from lightms.trainer import loop, sinking
+
+    x, y = make_data(100)
+    per_batch = x[:8].nbytes + y[:8].nbytes
+    assert sinking.fit_in_memory(13, batches_of(x, y, 8)[0], limit=5 * per_batch) == 5
+    monkeypatch.setattr(loop, "SINK_MEMORY_LIMIT", 5 * per_batch)
+    monkeypatch.setattr(loop, "fit_in_memory", lambda length, data: sinking.fit_in_memory(length, data, 5 * per_batch))
+    with pytest.warns(UserWarning, match="lightms sinks 5 per host call"):
+        model, trainer, _, recorder = fit("epoch", 1, epochs=1)
+    assert recorder.ranges[:3] == [range(0, 5), range(5, 10), range(10, 12)]

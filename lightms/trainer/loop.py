@@ -23,7 +23,7 @@ from lightms.step.train_step import TrainStep
 from lightms.trainer.data import DataSource, as_step_input
 from lightms.trainer.interrupts import Interrupted
 from lightms.trainer.optimizers import read_optimizer_config, step_schedulers
-from lightms.trainer.sinking import Chunk, check_sinkable, resolve_sink_length
+from lightms.trainer.sinking import SINK_MEMORY_LIMIT, Chunk, check_sinkable, fit_in_memory, resolve_sink_length
 
 EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
 
@@ -185,6 +185,8 @@ class TrainingLoop:
         self._call("on_train_epoch_start")
         chunk = Chunk(state.window)
         for batch in self._train_source.batches(self.limit_train_batches):
+            if self._train_step is None and self._sink_length > 1 and not chunk.batches:
+                self._limit_sink_memory(batch)
             if not chunk.accepts(batch):  # a batch of another size: it starts a chunk of its own
                 if self._run_chunk(chunk):
                     chunk = None
@@ -211,6 +213,15 @@ class TrainingLoop:
         epoch_values = metrics.read_epoch("train")
         self._logger_write(epoch_values)
         self._step_schedulers("epoch", state.current_epoch + 1)
+
+    def _limit_sink_memory(self, batch) -> None:
+        """Shortens the sink length, loudly, if a stacked chunk of it would not fit in memory."""
+        fitting = fit_in_memory(self._sink_length, batch.data)
+        if fitting < self._sink_length:
+            warnings.warn(f"Trainer(sink_size={self.sink_size!r}): {self._sink_length} stacked batches would take more "
+                          f"than {SINK_MEMORY_LIMIT >> 20} MiB of host memory; lightms sinks {fitting} per host call "
+                          "instead.", stacklevel=4)
+            self._sink_length = fitting
 
     def _host_needed_after(self, step: int, batch) -> bool:
         """Whether the host must act right after optimizer step `step` (so a sunk chunk ends there)."""

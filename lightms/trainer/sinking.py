@@ -107,6 +107,29 @@ class Chunk:
         return stack([b.data for b in self.batches], length), Tensor(closes), Tensor(len(self.batches), ms.int32)
 
 
+# A sunk chunk is stacked on the host; "epoch" stops short of stacking more than this.
+SINK_MEMORY_LIMIT = 1 << 30
+
+
+def fit_in_memory(sink_length: int, batch_data, limit: int = SINK_MEMORY_LIMIT) -> int:
+    """The sink length whose stacked chunk stays within `limit` bytes (at least 1).
+
+    Args:
+        sink_length: The requested micro-batches per host call.
+        batch_data: One batch (its leaves' sizes give the bytes per micro-batch).
+        limit: Bytes a stacked chunk may take.
+    """
+    per_batch = sum(leaf.nbytes for leaf in _flat_leaves(batch_data))
+    return max(1, min(sink_length, limit // max(per_batch, 1)))
+
+
+def _flat_leaves(data) -> list:
+    leaves = []
+    for leaf in _leaves(data):
+        leaves += _flat_leaves(leaf) if isinstance(leaf, (dict, tuple, list)) else [leaf]
+    return leaves
+
+
 def resolve_sink_length(sink_size: Union[int, str], batches_per_epoch: Optional[int]) -> int:
     """Micro-batches per host call for `Trainer(sink_size=...)`.
 
@@ -121,4 +144,5 @@ def resolve_sink_length(sink_size: Union[int, str], batches_per_epoch: Optional[
     return int(sink_size)
 
 
-__all__ = ["Chunk", "check_sinkable", "resolve_sink_length", "shapes_of", "stack"]
+__all__ = ["Chunk", "SINK_MEMORY_LIMIT", "check_sinkable", "fit_in_memory", "resolve_sink_length", "shapes_of",
+           "stack"]
