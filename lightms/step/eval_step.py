@@ -10,7 +10,7 @@ class EvalStep:
     Args:
         hook: The module's bound hook, e.g. `module.validation_step`.
         logs: The device log buffers for this hook, or None when the hook runs on the host.
-        compile: Compile with `mindspore.jit` (True) or run eagerly (False).
+        compile: Run as a compiled whole graph (True) or eagerly (False).
     """
 
     def __init__(self, hook, logs, compile: bool):
