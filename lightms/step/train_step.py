@@ -125,7 +125,7 @@ class TrainStep:
         counters: The device loop counters.
         accumulate: Micro-batches per optimizer step.
         transforms: Gradient transforms applied to the averaged, unscaled gradients.
-        compile: Compile with `mindspore.jit` (True) or run eagerly (False).
+        compile: Run as compiled whole graphs (True) or eagerly (False).
         loss_scaler: A `mindspore.amp.DynamicLossScaler` (or StaticLossScaler), or None.
         sink_length: Micro-batches per `sink_step` call (stacked leading axis); 0 for no sink graph.
     """
