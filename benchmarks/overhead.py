@@ -186,9 +186,11 @@ class ReferenceLoop:
         spec: The model to build (seed before constructing this).
         batches: The numpy batches of one epoch; converted to Tensors once.
         compile: Run the step as a whole-graph Cell (True) or in PyNative.
+        use_jit: Compile it as a `mindspore.jit(jit_level="O1")` function instead of a Cell.
     """
 
-    def __init__(self, spec: ModelSpec, batches: Sequence[Tuple[np.ndarray, np.ndarray]], compile: bool):
+    def __init__(self, spec: ModelSpec, batches: Sequence[Tuple[np.ndarray, np.ndarray]], compile: bool,
+                 use_jit: bool = False):
         self.net = spec.factory()
         self.loss_fn = nn.CrossEntropyLoss()
         self.optimizer = nn.Adam(self.net.trainable_params(), learning_rate=LEARNING_RATE)
@@ -209,7 +211,10 @@ class ReferenceLoop:
             def construct(self, x, y):
                 return train_step(x, y)
 
-        self.step = Step().compile_and_run if compile else train_step
+        if use_jit:
+            self.step = ms.jit(train_step, jit_level="O1")
+        else:
+            self.step = Step().compile_and_run if compile else train_step
         self.last_loss: Optional[Tensor] = None
 
     def run_epoch(self) -> float:

@@ -6,16 +6,16 @@ batch 64), all trained with `nn.Adam(learning_rate=1e-3)` and
 weights, these variants are measured side by side in one run:
 
 * `ref`: the reference, a hand-written compiled train step as a
-  performance-minded MindSpore user writes it: under GRAPH_MODE, a Cell whose
-  `construct` runs `value_and_grad` + `nn.Adam` joined by `ops.depend`, batches
-  converted to Tensors once;
+  performance-minded MindSpore user writes it: a Cell whose `construct` runs
+  `value_and_grad` + `nn.Adam` joined by `ops.depend`, run as a whole graph
+  (`Cell.compile_and_run`, what calling it under GRAPH_MODE does; measured the
+  same), batches converted to Tensors once (`overhead.ReferenceLoop`);
 * `ref-jit`: the same step as a `mindspore.jit(jit_level="O1")` function, the
   other form the issue allows; a baseline only. On this CPU backend it is 2-4x
-  slower per step than the GRAPH_MODE Cell (every call goes through the PyNative
+  slower per step than the whole-graph Cell (every call goes through the PyNative
   executor's `grad_jit`), which is why `ref` is the Cell;
-* `ref-acc4`: `ref` with accumulation over 4 micro-batches: a GRAPH_MODE window
-  step Cell adds each micro-batch's gradients into Parameters (`HyperMap` +
-  `ops.assign_add`), an optimizer step Cell adds the window's last micro-batch,
+* `ref-acc4`: `ref` with accumulation over 4 micro-batches: a window step Cell
+  adds each micro-batch's gradients into Parameters (`HyperMap` + `ops.assign_add`), an optimizer step Cell adds the window's last micro-batch,
   applies the average (divided by the micro-batches the window really holds) and
   empties them. It is the reference of the `accumulate=4` rows (their losses must
   equal its loss; their time per micro-batch is compared with its time per
@@ -63,7 +63,7 @@ How it is measured:
   notes. Rows whose maths equals their reference's must agree to 5 decimals
   (|difference| <= 1e-5).
 * Graphs compiled: `mindspore.jit` functions (`ms_compile_cache`, what
-  `lightms.compiled_graph_count()` reads) plus Cells compiled in GRAPH_MODE
+  `lightms.compiled_graph_count()` reads) plus Cells compiled as whole graphs
   (which `Model.train` uses and that cache misses), in the whole worker process,
   and how many of them came after the warm-up epoch (must be 0).
 * Targets: `sink_size=1` at most 1.05x `ref`; with sinking at most 1.00x `ref`
@@ -264,7 +264,7 @@ def select_variants(patterns: Optional[str], defaults: List[str]) -> List[str]:
 # ---- worker: helpers -------------------------------------------------------------------------------
 
 def graphs_compiled() -> int:
-    """Graphs MindSpore has compiled in this process: jit functions plus GRAPH_MODE Cells."""
+    """Graphs MindSpore has compiled in this process: jit functions plus whole-graph Cells."""
     try:
         from mindspore.graph.api import cells_compile_cache, ms_compile_cache
     except ImportError:  # other MindSpore versions
@@ -312,69 +312,21 @@ def seed_mindspore(seed: int) -> None:
     random.seed(seed)
 
 
-class GraphStep:
-    """Makes a train-step function a Cell and runs it in GRAPH_MODE, as MindSpore's own examples do."""
+def graph_step(function):
+    """Makes a train-step function a Cell run as a whole graph (`Cell.compile_and_run`)."""
+    from mindspore import nn
 
-    def __new__(cls, function):
-        import mindspore as ms
-        from mindspore import nn
+    class Step(nn.Cell):
+        def construct(self, *inputs):
+            return function(*inputs)
 
-        class Step(nn.Cell):
-            def construct(self, *inputs):
-                return function(*inputs)
-
-        ms.set_context(mode=ms.GRAPH_MODE)
-        return Step()
-
-
-class Reference:
-    """The hand-written reference loop: value_and_grad + Adam as one GRAPH_MODE Cell (or a jit function).
-
-    Args:
-        spec: The model (seed before constructing this).
-        batches: The numpy batches of one epoch; converted to Tensors once.
-        use_jit: Compile with `mindspore.jit(jit_level="O1")` instead of a GRAPH_MODE Cell.
-    """
-
-    def __init__(self, spec, batches, use_jit: bool):
-        import mindspore as ms
-        from mindspore import Tensor, nn, ops
-
-        self.net = spec.factory()
-        self.loss_fn = nn.CrossEntropyLoss()
-        self.optimizer = nn.Adam(self.net.trainable_params(), learning_rate=LEARNING_RATE)
-        self.batches = [(Tensor(x), Tensor(y)) for x, y in batches]
-        net, loss_fn, optimizer = self.net, self.loss_fn, self.optimizer
-
-        def forward(x, y):
-            return loss_fn(net(x), y)
-
-        grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
-
-        def train_step(x, y):
-            loss, grads = grad_fn(x, y)
-            return ops.depend(loss, optimizer(grads))
-
-        self.step = ms.jit(train_step, jit_level="O1") if use_jit else GraphStep(train_step)
-        self.last_loss = None
-
-    def run_epoch(self) -> float:
-        """Trains one epoch; returns its duration in seconds, synchronised."""
-        start = time.perf_counter()
-        for x, y in self.batches:
-            self.last_loss = self.step(x, y)
-        host_sync(self.net)
-        return time.perf_counter() - start
-
-    def final_loss(self) -> float:
-        """The loss of the last step."""
-        return float(self.last_loss.asnumpy())
+    return Step().compile_and_run
 
 
 class AccumulatingReference:
     """A hand-written train loop that accumulates gradients over `accumulate` micro-batches.
 
-    A GRAPH_MODE window step Cell runs forward and backward and adds the
+    A whole-graph window step Cell runs forward and backward and adds the
     gradients into Parameters; an optimizer step Cell runs the window's last
     micro-batch, divides the sum by the micro-batches in the window (the last
     window of an epoch may be shorter), applies Adam and zeroes the sums.
@@ -419,8 +371,8 @@ class AccumulatingReference:
             loss = ops.depend(loss, optimizer(mean))
             return ops.depend(loss, hyper_map(ops.assign, sums, hyper_map(ops.zeros_like, sums)))
 
-        self.window_step = GraphStep(window_step)
-        self.optimizer_step = GraphStep(optimizer_step)
+        self.window_step = graph_step(window_step)
+        self.optimizer_step = graph_step(optimizer_step)
         self.window_sizes = {k: Tensor(float(k), ms.float32) for k in range(1, accumulate + 1)}
         self.last_window_losses: List = []
 
@@ -450,11 +402,13 @@ def _divide(denominator, value):
 
 def run_reference(variant: Variant, spec, batches, epochs: int, warmup: int) -> dict:
     """Trains with the hand-written loop (plain or accumulating); returns the measurements."""
+    from overhead import ReferenceLoop
+
     seed_mindspore(SEED)
     if variant.accumulate > 1:
         loop = AccumulatingReference(spec, batches, variant.accumulate)
     else:
-        loop = Reference(spec, batches, use_jit=variant.mode == "jit")
+        loop = ReferenceLoop(spec, batches, compile=True, use_jit=variant.mode == "jit")
     initial = weights_hash(loop.net)
     times, compiles_after_warmup = [], None
     for epoch in range(warmup + epochs):
