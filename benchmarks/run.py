@@ -62,10 +62,10 @@ How it is measured:
   weights the variants ended with; the loss of the last training step is in the
   notes. Rows whose maths equals their reference's must agree to 5 decimals
   (|difference| <= 1e-5).
-* Graphs compiled: `mindspore.jit` functions (`ms_compile_cache`, what
-  `lightms.compiled_graph_count()` reads) plus Cells compiled as whole graphs
-  (which `Model.train` uses and that cache misses), in the whole worker process,
-  and how many of them came after the warm-up epoch (must be 0).
+* Graphs compiled (`lightms.compiled_graph_count()`: `mindspore.jit` functions
+  plus Cells compiled as whole graphs, which `Model.train` and lightms use), in
+  the whole worker process, and how many of them came after the warm-up epoch
+  (must be 0).
 * Targets: `sink_size=1` at most 1.05x `ref`; with sinking at most 1.00x `ref`
   and faster than every `Model.train` row measured; `accumulate=4` at most 1.05x
   `ref-acc4` per micro-batch; peak RSS of every lightms row at most 1.10x its
@@ -265,11 +265,9 @@ def select_variants(patterns: Optional[str], defaults: List[str]) -> List[str]:
 
 def graphs_compiled() -> int:
     """Graphs MindSpore has compiled in this process: jit functions plus whole-graph Cells."""
-    try:
-        from mindspore.graph.api import cells_compile_cache, ms_compile_cache
-    except ImportError:  # other MindSpore versions
-        return -1
-    return len(ms_compile_cache) + sum(len(phases) for phases in cells_compile_cache.values())
+    import lightms
+
+    return lightms.compiled_graph_count()
 
 
 def peak_rss_mib() -> float:
