@@ -58,6 +58,34 @@ def test_an_overflowing_step_is_skipped_and_halves_the_scale():
     assert float(trainer._loss_scaler.scale_value.asnumpy()) == 2.0 ** 15
 
 
+def test_mixed_keeps_float32_master_weights_and_true_makes_them_half():
+    x, y = make_data(16)
+    mixed = fresh_model()
+    quiet_trainer(max_epochs=1, precision="16-mixed").fit(mixed, batches_of(x, y, 8))
+    assert {p.dtype for p in mixed.trainable_params()} == {ms.float32}
+    half = fresh_model()
+    quiet_trainer(max_epochs=1, precision="16-true").fit(half, batches_of(x, y, 8))
+    assert {p.dtype for p in half.trainable_params()} == {ms.float16}
+
+
+def test_gradients_are_unscaled_before_clipping():
+    class PlainSGD(TinyRegressor):
+        def configure_optimizers(self):
+            return nn.SGD(self.trainable_params(), learning_rate=1.0)
+
+    x, y = make_data(64)
+    model = fresh_model(cls=PlainSGD)
+    before = parameters_of(model)
+    trainer = quiet_trainer(max_epochs=1, precision="16-mixed", gradient_clip_val=1e-3,
+                            gradient_clip_algorithm="value")
+    trainer.fit(model, batches_of(x, y, 8))
+    assert trainer.global_step >= 2
+    moved = max(np.abs(parameters_of(model)[name] - value).max() for name, value in before.items())
+    # each real step moves a weight by at most lr * 1e-3; clipping the scaled gradients (x 2**10 or
+    # more) and unscaling afterwards would move them by 1e-6 or less
+    assert 0.9e-3 <= moved <= trainer.global_step * 1e-3 * 1.01
+
+
 def test_skipped_steps_do_not_step_host_schedulers_and_sinking_stays_exact():
     class Scheduled(TinyRegressor):
         def configure_optimizers(self):
