@@ -159,8 +159,77 @@ def test_a_module_converted_for_one_precision_is_not_reused_for_another():
     model = fresh_model()
     quiet_trainer(max_epochs=1, precision="O2").fit(model, batches_of(x, y, 8))
     quiet_trainer(max_epochs=1, precision="O2").fit(model, batches_of(x, y, 8))  # same: fine
-    with pytest.raises(ValueError, match="already converted for Trainer\\(precision='O2'\\)"):
-        quiet_trainer(max_epochs=1, precision="O3").fit(model, batches_of(x, y, 8))
+    for other in ("O3", "32-true"):
+        with pytest.raises(ValueError, match="already converted for Trainer\\(precision='O2'\\)"):
+            quiet_trainer(max_epochs=1, precision=other).fit(model, batches_of(x, y, 8))
+
+
+class TwoNets(TinyRegressor):
+    """Two sub-cells of the same structure: their parameters differ only by prefix."""
+
+    def __init__(self, lr: float = 0.1):
+        super().__init__(lr)
+        self.head = nn.SequentialCell(nn.Dense(1, 8), nn.Tanh(), nn.Dense(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = ((self.head(self(x)) - y) ** 2).mean()
+        self.log("loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("precision", ["O1", "O2", "O3", "16-true"])
+def test_converted_modules_keep_their_parameter_names_and_checkpoints_load_into_float32(tmp_path, precision):
+    x, y = make_data(16)
+    model = fresh_model(cls=TwoNets)
+    names = [p.name for p in model.get_parameters()]
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path))
+    quiet_trainer(max_epochs=1, precision=precision, callbacks=[checkpoint],
+                  enable_checkpointing=True).fit(model, batches_of(x, y, 8))
+    assert [p.name for p in model.get_parameters()] == names
+    restored = TwoNets.load_from_checkpoint(checkpoint.last_model_path)
+    for name, value in parameters_of(model).items():
+        np.testing.assert_allclose(parameters_of(restored)[name], value.astype(np.float32), rtol=0, atol=0)
+
+
+def test_16_true_leaves_integer_buffers_alone():
+    class WithCounter(TinyRegressor):
+        def __init__(self):
+            super().__init__()
+            self.seen = ms.Parameter(ms.Tensor(0, ms.int32), name="seen", requires_grad=False)
+
+    x, y = make_data(16)
+    model = fresh_model(cls=WithCounter)
+    quiet_trainer(max_epochs=1, precision="16-true").fit(model, batches_of(x, y, 8))
+    assert model.seen.dtype == ms.int32 and model.net[0].weight.dtype == ms.float16
+
+
+def test_16_mixed_autocasts_direct_sub_cell_calls_alike_eager_and_compiled():
+    class Probe(lightms.LightningCell):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Dense(1, 1, weight_init="ones", has_bias=False)
+
+        def construct(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, = batch
+            self.log("via_self", self(x).mean() - 1.0)
+            self.log("via_subcell", self.net(x).mean() - 1.0)  # not through self(x)
+            return ((self.net(x) - 1.0) ** 2).mean()
+
+        def configure_optimizers(self):
+            return nn.SGD(self.trainable_params(), learning_rate=0.0)
+
+    x = np.full((4, 1), 1.0001, np.float32)  # 1.0001 is 1.0 in float16
+    for compile in (False, True):
+        trainer = quiet_trainer(max_epochs=1, precision="16-mixed", compile=compile)
+        trainer.fit(Probe(), [(x,)])
+        assert trainer.callback_metrics == {"via_self": 0.0, "via_subcell": 0.0}
+    trainer = quiet_trainer(max_epochs=1, compile=True)
+    trainer.fit(Probe(), [(x,)])
+    assert trainer.callback_metrics["via_subcell"] == pytest.approx(1e-4, rel=1e-2)
 
 
 # ---- accuracy: the README example's MLP on digits, float32 against each precision the backend runs --------

@@ -140,6 +140,21 @@ def test_chunks_end_at_validation_checkpoint_and_max_steps(tmp_path):
     assert [end for _, end in recorder.ends][:5] == [3, 4, 6, 8, 9]  # cut at each checkpoint and validation
 
 
+def test_a_fractional_val_check_interval_validates_at_the_same_steps_when_sinking():
+    x, y = make_data(96)
+    seen = {}
+    for sink_size in (1, 3):
+        at = seen[sink_size] = []
+
+        class ValPositions(Callback):
+            def on_validation_start(self, trainer, module):
+                at.append((trainer.global_step, trainer.state.batches_done))
+
+        quiet_trainer(max_epochs=1, sink_size=sink_size, accumulate=2, val_check_interval=0.25,
+                      callbacks=[ValPositions()]).fit(fresh_model(), batches_of(x, y, 8), batches_of(x, y, 48))
+    assert seen[3] == seen[1] == [(3, 6), (6, 12)]  # batch 3 and 9 are mid-window: no validation there
+
+
 def test_resume_from_a_checkpoint_written_inside_a_sunk_epoch(tmp_path):
     straight, straight_trainer, _, _ = fit(4, 3, epochs=2)
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=2, save_top_k=-1)

@@ -3,10 +3,11 @@
 Lightning's names map onto `mindspore.amp`:
 
 * "32" / "32-true" / "O0": float32 throughout (the default).
-* "16-mixed" / "bf16-mixed": `auto_mixed_precision(module, "auto", dtype)`, MindSpore's
-  per-operator autocast: matrix products and convolutions run in half precision,
-  reductions, softmax and losses in float32; the parameters stay float32 (the
-  master weights). "16-mixed" adds dynamic loss scaling in the compiled step.
+* "16-mixed" / "bf16-mixed": `auto_mixed_precision(step_hook, "auto", dtype)`,
+  MindSpore's per-operator autocast around each step hook: matrix products and
+  convolutions run in half precision, reductions, softmax and losses in float32; the
+  module and its parameters stay float32 (the master weights). "16-mixed" adds
+  dynamic loss scaling in the compiled step.
 * "16-true" / "bf16-true": the parameters themselves become half precision and the
   module computes in it (no master weights, no loss scaling), as Lightning's.
 * "O1" / "O2" / "O3": MindSpore's own levels, applied to each sub-cell of the module
@@ -73,35 +74,70 @@ class Precision:
         scaler.counter.name = "lightms.loss_scale.counter"
         return scaler
 
-    def apply(self, module: nn.Cell) -> None:
-        """Makes `module` compute in this precision, in place (parameter names do not change).
+    def autocast(self, step_function):
+        """Wraps a step's forward so its operators autocast ("16-mixed", "bf16-mixed"); else returns it as is.
 
-        Applied once: a module that already has this precision is left alone.
+        `mindspore.amp.auto_mixed_precision(function, "auto")` applies to everything the
+        function runs, `self(x)` and direct sub-cell calls (`self.net(x)`) alike, eagerly
+        and compiled. Give it a function of its own: MindSpore marks the function object.
+        """
+        if self.amp_level != "auto":
+            return step_function
+        return amp.auto_mixed_precision(step_function, "auto", self.dtype)
+
+    def apply(self, module: nn.Cell) -> None:
+        """Converts `module` for the levels that change it ("-true", "O1".."O3"), in place.
+
+        Parameter names do not change. Applied once: a module that already has this
+        precision is left alone. "-mixed" leaves the module as it is (see `autocast`).
 
         Raises:
-            ValueError: If the module was prepared for another precision before.
+            ValueError: If the module was converted for another precision before.
         """
-        if self.is_float32:
-            return
         done = getattr(module, "_lightms_precision", None)
-        if done == self.name:
+        if done == self.name or (done is None and self.amp_level in ("O0", "auto")):
             return
         if done is not None:
             raise ValueError(f"This module was already converted for Trainer(precision={done!r}); build a fresh "
                              f"module for precision={self.name!r}.")
-        if self.amp_level == "auto":
-            amp.auto_mixed_precision(module, "auto", self.dtype)  # decorates module.construct in place
-        elif self.amp_level == "true":
+        if self.amp_level == "true":
             module.to_float(self.dtype)
             for parameter in module.get_parameters():
-                parameter.set_dtype(self.dtype)
+                if parameter.dtype in (ms.float32, ms.float64, ms.float16, ms.bfloat16):  # not integer buffers
+                    parameter.set_dtype(self.dtype)
         else:
             # MindSpore wraps the cell it converts (O2/O3 in an output cast, O1 in a rewritten copy); convert the
-            # sub-cells instead, so the LightningCell itself, its hooks and its parameter names stay as they are.
+            # sub-cells instead, so the LightningCell itself and its hooks stay as they are.
             with _rewrite_folder(self.amp_level == "O1"):
                 for name, cell in list(module.name_cells().items()):
-                    module._cells[name] = amp.auto_mixed_precision(cell, self.amp_level, self.dtype)
+                    module._cells[name] = self._convert_keeping_names(name, cell)
         object.__setattr__(module, "_lightms_precision", self.name)
+
+
+    def _convert_keeping_names(self, attribute: str, cell: nn.Cell) -> nn.Cell:
+        """Converts a sub-cell at an "O" level; its parameters keep their names (O1's rewrite drops the prefix).
+
+        Raises:
+            RuntimeError: If the names cannot be restored (checkpoints would not load).
+        """
+        names = [p.name for p in cell.get_parameters()]
+        converted = amp.auto_mixed_precision(cell, self.amp_level, self.dtype)
+        return _restore_names(attribute, names, converted)
+
+
+def _restore_names(attribute: str, names, converted: nn.Cell) -> nn.Cell:
+    """Renames `converted`'s parameters back to `names` by adding the `attribute.` prefix they lost.
+
+    Raises:
+        RuntimeError: If that does not give back `names`.
+    """
+    if [p.name for p in converted.get_parameters()] != names:
+        converted.update_parameters_name(f"{attribute}.")
+    renamed = [p.name for p in converted.get_parameters()]
+    if renamed != names:
+        raise RuntimeError(f"mindspore.amp renamed the parameters of sub-cell {attribute!r} ({names[:2]} -> "
+                           f"{renamed[:2]}); lightms cannot restore them, so checkpoints would not load.")
+    return converted
 
 
 @contextmanager

@@ -21,13 +21,14 @@ def gradient_pipeline(clip_val: Optional[float], clip_algorithm: str) -> Gradien
 
 def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Optional[DeviceLogBuffers],
                      accumulate: int, transforms: GradientPipeline, compile: bool, sink_length: int = 1,
-                     loss_scaler=None) -> Tuple[TrainStep, DeviceLogBuffers]:
+                     loss_scaler=None, autocast=None) -> Tuple[TrainStep, DeviceLogBuffers]:
     """Dry-runs training_step on `batch`, then builds its graphs.
 
     Args:
         logs: Buffers restored from a checkpoint, kept if the dry run logs the same names.
         sink_length: Micro-batches per sunk host call (1: no sink graph).
         loss_scaler: A `mindspore.amp` loss scaler, or None.
+        autocast: Wraps the forward for mixed precision (`Precision.autocast`), or None.
 
     Returns:
         The step and the log buffers it writes.
@@ -38,7 +39,7 @@ def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Opt
     if logs is None or logs.options != options:
         logs = DeviceLogBuffers(options)
     step = TrainStep(module, optimizer, logs, counters, accumulate, transforms, compile, loss_scaler,
-                     sink_length if sink_length > 1 else 0)
+                     sink_length if sink_length > 1 else 0, autocast)
     return step, logs
 
 
@@ -47,7 +48,7 @@ def module_metrics(module) -> list:
     return [value for value in vars(module).values() if is_metric(value)]
 
 
-def build_eval_step(module, stage: str, hook: str, batch, host_logs: HostLogs, compile: bool):
+def build_eval_step(module, stage: str, hook: str, batch, host_logs: HostLogs, compile: bool, autocast=None):
     """Builds the step of validation_step, test_step or predict_step.
 
     A module holding `mindspore.train.Metric`s runs validation/test hooks on the host
@@ -62,14 +63,14 @@ def build_eval_step(module, stage: str, hook: str, batch, host_logs: HostLogs, c
             # and let the trainer put it back after the run.
             object.__setattr__(module, "_lightms_construct_before", module.__dict__.get("construct"))
             object.__setattr__(module, "construct", ms.jit(module.construct, jit_level="O1"))
-        return EvalStep(getattr(module, hook), None, compile=False), host_logs, None
+        return EvalStep(getattr(module, hook), None, compile=False, autocast=autocast), host_logs, None
     recorder, _ = dry_run(module, hook, batch.data, batch.index)
     logs = DeviceLogBuffers(list(recorder.options.values()))
     for options in logs.options:
         if options.on_step and stage != "predict":
             warnings.warn(f"self.log({options.name!r}, on_step=True) in {hook}: lightms reports {stage} values "
                           "per epoch; the step value is not sent to the loggers.", stacklevel=3)
-    return EvalStep(getattr(module, hook), logs, compile), logs, logs
+    return EvalStep(getattr(module, hook), logs, compile, autocast), logs, logs
 
 
 __all__ = ["build_eval_step", "build_train_step", "gradient_pipeline", "module_metrics"]

@@ -1,5 +1,6 @@
 """The compiled evaluation step: one call of validation_step, test_step or predict_step."""
 
+from typing import Callable, Optional
 
 from lightms.step.train_step import compile_function
 
@@ -11,16 +12,27 @@ class EvalStep:
         hook: The module's bound hook, e.g. `module.validation_step`.
         logs: The device log buffers for this hook, or None when the hook runs on the host.
         compile: Run as a compiled whole graph (True) or eagerly (False).
+        autocast: Wraps the hook for mixed precision (`Precision.autocast`), or None.
+
+    Attributes:
+        compiled: Whether the step runs as a graph (its batch_idx is then a Tensor).
     """
 
-    def __init__(self, hook, logs, compile: bool):
+    def __init__(self, hook, logs, compile: bool, autocast: Optional[Callable] = None):
+        def run_hook(batch, batch_idx):
+            return hook(batch, batch_idx)
+
+        if autocast is not None:
+            run_hook = autocast(run_hook)
+
         def step(batch, batch_idx):
             if logs is None:  # a host-run hook (it updates Metrics): HostLogs weighs its own values
-                return hook(batch, batch_idx)
-            output = hook(batch, batch_idx)
+                return run_hook(batch, batch_idx)
+            output = run_hook(batch, batch_idx)
             logs.close_window()
             return output
 
+        self.compiled = compile
         self._step = compile_function(step, compile)
 
     def __call__(self, batch, batch_idx):

@@ -19,7 +19,7 @@ optimizer (and its own step counter and in-graph schedules) and `global_step`
 do not advance, and the scale drops.
 """
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -128,16 +128,24 @@ class TrainStep:
         compile: Run as compiled whole graphs (True) or eagerly (False).
         loss_scaler: A `mindspore.amp.DynamicLossScaler` (or StaticLossScaler), or None.
         sink_length: Micro-batches per `sink_step` call (stacked leading axis); 0 for no sink graph.
+        autocast: Wraps the forward function for mixed precision (`Precision.autocast`), or None.
     """
 
     def __init__(self, module, optimizer, logs, counters: LoopCounters, accumulate: int,
-                 transforms: GradientPipeline, compile: bool, loss_scaler=None, sink_length: int = 0):
+                 transforms: GradientPipeline, compile: bool, loss_scaler=None, sink_length: int = 0,
+                 autocast: Optional[Callable] = None):
         self.accumulate = accumulate
         weights = optimizer.parameters
         one_step, zero = Tensor(1, ms.int32), Tensor(0, ms.int32)
 
+        def training_step(batch, batch_idx):
+            return module.training_step(batch, batch_idx)
+
+        if autocast is not None:
+            training_step = autocast(training_step)
+
         def forward(batch, batch_idx):
-            loss = loss_from_output(module.training_step(batch, batch_idx))
+            loss = loss_from_output(training_step(batch, batch_idx))
             return loss if loss_scaler is None else loss_scaler.scale(loss)
 
         grad_fn = ms.value_and_grad(forward, None, weights)
@@ -216,7 +224,6 @@ class TrainStep:
 
         self._window_step = compile_function(window_step, compile) if accumulate > 1 else None
         self._optimizer_step = compile_function(optimizer_step, compile)
-        self.sink_length = sink_length
         self._sink_step = None
         if sink_length:
             logs.keep_step_history(sink_length)

@@ -11,7 +11,8 @@ import sys
 import warnings
 from typing import Dict, Optional
 
-from lightms._mindspore import mindspore as ms  # noqa: F401
+from lightms._mindspore import mindspore as ms
+from mindspore import Tensor
 from lightms.checkpoint.io import assign_parameters
 from lightms.checkpoint.run_state import restore_run_state
 from lightms.module.logging import HostLogs
@@ -23,7 +24,8 @@ from lightms.step.train_step import TrainStep
 from lightms.trainer.data import DataSource, as_step_input
 from lightms.trainer.interrupts import Interrupted
 from lightms.trainer.optimizers import read_optimizer_config, step_schedulers
-from lightms.trainer.sinking import SINK_MEMORY_LIMIT, Chunk, check_sinkable, fit_in_memory, resolve_sink_length
+from lightms.trainer.sinking import (SINK_MEMORY_LIMIT, Chunk, check_sinkable, fit_in_memory, resolve_sink_length,
+                                    shapes_of)
 
 EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
 
@@ -43,6 +45,9 @@ class TrainingLoop:
                            "(an nn.LearningRateSchedule in the optimizer runs inside the graph)")
         if isinstance(self.val_check_interval, int) and self.val_check_interval == 1 and self._val_source is not None:
             reasons.append("val_check_interval=1 validates after every optimizer step")
+        for cb in self.callbacks:
+            if all(cb.needs_host_at_step(self, step) for step in (1, 2, 3)):
+                reasons.append(f"{type(cb).__name__} needs the host after every optimizer step")
         if reasons:
             warnings.warn(f"Trainer(sink_size={self.sink_size!r}): chunks end after every optimizer step because "
                           + "; ".join(reasons) + f". Up to accumulate={self.accumulate} micro-batches are sunk "
@@ -54,7 +59,7 @@ class TrainingLoop:
         step, logs = build_train_step(self.model, batch, self._optimizer_config.optimizer, self._counters,
                                       self._metrics.device.get("train"), self.accumulate,
                                       gradient_pipeline(self.gradient_clip_val, self.gradient_clip_algorithm),
-                                      self.compile, self._sink_length, self._loss_scaler)
+                                      self.compile, self._sink_length, self._loss_scaler, self.precision.autocast)
         self._metrics.device["train"] = logs
         if self._pending_accumulators:  # a checkpoint written inside an accumulation window
             assign_parameters({p.name: p for p in step.accumulators}, self._pending_accumulators,
@@ -64,7 +69,7 @@ class TrainingLoop:
 
     def _build_eval_step(self, stage: str, batch) -> EvalStep:
         step, target, logs = build_eval_step(self.model, stage, EVAL_HOOKS[stage], batch, self._metrics.host[stage],
-                                             self.compile)
+                                             self.compile, self.precision.autocast)
         if logs is not None:
             self._metrics.device[stage] = logs
         self._eval_log_targets[stage] = target
@@ -87,6 +92,7 @@ class TrainingLoop:
                 raise ValueError("train_dataloaders yielded no batches: the dataset is empty.")
             raise ValueError(f"Trainer(limit_train_batches={self.limit_train_batches}) leaves no training batches.")
         self._sink_length = resolve_sink_length(self.sink_size, self.num_training_batches) if self.compile else 1
+        self._sink_shapes = None  # the batch shapes of the run's first chunk: chunks of them are padded
         has_val = val is not None and self.limit_val_batches != 0 and getattr(type(model), "validation_step") is not None
         self._val_source = val if has_val else None
         self._warn_unsinkable_steps()
@@ -164,7 +170,7 @@ class TrainingLoop:
 
     def _val_due_in_epoch(self, batch, closed_window: bool, step: int) -> bool:
         """Whether validation runs after `batch`, which took the run to optimizer step `step`."""
-        if self._val_source is None:
+        if self._val_source is None or not closed_window:  # never inside an accumulation window
             return False
         interval = self.val_check_interval
         if isinstance(interval, int):
@@ -261,7 +267,7 @@ class TrainingLoop:
         self._counters.expect(first.index, state.window)
         with inside_step(model, "training_step", metrics.device["train"]):
             if sinking:
-                loss = self._train_step.sink_step(*chunk.device_inputs(self._sink_length))
+                loss = self._train_step.sink_step(*chunk.device_inputs(self._stacked_length(chunk)))
             elif chunk.closes[0]:
                 loss = self._train_step.optimizer_step(as_step_input(first.data))
             else:
@@ -285,11 +291,23 @@ class TrainingLoop:
         if not steps_taken:
             return end_epoch
         self._write_step_logs(before)
-        if self._val_due_in_epoch(last, True, state.global_step):
+        if self._val_due_in_epoch(last, chunk.closes[-1], state.global_step):
             self._run_validation()
         if self._interrupt_signal is not None:
             self._stop_for_interrupt()
         return end_epoch or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps)
+
+    def _stacked_length(self, chunk: Chunk) -> int:
+        """The leading axis of a chunk's stacked batches.
+
+        Chunks of the run's usual batch shapes are padded to the sink length, so that the
+        graph compiles once; a chunk of other shapes (a smaller last batch) keeps its own
+        length (one more compile, as with sink_size=1).
+        """
+        shapes = shapes_of(chunk.batches[0].data)
+        if self._sink_shapes is None:
+            self._sink_shapes = shapes
+        return self._sink_length if shapes == self._sink_shapes else len(chunk.batches)
 
     def _write_step_logs(self, step_before: int) -> None:
         """Sends the step values of the optimizer steps after `step_before` that log_every_n_steps selects."""
@@ -330,7 +348,10 @@ class TrainingLoop:
             else:
                 target.set_batch_size(batch.size)
             with inside_step(model, EVAL_HOOKS[stage], target):
-                output = self._eval_steps[stage](as_step_input(batch.data), self._batch_index(batch.index))
+                step = self._eval_steps[stage]
+                # A compiled step takes an int32 Tensor, so a new index does not recompile it.
+                index = Tensor(batch.index, ms.int32) if step.compiled else batch.index
+                output = step(as_step_input(batch.data), index)
             if stage == "predict":
                 outputs.append(output)
             self._call(f"on_{prefix}_batch_end", output, batch.data, batch.index)

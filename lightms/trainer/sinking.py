@@ -46,22 +46,26 @@ def shapes_of(data) -> Tuple:
 
 
 def stack(batches: List[Any], length: int):
-    """Stacks batches leaf by leaf on a new leading axis of `length`, padding with the last batch.
+    """Stacks batches leaf by leaf on a new leading axis of `length`.
 
-    The padding rows are never run (the step gets the real count); padding keeps the
-    graph's input shape fixed, so a short last chunk does not recompile it.
+    Rows past the real batches are left unset: the step gets the real count and never
+    reads them. A fixed axis keeps the graph's input shape, so a short chunk (cut for
+    validation, a checkpoint, the end of an epoch) does not recompile it.
     """
-    padded = batches + [batches[-1]] * (length - len(batches))
 
     def leaf_stack(leaves):
-        return Tensor.from_numpy(np.stack([leaf.asnumpy() for leaf in leaves]))  # one copy, not two
+        first_leaf = leaves[0].asnumpy()
+        out = np.empty((length,) + first_leaf.shape, first_leaf.dtype)
+        for row, leaf in enumerate(leaves):
+            out[row] = leaf.asnumpy()
+        return Tensor.from_numpy(out)  # one host copy; the Tensor shares it
 
-    first = padded[0]
+    first = batches[0]
     if isinstance(first, dict):
-        return ms.mutable({key: leaf_stack([b[key] for b in padded]) for key in first})
+        return ms.mutable({key: leaf_stack([b[key] for b in batches]) for key in first})
     if isinstance(first, (tuple, list)):
-        return ms.mutable(type(first)(leaf_stack([b[i] for b in padded]) for i in range(len(first))))
-    return leaf_stack(padded)
+        return ms.mutable(type(first)(leaf_stack([b[i] for b in batches]) for i in range(len(first))))
+    return leaf_stack(batches)
 
 
 @dataclass
@@ -141,6 +145,8 @@ def resolve_sink_length(sink_size: Union[int, str], batches_per_epoch: Optional[
             raise ValueError('Trainer(sink_size="epoch") needs training data with a length (len() or '
                              "get_dataset_size()); pass an int sink_size instead.")
         return max(1, batches_per_epoch)
+    if batches_per_epoch:  # a chunk never spans epochs: no longer than one
+        return min(int(sink_size), batches_per_epoch)
     return int(sink_size)
 
 

@@ -8,8 +8,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from lightms._mindspore import GraphDumpGuard, mindspore as ms
-from mindspore import Tensor
+from lightms._mindspore import GraphDumpGuard
 
 from lightms.callbacks.callback import Callback
 from lightms.checkpoint.io import write_checkpoint
@@ -70,10 +69,13 @@ class Trainer(TrainingLoop):
             loggers at every step `log_every_n_steps` selects. A chunk ends early after any
             optimizer step the host must see: `max_steps`, validation, a checkpoint
             callback's `every_n_train_steps`, a host-side scheduler with interval "step",
-            `detect_anomaly`, and `Callback.needs_host_at_step`. Batches must be a Tensor or
-            a flat tuple/list/dict of Tensors. Ignored, with a warning, when compile=False.
+            `detect_anomaly`, and `Callback.needs_host_at_step`. Per chunk, not per step:
+            `on_train_batch_start` returning -1, SIGINT/SIGTERM and `max_time` take effect
+            after the running chunk. Batches must be a Tensor or a flat tuple/list/dict of
+            Tensors. Ignored, with a warning, when compile=False.
         precision: "32-true" (default; also "32", 32, "O0"), "16-mixed" (also 16: float16
-            per-operator autocast, float32 master weights, dynamic loss scaling), "bf16-mixed",
+            per-operator autocast of the step hooks, float32 master weights, dynamic loss
+            scaling), "bf16-mixed",
             "16-true", "bf16-true" (half-precision parameters), or MindSpore's levels "O1",
             "O2", "O3" (applied to the module's sub-cells). Under loss scaling, an overflowing
             optimizer step is skipped (weights, `global_step` and learning-rate schedules do not
@@ -463,11 +465,6 @@ class Trainer(TrainingLoop):
             if cb.order >= Callback.MODULE_ORDER:
                 getattr(cb, hook)(self, self.model, *args)
         return returned
-
-    def _batch_index(self, index: int):
-        # An int32 Tensor, so that a new index does not recompile the graph. (A `mutable` Python int
-        # does not either, but cost about 2 ms per call of an MLP step on the CPU backend.)
-        return Tensor(index, ms.int32) if self.compile else index
 
     def _logger_write(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
         if metrics:
