@@ -231,3 +231,18 @@ def test_a_sink_length_that_does_not_fit_in_memory_is_shortened_loudly(monkeypat
     with pytest.warns(UserWarning, match="lightms sinks 5 per host call"):
         model, trainer, _, recorder = fit("epoch", 1, epochs=1)
     assert recorder.ranges[:3] == [range(0, 5), range(5, 10), range(10, 12)]
+
+
+def test_sinking_reads_the_device_once_per_chunk_at_most_and_only_for_listeners():
+    def syncs(batches, logger=None):
+        x, y = make_data(batches * 4)
+        trainer = quiet_trainer(max_epochs=2, sink_size=5, logger=logger or False, log_every_n_steps=2)
+        trainer.fit(fresh_model(), batches_of(x, y, 4))
+        return trainer.host_sync_count
+
+    assert syncs(10) == syncs(40) <= 6  # nobody listens: epoch ends only
+    # a logger at every other step: one history read per chunk (2 epochs of 8 chunks of 5); the last
+    # chunk's read also serves the epoch end's read of the last step values
+    logger = RecordingLogger()
+    assert syncs(40, logger) - syncs(40) == 2 * 8 - 2
+    assert [step for step, m in logger.metrics if "loss" in m][:3] == [2, 4, 6]
