@@ -136,7 +136,7 @@ class TrainStep:
                  autocast: Optional[Callable] = None):
         self.accumulate = accumulate
         weights = optimizer.parameters
-        one_step, zero = Tensor(1, ms.int32), Tensor(0, ms.int32)
+        one_step, zero, stepped_constant = Tensor(1, ms.int32), Tensor(0, ms.int32), Tensor(True, ms.bool_)
 
         def training_step(batch, batch_idx):
             return module.training_step(batch, batch_idx)
@@ -151,7 +151,7 @@ class TrainStep:
         grad_fn = ms.value_and_grad(forward, None, weights)
 
         def gradients(batch):
-            loss, grads = grad_fn(batch, counters.batch_idx + 0)
+            loss, grads = grad_fn(batch, counters.batch_idx)
             if loss_scaler is not None:
                 loss = loss_scaler.unscale(loss)
             loss = ops.cast(loss, ms.float32)  # a half-precision loss is reported as float32
@@ -161,8 +161,7 @@ class TrainStep:
         def update(grads):
             """Unscales, checks, transforms and applies a window's gradients; returns whether it stepped."""
             if loss_scaler is None:
-                stepped = optimizer(transforms(grads))
-                stepped = ops.depend(ops.ones((), ms.bool_), stepped)
+                stepped = ops.depend(stepped_constant, optimizer(transforms(grads)))
             else:
                 grads = loss_scaler.unscale(grads)
                 stepped = ms.amp.all_finite(grads)
