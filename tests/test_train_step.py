@@ -108,3 +108,26 @@ def test_optimizer_step_counter_advances_once_per_update():
     assert int(optimizer.global_step.asnumpy()) == 6
     # Adam's bias corrections are powers of beta with one factor per real update.
     assert float(optimizer.beta1_power.asnumpy()) == pytest.approx(0.9 ** 6, rel=1e-5)
+
+
+def test_device_counters_are_kept_only_when_the_module_reads_them():
+    from lightms.step.binding import reads_argument
+
+    class ReadsBoth(TinyRegressor):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = ((self(x) - y) ** 2).mean()
+            self.log("idx", batch_idx * 1.0, reduce_fx="max", on_epoch=True)
+            self.log("step", self.global_step * 1.0, reduce_fx="max", on_epoch=True)
+            return loss
+
+    assert not reads_argument(TinyRegressor.training_step, 2) and reads_argument(ReadsBoth.training_step, 2)
+    x, y = make_data(40)
+    plain = quiet_trainer(max_epochs=1)
+    plain.fit(fresh_model(), batches_of(x, y, 8))
+    # nobody reads them: the step graph neither feeds batch_idx nor advances global_step on the device
+    assert int(plain._counters.batch_idx.asnumpy()) == 0 and int(plain._counters.global_step.asnumpy()) == 0
+    reading = quiet_trainer(max_epochs=1)
+    reading.fit(fresh_model(cls=ReadsBoth), batches_of(x, y, 8))
+    assert int(reading._counters.batch_idx.asnumpy()) == 5 and int(reading._counters.global_step.asnumpy()) == 5
+    assert reading.callback_metrics["idx"] == 4.0 and reading.callback_metrics["step"] == 4.0

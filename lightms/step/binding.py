@@ -9,6 +9,7 @@ While a Trainer runs, each method the user wrote on their LightningCell subclass
 predict_step) is shadowed on the instance by such a function, and removed afterwards.
 """
 
+import dis
 import inspect
 from contextlib import contextmanager
 from typing import Callable, Iterator, List
@@ -73,3 +74,38 @@ def inside_step(module, hook: str, log_target) -> Iterator[None]:
         object.__setattr__(module, "_lightms_in_step", False)
         object.__setattr__(module, "_lightms_hook", None)
         object.__setattr__(module, "_lightms_log_target", None)
+
+
+def _code_objects(code) -> Iterator:
+    yield code
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            yield from _code_objects(const)
+
+
+def reads_argument(function: Callable, position: int) -> bool:
+    """Whether `function` ever reads its argument at `position` (True when it cannot tell).
+
+    Lets a compiled step skip feeding a value nobody reads: each input or counter
+    update costs a kernel launch on the device.
+    """
+    code = getattr(function, "__code__", None)
+    if code is None or position >= code.co_argcount or {"locals", "vars", "eval", "exec"} & set(code.co_names):
+        return True
+    name = code.co_varnames[position]
+    return any(instruction.argval == name and instruction.opname.startswith(("LOAD_", "DELETE_"))
+               for instruction in dis.get_instructions(code))
+
+
+def reads_attribute(cls, stop_at, attribute: str) -> bool:
+    """Whether any method defined on `cls` or its bases below `stop_at` mentions `attribute` (e.g. `self.global_step`)."""
+    for klass in cls.__mro__:
+        if not issubclass(klass, stop_at) or klass is stop_at:
+            continue
+        for value in vars(klass).values():
+            function = getattr(value, "fget", value)  # properties too
+            code = getattr(function, "__code__", None)
+            if code is not None and any(attribute in c.co_names or attribute in c.co_varnames
+                                        for c in _code_objects(code)):
+                return True
+    return False

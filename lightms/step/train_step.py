@@ -26,6 +26,7 @@ import numpy as np
 from lightms._mindspore import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from lightms.step.binding import reads_argument, reads_attribute
 from lightms.step.gradients import GradientPipeline
 
 _hyper_map = ops.HyperMap()
@@ -45,6 +46,7 @@ class LoopCounters(nn.Cell):
         self.batch_idx = Parameter(Tensor(0, ms.int32), name="lightms.batch_idx", requires_grad=False)
         self.window = Parameter(Tensor(0, ms.int32), name="lightms.window", requires_grad=False)
         self._host_batch_idx, self._host_window = 0, 0
+        self.tracks_batch_idx = True  # False when training_step never reads batch_idx (set by TrainStep)
         self._zero, self._one = Tensor(0, ms.int32), Tensor(1, ms.int32)
 
     def count_nonfinite(self, loss):
@@ -62,7 +64,7 @@ class LoopCounters(nn.Cell):
         The steps advance both on the device; the host mirrors them and writes only at
         epoch starts, resumes and early window ends.
         """
-        if batch_idx != self._host_batch_idx:
+        if batch_idx != self._host_batch_idx and self.tracks_batch_idx:
             ops.assign(self.batch_idx, Tensor(batch_idx, ms.int32))
         if window != self._host_window:
             ops.assign(self.window, Tensor(window, ms.int32))
@@ -137,6 +139,15 @@ class TrainStep:
         self.accumulate = accumulate
         weights = optimizer.parameters
         one_step, zero, stepped_constant = Tensor(1, ms.int32), Tensor(0, ms.int32), Tensor(True, ms.bool_)
+        # Each device input or counter update is a kernel launch (~0.1 ms on the CPU backend): keep the
+        # batch_idx counter only if training_step reads batch_idx, and advance global_step on the device
+        # only if some method reads self.global_step or the loss scaler needs it (the host counts anyway).
+        from lightms.module.cell import LightningCell
+
+        tracks_batch_idx = reads_argument(type(module).training_step, 2)
+        counters.tracks_batch_idx = tracks_batch_idx
+        tracks_global_step = loss_scaler is not None or reads_attribute(type(module), LightningCell, "global_step")
+        self.tracks_global_step = tracks_global_step
 
         def training_step(batch, batch_idx):
             return module.training_step(batch, batch_idx)
@@ -151,12 +162,15 @@ class TrainStep:
         grad_fn = ms.value_and_grad(forward, None, weights)
 
         def gradients(batch):
-            loss, grads = grad_fn(batch, counters.batch_idx)
+            if tracks_batch_idx:
+                loss, grads = grad_fn(batch, counters.batch_idx)
+                loss = ops.depend(loss, ops.assign_add(counters.batch_idx, one_step))
+            else:
+                loss, grads = grad_fn(batch, 0)
             if loss_scaler is not None:
                 loss = loss_scaler.unscale(loss)
             loss = ops.cast(loss, ms.float32)  # a half-precision loss is reported as float32
-            loss = ops.depend(loss, counters.count_nonfinite(loss))
-            return ops.depend(loss, ops.assign_add(counters.batch_idx, one_step)), grads
+            return ops.depend(loss, counters.count_nonfinite(loss)), grads
 
         def update(grads):
             """Unscales, checks, transforms and applies a window's gradients; returns whether it stepped."""
@@ -169,6 +183,8 @@ class TrainStep:
                     stepped = ops.depend(stepped, optimizer(transforms(grads)))
                 stepped = ops.depend(stepped, loss_scaler.adjust(stepped))
             stepped = ops.depend(stepped, logs.close_window())
+            if not tracks_global_step:
+                return stepped
             advance = one_step if loss_scaler is None else ops.cast(stepped, ms.int32)
             return ops.depend(stepped, ops.assign_add(counters.global_step, advance))
 
