@@ -94,13 +94,15 @@ def test_sinking_equals_one_step_per_call(sink_size, accumulate):
     assert recorder.ends[0][0] == min(length, 12) - 1
 
 
-def test_sinking_matches_a_hand_written_sgd_loop():
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_sinking_matches_a_hand_written_sgd_loop(accumulate):
+    # no logger here: the sunk graph keeps no step history
     x, y = make_data(100)
     batches = batches_of(x, y, 8)
     model = fresh_model()
-    quiet_trainer(max_epochs=1, sink_size=6, accumulate=4).fit(model, batches)
+    quiet_trainer(max_epochs=1, sink_size=6, accumulate=accumulate).fit(model, batches)
     reference = fresh_model()
-    windows = [batches[i:i + 4] for i in range(0, 12, 4)] + [batches[12:]]
+    windows = [batches[i:i + accumulate] for i in range(0, 12, accumulate)] + [batches[12:]]
     reference_sgd(reference, windows, lr=0.1)
     assert_same_parameters(reference, model, atol=1e-6)
 

@@ -21,7 +21,7 @@ def gradient_pipeline(clip_val: Optional[float], clip_algorithm: str) -> Gradien
 
 def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Optional[DeviceLogBuffers],
                      accumulate: int, transforms: GradientPipeline, compile: bool, sink_length: int = 1,
-                     loss_scaler=None, autocast=None) -> Tuple[TrainStep, DeviceLogBuffers]:
+                     loss_scaler=None, autocast=None, step_history: bool = True) -> Tuple[TrainStep, DeviceLogBuffers]:
     """Dry-runs training_step on `batch`, then builds its graphs.
 
     Args:
@@ -29,6 +29,7 @@ def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Opt
         sink_length: Micro-batches per sunk host call (1: no sink graph).
         loss_scaler: A `mindspore.amp` loss scaler, or None.
         autocast: Wraps the forward for mixed precision (`Precision.autocast`), or None.
+        step_history: Keep each sunk step's logged values for the loggers.
 
     Returns:
         The step and the log buffers it writes.
@@ -39,7 +40,7 @@ def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Opt
     if logs is None or logs.options != options:
         logs = DeviceLogBuffers(options)
     step = TrainStep(module, optimizer, logs, counters, accumulate, transforms, compile, loss_scaler,
-                     sink_length if sink_length > 1 else 0, autocast)
+                     sink_length if sink_length > 1 else 0, autocast, step_history)
     return step, logs
 
 

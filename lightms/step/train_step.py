@@ -130,12 +130,13 @@ class TrainStep:
         compile: Run as compiled whole graphs (True) or eagerly (False).
         loss_scaler: A `mindspore.amp.DynamicLossScaler` (or StaticLossScaler), or None.
         sink_length: Micro-batches per `sink_step` call (stacked leading axis); 0 for no sink graph.
+        step_history: Keep each sunk optimizer step's logged values for the loggers (False: no logger).
         autocast: Wraps the forward function for mixed precision (`Precision.autocast`), or None.
     """
 
     def __init__(self, module, optimizer, logs, counters: LoopCounters, accumulate: int,
                  transforms: GradientPipeline, compile: bool, loss_scaler=None, sink_length: int = 0,
-                 autocast: Optional[Callable] = None):
+                 autocast: Optional[Callable] = None, step_history: bool = True):
         self.accumulate = accumulate
         weights = optimizer.parameters
         one_step, zero, stepped_constant = Tensor(1, ms.int32), Tensor(0, ms.int32), Tensor(True, ms.bool_)
@@ -218,6 +219,10 @@ class TrainStep:
                 return ops.depend(loss, window_update(grads))
             return ops.depend(loss, update(grads))
 
+        # Each kernel in the loop body costs every iteration: the step-value history is written only
+        # when a logger may read it, and with one micro-batch per step and no skipped steps its row is i.
+        every_iteration_steps = accumulate == 1 and loss_scaler is None
+
         def sink_step(batches, closes, count):
             i = Tensor(0, ms.int32)
             slot = Tensor(0, ms.int32)  # the next row of the step-value history
@@ -226,11 +231,16 @@ class TrainStep:
                 loss, grads = gradients(take_micro_batch(batches, i))
                 if accumulate == 1:
                     stepped = update(grads)
-                    loss = ops.depend(loss, logs.record_step(slot))
-                    slot = slot + ops.cast(stepped, ms.int32)
+                    loss = ops.depend(loss, stepped)  # keeps the update: an unused result's effects can be dropped
+                    if step_history:
+                        loss = ops.depend(loss, logs.record_step(i if every_iteration_steps else slot))
+                    if not every_iteration_steps:
+                        slot = slot + ops.cast(stepped, ms.int32)
                 elif closes[i]:
                     stepped = window_update(grads)
-                    loss = ops.depend(loss, logs.record_step(slot))
+                    loss = ops.depend(loss, stepped)
+                    if step_history:
+                        loss = ops.depend(loss, logs.record_step(slot))
                     slot = slot + ops.cast(stepped, ms.int32)
                 else:
                     loss = accumulate_step(loss, grads)

@@ -59,7 +59,8 @@ class TrainingLoop:
         step, logs = build_train_step(self.model, batch, self._optimizer_config.optimizer, self._counters,
                                       self._metrics.device.get("train"), self.accumulate,
                                       gradient_pipeline(self.gradient_clip_val, self.gradient_clip_algorithm),
-                                      self.compile, self._sink_length, self._loss_scaler, self.precision.autocast)
+                                      self.compile, self._sink_length, self._loss_scaler, self.precision.autocast,
+                                      step_history=bool(self.loggers))
         self._metrics.device["train"] = logs
         if self._pending_accumulators:  # a checkpoint written inside an accumulation window
             assign_parameters({p.name: p for p in step.accumulators}, self._pending_accumulators,
