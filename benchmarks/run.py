@@ -53,8 +53,8 @@ How it is measured:
   the batches per epoch; the table gives the median over rounds of that. The
   RSS column is the median over rounds. Ratios are to the row's reference.
 * Same data and weights everywhere: numpy batches from `overhead.make_batches`;
-  MindSpore's seed is set (`ms.set_seed(0)` and the dataset seed, or
-  `lightms.seed_everything(0)`) right before the network is built, and every
+  `lightms.seed_everything(0)` (MindSpore, its datasets, numpy, random) runs
+  right before the network is built, in every row alike, and every
   worker reports a hash of the initial weights, which must be equal across a
   model's rows.
 * Losses: "final loss" is the loss of the trained weights on the first batch,
@@ -283,11 +283,6 @@ def weights_hash(cell) -> str:
     return digest.hexdigest()[:12]
 
 
-def host_sync(cell) -> None:
-    """Reads one parameter of `cell` to the host: waits for all the work queued before it."""
-    next(iter(cell.get_parameters())).asnumpy()
-
-
 def loss_on_batch(net, loss_fn, batch) -> float:
     """The loss of `net` on one numpy batch, computed in PyNative the same way in every worker."""
     import mindspore as ms
@@ -295,19 +290,6 @@ def loss_on_batch(net, loss_fn, batch) -> float:
     ms.set_context(mode=ms.PYNATIVE_MODE)
     x, y = batch
     return float(loss_fn(net(ms.Tensor(x)), ms.Tensor(y)).asnumpy())
-
-
-def seed_mindspore(seed: int) -> None:
-    """Seeds MindSpore and its datasets, as `lightms.seed_everything` does, without lightms."""
-    import random
-
-    import mindspore as ms
-    import numpy as np
-
-    ms.set_seed(seed)
-    ms.dataset.config.set_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def graph_step(function):
@@ -376,6 +358,8 @@ class AccumulatingReference:
 
     def run_epoch(self) -> float:
         """Trains one epoch; returns its duration in seconds, synchronised."""
+        from overhead import first_parameter_to_host
+
         start = time.perf_counter()
         losses = []
         for i, (x, y) in enumerate(self.batches):
@@ -384,7 +368,7 @@ class AccumulatingReference:
                 self.last_window_losses, losses = losses, []
             else:
                 losses.append(self.window_step(x, y))
-        host_sync(self.net)
+        first_parameter_to_host(self.net)
         return time.perf_counter() - start
 
     def final_loss(self) -> float:
@@ -400,9 +384,10 @@ def _divide(denominator, value):
 
 def run_reference(variant: Variant, spec, batches, epochs: int, warmup: int) -> dict:
     """Trains with the hand-written loop (plain or accumulating); returns the measurements."""
+    import lightms
     from overhead import ReferenceLoop
 
-    seed_mindspore(SEED)
+    lightms.seed_everything(SEED)
     if variant.accumulate > 1:
         loop = AccumulatingReference(spec, batches, variant.accumulate)
     else:
@@ -420,10 +405,12 @@ def run_reference(variant: Variant, spec, batches, epochs: int, warmup: int) -> 
 
 def run_model_train(variant: Variant, spec, batches, epochs: int, warmup: int) -> dict:
     """Trains with `mindspore.train.Model.train`; returns the measurements."""
+    import lightms
     import mindspore as ms
     import numpy as np
     from mindspore import nn
     from mindspore.train import Callback, Model
+    from overhead import first_parameter_to_host
 
     class EpochTimer(Callback):
         """Times each epoch (ended by a host sync) and counts the steps MindSpore reports."""
@@ -447,7 +434,7 @@ def run_model_train(variant: Variant, spec, batches, epochs: int, warmup: int) -
             self._step_ends += 1
 
         def on_train_epoch_end(self, run_context):
-            host_sync(self.net)
+            first_parameter_to_host(self.net)
             self.times.append(time.perf_counter() - self._start)
             args = run_context.original_args()
             self.step_ends.append(self._step_ends)
@@ -457,7 +444,7 @@ def run_model_train(variant: Variant, spec, batches, epochs: int, warmup: int) -
                 self.compiles_after_warmup = graphs_compiled()
 
     ms.set_context(mode=ms.GRAPH_MODE if variant.mode == "graph" else ms.PYNATIVE_MODE)
-    seed_mindspore(SEED)
+    lightms.seed_everything(SEED)
     net = spec.factory()
     loss_fn = nn.CrossEntropyLoss()
     optimizer = nn.Adam(net.trainable_params(), learning_rate=LEARNING_RATE)
@@ -492,7 +479,7 @@ def run_lightms(variant: Variant, spec, batches, epochs: int, warmup: int) -> di
     """Trains with `lightms.Trainer.fit`; returns the measurements."""
     import lightms
     from lightms.callbacks import Callback
-    from overhead import BenchModule
+    from overhead import BenchModule, first_parameter_to_host
 
     class EpochTimer(Callback):
         """Times each training epoch, ended by a host sync."""
@@ -506,7 +493,7 @@ def run_lightms(variant: Variant, spec, batches, epochs: int, warmup: int) -> di
             self._start = time.perf_counter()
 
         def on_train_epoch_end(self, trainer, module):
-            host_sync(module)
+            first_parameter_to_host(module)
             self.times.append(time.perf_counter() - self._start)
             if len(self.times) == warmup:
                 self.compiles_after_warmup = graphs_compiled()

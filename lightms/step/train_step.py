@@ -148,7 +148,6 @@ class TrainStep:
         tracks_batch_idx = reads_argument(type(module).training_step, 2)
         counters.tracks_batch_idx = tracks_batch_idx
         tracks_global_step = loss_scaler is not None or reads_attribute(type(module), LightningCell, "global_step")
-        self.tracks_global_step = tracks_global_step
 
         def training_step(batch, batch_idx):
             return module.training_step(batch, batch_idx)
@@ -251,7 +250,8 @@ class TrainStep:
         self._optimizer_step = compile_function(optimizer_step, compile)
         self._sink_step = None
         if sink_length:
-            logs.keep_step_history(sink_length)
+            if step_history:
+                logs.keep_step_history(sink_length)
             self._sink_step = compile_function(sink_step, compile)
 
     def window_step(self, batch):

@@ -24,8 +24,7 @@ from lightms.step.train_step import TrainStep
 from lightms.trainer.data import DataSource, as_step_input
 from lightms.trainer.interrupts import Interrupted
 from lightms.trainer.optimizers import read_optimizer_config, step_schedulers
-from lightms.trainer.sinking import (SINK_MEMORY_LIMIT, Chunk, check_sinkable, fit_in_memory, resolve_sink_length,
-                                    shapes_of)
+from lightms.trainer.sinking import SINK_MEMORY_LIMIT, Chunk, check_sinkable, fit_in_memory, resolve_sink_length
 
 EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
 
@@ -305,10 +304,9 @@ class TrainingLoop:
         graph compiles once; a chunk of other shapes (a smaller last batch) keeps its own
         length (one more compile, as with sink_size=1).
         """
-        shapes = shapes_of(chunk.batches[0].data)
         if self._sink_shapes is None:
-            self._sink_shapes = shapes
-        return self._sink_length if shapes == self._sink_shapes else len(chunk.batches)
+            self._sink_shapes = chunk.shapes
+        return self._sink_length if chunk.shapes == self._sink_shapes else len(chunk.batches)
 
     def _write_step_logs(self, step_before: int) -> None:
         """Sends the step values of the optimizer steps after `step_before` that log_every_n_steps selects."""
