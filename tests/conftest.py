@@ -7,7 +7,7 @@ import lightms
 from lightms import LightningCell
 from lightms.loggers import Logger
 from lightms._mindspore import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
 
 class TinyRegressor(LightningCell):
@@ -33,6 +33,26 @@ class TinyRegressor(LightningCell):
 
     def configure_optimizers(self):
         return nn.SGD(self.trainable_params(), learning_rate=self.hparams.lr)
+
+
+class AdamRegressor(TinyRegressor):
+    """TinyRegressor with a stateful optimizer (Adam, lr 1e-2)."""
+
+    def configure_optimizers(self):
+        return nn.Adam(self.trainable_params(), learning_rate=1e-2)
+
+
+class StepDecayRegressor(TinyRegressor):
+    """SGD (lr 0.1) with a host-side StepLR halving the rate every `decay_every` optimizer steps."""
+
+    decay_every = 1
+
+    def configure_optimizers(self):
+        from mindspore.experimental import optim
+
+        optimizer = optim.SGD(self.trainable_params(), lr=0.1)
+        scheduler = optim.lr_scheduler.StepLR(optimizer, self.decay_every, 0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def make_data(samples: int, seed: int = 0):

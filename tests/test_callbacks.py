@@ -4,9 +4,7 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-import lightms
-from lightms.callbacks import (Callback, EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary,
-                               Timer)
+from lightms.callbacks import Callback, EarlyStopping, LambdaCallback, LearningRateMonitor, ModelSummary
 from lightms.callbacks.timer import parse_duration
 from conftest import RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, quiet_trainer
 from test_trainer import HookRecorder

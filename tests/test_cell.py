@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-import lightms
 from lightms._mindspore import mindspore as ms
 from mindspore import nn
 from conftest import RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, quiet_trainer

@@ -10,12 +10,8 @@ from lightms.callbacks import ModelCheckpoint
 from lightms._mindspore import mindspore as ms
 from mindspore import dataset as msds
 from mindspore import nn
-from conftest import RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, parameters_of, quiet_trainer
-
-
-class AdamRegressor(TinyRegressor):
-    def configure_optimizers(self):
-        return nn.Adam(self.trainable_params(), learning_rate=1e-2)
+from conftest import (AdamRegressor, RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, parameters_of,
+                      quiet_trainer)
 
 
 def assert_same_series(got, expected, atol):

@@ -5,15 +5,10 @@ import signal
 
 import numpy as np
 import pytest
-from mindspore import nn
 
 from lightms.callbacks import Callback, ModelCheckpoint
-from conftest import RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, parameters_of, quiet_trainer
-
-
-class AdamRegressor(TinyRegressor):
-    def configure_optimizers(self):
-        return nn.Adam(self.trainable_params(), learning_rate=1e-2)
+from conftest import (AdamRegressor, RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, parameters_of,
+                      quiet_trainer)
 
 
 class SignalAt(Callback):

@@ -12,15 +12,10 @@ from lightms.callbacks import ModelCheckpoint
 from lightms.precision import resolve_precision
 from lightms._mindspore import mindspore as ms
 from mindspore import nn
-from mindspore.experimental import optim
-from conftest import TinyRegressor, batches_of, fresh_model, make_data, parameters_of, quiet_trainer
+from conftest import (AdamRegressor, StepDecayRegressor, TinyRegressor, batches_of, fresh_model, make_data,
+                      parameters_of, quiet_trainer)
 
 ON_CPU = ms.get_context("device_target") == "CPU"
-
-
-class AdamRegressor(TinyRegressor):
-    def configure_optimizers(self):
-        return nn.Adam(self.trainable_params(), learning_rate=1e-2)
 
 
 def test_precision_names():
@@ -87,19 +82,13 @@ def test_gradients_are_unscaled_before_clipping():
 
 
 def test_skipped_steps_do_not_step_host_schedulers_and_sinking_stays_exact():
-    class Scheduled(TinyRegressor):
-        def configure_optimizers(self):
-            optimizer = optim.SGD(self.trainable_params(), lr=0.1)
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": optim.lr_scheduler.StepLR(optimizer, 1, 0.5), "interval": "step"}}
-
     x, y = make_data(48)
     batches = batches_of(x, y, 8)
     batches[2] = (batches[2][0].copy(), batches[2][1])
     batches[2][0][3, 1] = np.inf  # window 2 (batches 2, 3) overflows
 
     def fit(sink_size):
-        model = fresh_model(cls=Scheduled)
+        model = fresh_model(cls=StepDecayRegressor)
         trainer = quiet_trainer(max_epochs=1, precision="16-mixed", accumulate=2, sink_size=sink_size)
         trainer.fit(model, batches)
         return model, trainer

@@ -9,8 +9,8 @@ import lightms
 from lightms.callbacks import Callback, ModelCheckpoint
 from lightms._mindspore import mindspore as ms
 from mindspore import nn
-from conftest import (RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, parameters_of,
-                      quiet_trainer, reference_sgd)
+from conftest import (RecordingLogger, StepDecayRegressor, TinyRegressor, batches_of, fresh_model, make_data,
+                      parameters_of, quiet_trainer, reference_sgd)
 
 
 class AdamLogger(TinyRegressor):
@@ -170,8 +170,20 @@ def test_resume_from_a_checkpoint_written_inside_a_sunk_epoch(tmp_path):
     assert_same_parameters(straight, resumed)
 
 
-def test_hooks_get_the_chunk_and_its_first_and_last_index():
+def test_hooks_get_the_chunk_and_its_first_and_last_index(monkeypatch):
+    # one graph call per chunk: count the calls into compiled training graphs
+    from lightms.step.train_step import GraphFunction
+
+    calls = []
+    run = GraphFunction.compile_and_run
+
+    def counting(self, *inputs):
+        calls.append(len(inputs))
+        return run(self, *inputs)
+
+    monkeypatch.setattr(GraphFunction, "compile_and_run", counting)
     _, _, _, recorder = fit(4, 1, epochs=1)
+    assert calls == [3, 3, 3, 3]  # 4 chunks for 13 batches, each one sink_step(batches, closes, count)
     assert recorder.starts == [(0, 4), (4, 4), (8, 4), (12, 1)]
     assert recorder.ends == [(3, 4), (7, 8), (11, 12), (12, 13)]
 
@@ -205,13 +217,8 @@ def test_bad_sink_sizes_and_batches_are_named():
 
 
 def test_step_schedulers_and_anomaly_detection_say_they_end_every_chunk():
-    from mindspore.experimental import optim
-
-    class StepScheduled(TinyRegressor):
-        def configure_optimizers(self):
-            optimizer = optim.SGD(self.trainable_params(), lr=0.1)
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": optim.lr_scheduler.StepLR(optimizer, 2, 0.5), "interval": "step"}}
+    class StepScheduled(StepDecayRegressor):
+        decay_every = 2
 
     with pytest.warns(UserWarning, match="interval 'step'"):
         sunk, _, _, recorder = fit(4, 1, epochs=1, cls=StepScheduled)

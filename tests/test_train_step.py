@@ -65,7 +65,6 @@ def _numpy_clip_norm(grads, max_norm):
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_gradient_clipping_matches_numpy(algorithm):
     import mindspore as ms
-    from mindspore import nn
 
     x, y = make_data(64)
     batches = batches_of(x, y, 32)
