@@ -172,7 +172,7 @@ def test_resume_from_a_checkpoint_written_inside_a_sunk_epoch(tmp_path):
 
 def test_hooks_get_the_chunk_and_its_first_and_last_index(monkeypatch):
     # one graph call per chunk: count the calls into compiled training graphs
-    from lightms.step.train_step import GraphFunction
+    from lightms.step.graph import GraphFunction
 
     calls = []
     run = GraphFunction.compile_and_run

@@ -2,7 +2,7 @@
 
 from typing import Callable, Optional
 
-from lightms.step.train_step import compile_function
+from lightms.step.graph import compile_function
 
 
 class EvalStep:

@@ -19,6 +19,7 @@ optimizer (and its own step counter and in-graph schedules) and `global_step`
 do not advance, and the scale drops.
 """
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -27,9 +28,18 @@ from lightms._mindspore import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from lightms.step.binding import reads_argument, reads_attribute
+from lightms.step.graph import compile_function
 from lightms.step.gradients import GradientPipeline
 
 _hyper_map = ops.HyperMap()
+
+
+@dataclass
+class HostCounters:
+    """What the host knows the device's batch_idx and window counters hold."""
+
+    batch_idx: int = 0
+    window: int = 0
 
 
 class LoopCounters(nn.Cell):
@@ -45,7 +55,8 @@ class LoopCounters(nn.Cell):
         # because every scalar input of a graph call cost about 0.25 ms on the CPU backend.
         self.batch_idx = Parameter(Tensor(0, ms.int32), name="lightms.batch_idx", requires_grad=False)
         self.window = Parameter(Tensor(0, ms.int32), name="lightms.window", requires_grad=False)
-        self._host_batch_idx, self._host_window = 0, 0
+        # The host's mirror of batch_idx and window, a plain object: Cell.__setattr__ costs ~10 us a call.
+        self._host = HostCounters()
         self.tracks_batch_idx = True  # False when training_step never reads batch_idx (set by TrainStep)
         self._zero, self._one = Tensor(0, ms.int32), Tensor(1, ms.int32)
 
@@ -64,16 +75,17 @@ class LoopCounters(nn.Cell):
         The steps advance both on the device; the host mirrors them and writes only at
         epoch starts, resumes and early window ends.
         """
-        if batch_idx != self._host_batch_idx and self.tracks_batch_idx:
+        host = self._host
+        if batch_idx != host.batch_idx and self.tracks_batch_idx:
             ops.assign(self.batch_idx, Tensor(batch_idx, ms.int32))
-        if window != self._host_window:
+        if window != host.window:
             ops.assign(self.window, Tensor(window, ms.int32))
-        self._host_batch_idx, self._host_window = batch_idx, window
+        host.batch_idx, host.window = batch_idx, window
 
     def advanced(self, micro_batches: int, window: int) -> None:
         """Records on the host what a step call did to the device counters."""
-        self._host_batch_idx += micro_batches
-        self._host_window = window
+        self._host.batch_idx += micro_batches
+        self._host.window = window
 
 
 def loss_from_output(output):
@@ -81,29 +93,6 @@ def loss_from_output(output):
     if isinstance(output, dict):
         return output["loss"]
     return output
-
-
-class GraphFunction(nn.Cell):
-    """Runs a Python function as one whole-graph Cell.
-
-    `Cell.compile_and_run` executes on MindSpore's graph executor, as a Cell does in
-    GRAPH_MODE, without changing the process's execution mode. A `mindspore.jit`
-    function instead goes through the PyNative executor (`grad_jit`), which cost
-    about 8 ms per call on this project's CPU: a 784-512-512-10 MLP step took 12 ms
-    that way and 3-4 ms as a Cell, with identical losses.
-    """
-
-    def __init__(self, fn: Callable):
-        super().__init__(auto_prefix=False)
-        self.fn = fn
-
-    def construct(self, *inputs):
-        return self.fn(*inputs)
-
-
-def compile_function(fn: Callable, compile: bool) -> Callable:
-    """Returns `fn` compiled as a whole graph, or `fn` itself when `compile` is False."""
-    return GraphFunction(fn).compile_and_run if compile else fn
 
 
 def take_micro_batch(batches, i):
@@ -280,4 +269,4 @@ def _divide(divisor, value):
     return value / divisor
 
 
-__all__ = ["LoopCounters", "TrainStep", "compile_function", "loss_from_output", "take_micro_batch"]
+__all__ = ["LoopCounters", "TrainStep", "loss_from_output", "take_micro_batch"]
