@@ -219,12 +219,16 @@ class ReferenceLoop:
 
     def run_epoch(self) -> float:
         """Trains one epoch over the batches; returns its duration in seconds, synchronised."""
-        start = time.perf_counter()
+        return self.run_batches(0, len(self.batches))
+
+    def run_batches(self, start: int, stop: int) -> float:
+        """Trains on batches [start, stop) of the epoch; returns the duration in seconds, synchronised."""
+        begin = time.perf_counter()
         loss = None
-        for x, y in self.batches:
+        for x, y in self.batches[start:stop]:
             loss = self.step(x, y)
         first_parameter_to_host(self.net)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - begin
         self.last_loss = loss
         return elapsed
 

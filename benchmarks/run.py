@@ -44,14 +44,26 @@ How it is measured:
   subprocess (`run.py --worker VARIANT --model M ...`), which prints one JSON
   line: per-epoch times, losses, graphs compiled, and peak RSS
   (`getrusage(RUSAGE_SELF).ru_maxrss`). Workers run one at a time.
+* Paired timing: every non-reference variant also runs in a second, paired
+  worker, which builds the variant's reference loop too. Whenever the variant
+  has trained another block of at least 12 micro-batches (whole sunk chunks), it
+  is synchronised and timed, then the reference trains on the same batches and
+  is timed, then the variant goes on (`Pairing`). This machine's speed moves by
+  20-60% within seconds, in phases of a few dozen steps (other tenants of the
+  host): two rows timed in separate processes one after the other can differ by
+  more than lightms's whole overhead, while a block pair (about 0.1 s) falls in
+  one phase. The paired ratio is the median, over all block pairs of all rounds,
+  of the variant's block time over the reference's; the time targets are judged
+  on it. The ratio across separate processes is printed beside it.
 * Rounds: each round runs every variant once (in reverse order on odd rounds),
   so drifts in the machine's load hit all variants alike. `--repeats` rounds
   (default 3).
 * In a worker: one warm-up epoch (compilation, first calls) is not timed; then
   `--epochs` timed epochs. An epoch's time ends with a host sync (one parameter
   read with `.asnumpy()`). Time per micro-batch is the median timed epoch over
-  the batches per epoch; the table gives the median over rounds of that. The
-  RSS column is the median over rounds. Ratios are to the row's reference.
+  the batches per epoch (unpaired workers); the table gives the median over
+  rounds of that. The RSS column is the median over rounds of the unpaired
+  workers' peak RSS. Ratios are to the row's reference.
 * Same data and weights everywhere: numpy batches from `overhead.make_batches`;
   `lightms.seed_everything(0)` (MindSpore, its datasets, numpy, random) runs
   right before the network is built, in every row alike, and every
@@ -66,8 +78,8 @@ How it is measured:
   plus Cells compiled as whole graphs, which `Model.train` and lightms use), in
   the whole worker process, and how many of them came after the warm-up epoch
   (must be 0).
-* Targets: `sink_size=1` at most 1.05x `ref`; with sinking at most 1.00x `ref`
-  and faster than every `Model.train` row measured; `accumulate=4` at most 1.05x
+* Targets (time ratios paired): `sink_size=1` at most 1.05x `ref`; with sinking
+  at most 1.00x `ref` and faster than every `Model.train` row measured; `accumulate=4` at most 1.05x
   `ref-acc4` per micro-batch; peak RSS of every lightms row at most 1.10x its
   reference's; every lightms row's loss equal to its reference's (except under
   another precision); no compilation after the warm-up. Precision rows have no
@@ -82,7 +94,7 @@ How it is measured:
 
 Run it from the repository root:
 
-    python benchmarks/run.py                        # full run, about 15 minutes on 2 cores
+    python benchmarks/run.py                        # full run, about 12 minutes on 2 cores
     python benchmarks/run.py --quick                # smoke run, tiny epochs, one round
     python benchmarks/run.py --models mlp --variants 'ref,ms-graph-*,lightms-sink*' --repeats 5
     python benchmarks/run.py --markdown results.md  # also write the tables to a file
@@ -107,8 +119,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Dict, List, Optional, Sequence, Union  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Callable, Dict, List, Optional, Sequence, Union  # noqa: E402
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 SEED = 0
@@ -129,6 +141,7 @@ TIMED_EPOCHS, QUICK_TIMED_EPOCHS = 5, 2
 SINK1_TARGET = 1.05
 SINKING_TARGET = 1.00
 ACCUMULATE_TARGET = 1.05
+PAIR_BLOCK = 12  # micro-batches per paired block (3 windows of accumulate=4)
 RSS_TARGET = 1.10
 LOSS_TOLERANCE = 1e-5  # "agree to 5 decimals"
 
@@ -355,21 +368,29 @@ class AccumulatingReference:
         self.optimizer_step = graph_step(optimizer_step)
         self.window_sizes = {k: Tensor(float(k), ms.float32) for k in range(1, accumulate + 1)}
         self.last_window_losses: List = []
+        self._window: List = []  # losses of the open window's micro-batches
 
     def run_epoch(self) -> float:
         """Trains one epoch; returns its duration in seconds, synchronised."""
+        return self.run_batches(0, len(self.batches))
+
+    def run_batches(self, start: int, stop: int) -> float:
+        """Trains on batches [start, stop) of the epoch; returns the duration in seconds, synchronised.
+
+        A window may span two calls; the epoch's last batch always closes one.
+        """
         from overhead import first_parameter_to_host
 
-        start = time.perf_counter()
-        losses = []
-        for i, (x, y) in enumerate(self.batches):
-            if len(losses) + 1 == self.accumulate or i == len(self.batches) - 1:
-                losses.append(self.optimizer_step(x, y, self.window_sizes[len(losses) + 1]))
-                self.last_window_losses, losses = losses, []
+        begin = time.perf_counter()
+        for i in range(start, stop):
+            x, y = self.batches[i]
+            if len(self._window) + 1 == self.accumulate or i == len(self.batches) - 1:
+                self._window.append(self.optimizer_step(x, y, self.window_sizes[len(self._window) + 1]))
+                self.last_window_losses, self._window = self._window, []
             else:
-                losses.append(self.window_step(x, y))
+                self._window.append(self.window_step(x, y))
         first_parameter_to_host(self.net)
-        return time.perf_counter() - start
+        return time.perf_counter() - begin
 
     def final_loss(self) -> float:
         """The mean loss of the last window (what lightms logs as the step's loss)."""
@@ -382,16 +403,75 @@ def _divide(denominator, value):
 
 # ---- worker: one variant ----------------------------------------------------------------------
 
-def run_reference(variant: Variant, spec, batches, epochs: int, warmup: int) -> dict:
-    """Trains with the hand-written loop (plain or accumulating); returns the measurements."""
+def build_reference(variant: Variant, spec, batches):
+    """Seeds, then builds the hand-written loop of a reference variant (plain, accumulating or jit)."""
     import lightms
     from overhead import ReferenceLoop
 
     lightms.seed_everything(SEED)
     if variant.accumulate > 1:
-        loop = AccumulatingReference(spec, batches, variant.accumulate)
-    else:
-        loop = ReferenceLoop(spec, batches, compile=True, use_jit=variant.mode == "jit")
+        return AccumulatingReference(spec, batches, variant.accumulate)
+    return ReferenceLoop(spec, batches, compile=True, use_jit=variant.mode == "jit")
+
+
+class Pairing:
+    """Times the measured variant against its reference in alternating blocks of micro-batches, in one process.
+
+    The machine's speed moves by 20-60% within seconds, in phases of a few dozen
+    steps (other tenants of the host), so two rows timed in separate processes, or
+    even in alternating epochs, can differ by more than lightms's whole overhead.
+    Here, whenever the variant has trained at least `block` more micro-batches of
+    the epoch (whole sunk chunks: a block never splits one), it is synchronised
+    and its block time taken; the reference loop then trains on the same batches
+    of the epoch (same positions, same count) and is timed, synchronised too; then
+    the variant's clock restarts. A block pair takes about 0.1 s, within one phase.
+    The epoch's last, possibly shorter block is paired at its end. Blocks of
+    warm-up epochs are dropped.
+
+    Args:
+        loop: The reference loop (`run_batches(start, stop)` returns its synchronised time), or None: no pairing.
+        warmup: Epochs whose blocks are not kept.
+        block: Micro-batches of the variant per block, at least.
+    """
+
+    def __init__(self, loop=None, warmup: int = 0, block: int = PAIR_BLOCK):
+        self.loop = loop
+        self.warmup = warmup
+        self.block = block
+        self.pairs: List[List[float]] = []  # [variant seconds, reference seconds, micro-batches]
+        self._epoch = -1
+        self._first = 0  # the open block's first micro-batch, in the epoch
+        self._start = 0.0
+
+    def epoch_start(self) -> None:
+        """Call at the start of each epoch of the variant."""
+        self._epoch += 1
+        self._first = 0
+        self._start = time.perf_counter()
+
+    def trained(self, done: int, sync: Callable[[], None], epoch_end: bool = False) -> None:
+        """Call when the variant has trained `done` micro-batches of this epoch (after a step or chunk).
+
+        Args:
+            done: Micro-batches of this epoch trained so far.
+            sync: Waits for the variant's queued work (reads a parameter to the host).
+            epoch_end: Pair whatever is left of the epoch, however short.
+        """
+        count = done - self._first
+        if self.loop is None or count <= 0 or (count < self.block and not epoch_end):
+            return
+        sync()
+        own = time.perf_counter() - self._start
+        reference = self.loop.run_batches(self._first, done)
+        if self._epoch >= self.warmup:
+            self.pairs.append([own, reference, count])
+        self._first = done
+        self._start = time.perf_counter()
+
+
+def run_reference(variant: Variant, spec, batches, epochs: int, warmup: int, pairing: Pairing) -> dict:
+    """Trains with the hand-written loop (plain or accumulating); returns the measurements."""
+    loop = build_reference(variant, spec, batches)
     initial = weights_hash(loop.net)
     times, compiles_after_warmup = [], None
     for epoch in range(warmup + epochs):
@@ -403,7 +483,7 @@ def run_reference(variant: Variant, spec, batches, epochs: int, warmup: int) -> 
                 final_loss=loss_on_batch(loop.net, loop.loss_fn, batches[0]), notes="")
 
 
-def run_model_train(variant: Variant, spec, batches, epochs: int, warmup: int) -> dict:
+def run_model_train(variant: Variant, spec, batches, epochs: int, warmup: int, pairing: Pairing) -> dict:
     """Trains with `mindspore.train.Model.train`; returns the measurements."""
     import lightms
     import mindspore as ms
@@ -443,6 +523,25 @@ def run_model_train(variant: Variant, spec, batches, epochs: int, warmup: int) -
             if len(self.times) == warmup:
                 self.compiles_after_warmup = graphs_compiled()
 
+    class BlockPairer(Callback):
+        """Hands the steps to `pairing` (after EpochTimer in the callback list)."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self._done = 0
+
+        def on_train_epoch_begin(self, run_context):
+            self._done = 0
+            pairing.epoch_start()
+
+        def on_train_step_end(self, run_context):
+            self._done += 1
+            pairing.trained(self._done, lambda: first_parameter_to_host(self.net))
+
+        def on_train_epoch_end(self, run_context):
+            pairing.trained(self._done, lambda: first_parameter_to_host(self.net), epoch_end=True)
+
     ms.set_context(mode=ms.GRAPH_MODE if variant.mode == "graph" else ms.PYNATIVE_MODE)
     lightms.seed_everything(SEED)
     net = spec.factory()
@@ -455,7 +554,7 @@ def run_model_train(variant: Variant, spec, batches, epochs: int, warmup: int) -
     dataset = dataset.batch(spec.batch_size, drop_remainder=True)
     timer = EpochTimer(net)
     model = Model(net, loss_fn=loss_fn, optimizer=optimizer)
-    model.train(warmup + epochs, dataset, callbacks=[timer], dataset_sink_mode=variant.sink)
+    model.train(warmup + epochs, dataset, callbacks=[timer, BlockPairer(net)], dataset_sink_mode=variant.sink)
     compiles_total = graphs_compiled()
     steps_per_epoch = [b - a for a, b in zip([0] + timer.steps[:-1], timer.steps)]
     notes = (f"steps per epoch {sorted(set(steps_per_epoch))}, step-end callbacks per epoch "
@@ -465,17 +564,17 @@ def run_model_train(variant: Variant, spec, batches, epochs: int, warmup: int) -
                 final_loss=loss_on_batch(net, loss_fn, batches[0]), notes=notes)
 
 
-def make_trainer(variant: Variant, epochs: int, root_dir: str, timer):
+def make_trainer(variant: Variant, epochs: int, root_dir: str, callbacks: list):
     """Builds the Trainer of a lightms variant, as users run it: TensorBoard logger and progress bar on."""
     import lightms
 
     return lightms.Trainer(max_epochs=epochs, accumulate=variant.accumulate, sink_size=variant.sink,
                            precision=variant.precision, enable_checkpointing=False, logger=True,
                            default_root_dir=root_dir, enable_progress_bar=True, log_every_n_steps=50,
-                           num_sanity_val_steps=0, callbacks=[timer])
+                           num_sanity_val_steps=0, callbacks=callbacks)
 
 
-def run_lightms(variant: Variant, spec, batches, epochs: int, warmup: int) -> dict:
+def run_lightms(variant: Variant, spec, batches, epochs: int, warmup: int, pairing: Pairing) -> dict:
     """Trains with `lightms.Trainer.fit`; returns the measurements."""
     import lightms
     from lightms.callbacks import Callback
@@ -498,13 +597,32 @@ def run_lightms(variant: Variant, spec, batches, epochs: int, warmup: int) -> di
             if len(self.times) == warmup:
                 self.compiles_after_warmup = graphs_compiled()
 
+    class BlockPairer(Callback):
+        """Hands the chunks to `pairing`; runs after every other callback, the progress bar included."""
+
+        order = 2000
+
+        def __init__(self):
+            self._done = 0
+
+        def on_train_epoch_start(self, trainer, module):
+            self._done = 0
+            pairing.epoch_start()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self._done = batch_idx + 1  # under sinking, batch_idx is the chunk's last index
+            pairing.trained(self._done, lambda: first_parameter_to_host(module))
+
+        def on_train_epoch_end(self, trainer, module):
+            pairing.trained(self._done, lambda: first_parameter_to_host(module), epoch_end=True)
+
     lightms.seed_everything(SEED)
     module = BenchModule(spec.factory)
     initial = weights_hash(module)
     timer = EpochTimer()
     root_dir = tempfile.mkdtemp(prefix="lightms-run-")
     try:
-        trainer, notes = make_trainer(variant, warmup + epochs, root_dir, timer), ""
+        trainer, notes = make_trainer(variant, warmup + epochs, root_dir, [timer, BlockPairer()]), ""
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             trainer.fit(module, batches)
     finally:
@@ -516,8 +634,13 @@ def run_lightms(variant: Variant, spec, batches, epochs: int, warmup: int) -> di
                 final_loss=loss_on_batch(module.net, module.loss_fn, batches[0]), notes=notes)
 
 
-def worker(variant_name: str, model: str, batches_per_epoch: int, epochs: int, warmup: int) -> int:
+def worker(variant_name: str, model: str, batches_per_epoch: int, epochs: int, warmup: int,
+           paired: bool = False) -> int:
     """Runs one variant on one model and prints its measurements as one JSON line.
+
+    A paired worker also runs the variant's reference loop, one epoch next to each of
+    the variant's (`Pairing`), and reports those epochs' times too; its RSS then counts
+    both, so the table takes RSS from unpaired workers only.
 
     A variant that lightms does not offer yet (the Trainer raises TypeError,
     ValueError or NotImplementedError) is reported as not available.
@@ -528,6 +651,7 @@ def worker(variant_name: str, model: str, batches_per_epoch: int, epochs: int, w
         batches_per_epoch: Micro-batches per epoch.
         epochs: Timed epochs.
         warmup: Untimed epochs before them.
+        paired: Also time the reference loop, epoch by epoch, in this process.
 
     Returns:
         The exit status (0 also when the variant is not available).
@@ -539,9 +663,13 @@ def worker(variant_name: str, model: str, batches_per_epoch: int, epochs: int, w
     spec = MODELS[model]
     batches = make_batches(spec, batches_per_epoch, seed=SEED)
     run = {"reference": run_reference, "model": run_model_train, "lightms": run_lightms}[variant.kind]
-    result = dict(variant=variant_name, model=model, batches=batches_per_epoch)
+    result = dict(variant=variant_name, model=model, batches=batches_per_epoch, paired=paired)
     try:
-        result.update(run(variant, spec, batches, epochs, warmup))
+        # The reference is built first, so that the variant is built right after its own seeding, as unpaired.
+        reference = build_reference(parse_variant(variant.reference), spec, batches) if paired else None
+        pairing = Pairing(reference, warmup)
+        result.update(run(variant, spec, batches, epochs, warmup, pairing))
+        result["pairs"] = pairing.pairs
         result["status"] = "ok"
     except (TypeError, ValueError, NotImplementedError) as error:
         result.update(status="not available", error=f"{type(error).__name__}: {error}")
@@ -555,10 +683,12 @@ def worker(variant_name: str, model: str, batches_per_epoch: int, epochs: int, w
 # ---- parent: running the rounds --------------------------------------------------------------------
 
 def run_worker(variant: str, model: str, batches: int, epochs: int, warmup: int, scratch: str,
-               timeout: float) -> dict:
+               timeout: float, paired: bool = False) -> dict:
     """Runs one worker subprocess and returns its JSON result (or an error record)."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--model", model,
                "--batches", str(batches), "--epochs", str(epochs), "--warmup", str(warmup)]
+    if paired:
+        command.append("--paired")
     start = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=scratch, capture_output=True, text=True, timeout=timeout)
@@ -581,6 +711,7 @@ class Row:
 
     variant: Variant
     runs: List[dict]
+    paired_runs: List[dict] = field(default_factory=list)
 
     @property
     def ok_runs(self) -> List[dict]:
@@ -606,6 +737,21 @@ class Row:
     def step(self) -> float:
         """Median over rounds of the time per micro-batch, in seconds."""
         return statistics.median(self.step_times())
+
+    def paired_ratios(self) -> List[float]:
+        """Per block pair of every paired round: the variant's time over the reference's on the same batches."""
+        return [own / reference for run in self.paired_runs if run.get("status") == "ok"
+                for own, reference, _ in run["pairs"]]
+
+    @property
+    def paired_ratio(self) -> Optional[float]:
+        """Median of `paired_ratios()`: the time ratio to the reference the targets are judged on."""
+        ratios = self.paired_ratios()
+        return statistics.median(ratios) if ratios else None
+
+    def ratio_to(self, reference: "Row") -> float:
+        """Time ratio to the reference: paired when measured so, else across separate processes."""
+        return self.paired_ratio if self.paired_ratio is not None else self.step / reference.step
 
     @property
     def rss(self) -> float:
@@ -643,7 +789,7 @@ def check_row(row: Row, rows: Dict[str, Row]) -> List[tuple]:
     have_reference = reference is not None and reference.available
     checks = []
     if have_reference:
-        ratio = row.step / reference.step
+        ratio = row.ratio_to(reference)
         if variant.accumulate > 1:
             checks.append((f"time <= {ACCUMULATE_TARGET:.2f}x {variant.reference}", ratio <= ACCUMULATE_TARGET))
         elif variant.precision != "32":
@@ -657,8 +803,9 @@ def check_row(row: Row, rows: Dict[str, Row]) -> List[tuple]:
                 model_rows = [r for r in rows.values()
                               if r.variant.kind == "model" and r.variant.mode == mode and r.available]
                 if model_rows:
-                    fastest = min(model_rows, key=lambda r: r.step)
-                    checks.append((f"faster than {fastest.variant.name}", row.step < fastest.step))
+                    fastest = min(model_rows, key=lambda r: r.ratio_to(reference))
+                    checks.append((f"faster than {fastest.variant.name}",
+                                   ratio < fastest.ratio_to(reference)))
         checks.append((f"RSS <= {RSS_TARGET:.2f}x {variant.reference}", row.rss <= RSS_TARGET * reference.rss))
     if have_reference and variant.same_maths:
         checks.append(("loss agrees", abs(row.final_loss - reference.final_loss) <= LOSS_TOLERANCE))
@@ -670,18 +817,19 @@ def check_row(row: Row, rows: Dict[str, Row]) -> List[tuple]:
 def format_table(model: str, rows: Dict[str, Row]) -> List[str]:
     """Returns the markdown table of one model and the notes under it."""
     lines = [f"### {MODEL_TITLES.get(model, model)}", "",
-             "| variant | ms per micro-batch | ratio to reference | reference | peak RSS MiB | RSS ratio | "
-             "final loss | loss agrees | compiles (total / after warm-up) | targets | pass |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | ms per micro-batch | time ratio, paired | time ratio, separate processes | reference | "
+             "peak RSS MiB | RSS ratio | final loss | loss agrees | compiles (total / after warm-up) | targets | pass |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name, row in rows.items():
         variant = row.variant
         if not row.available:
-            lines.append(f"| {name} | {row.problem} | | | | | | | | | |")
+            lines.append(f"| {name} | {row.problem} | | | | | | | | | | |")
             continue
         reference = rows.get(variant.reference)
         comparable = reference is not None and reference.available and variant.kind != "reference"
         ratio = f"{row.step / reference.step:.3f}" if comparable else "-"
+        paired = f"{row.paired_ratio:.3f}" if comparable and row.paired_ratio is not None else "-"
         rss_ratio = f"{row.rss / reference.rss:.3f}" if comparable else "-"
         if not comparable:
             agrees = "-"
@@ -697,7 +845,7 @@ def format_table(model: str, rows: Dict[str, Row]) -> List[str]:
         targets = "; ".join(description for description, _ in checks) or "-"
         failed = [description for description, passed in checks if passed is False]
         verdict = "-" if not checks else "PASS" if not failed else "FAIL: " + "; ".join(failed)
-        lines.append(f"| {name} | {row.step * 1e3:.2f} | {ratio} | {variant.reference if comparable else '-'} | "
+        lines.append(f"| {name} | {row.step * 1e3:.2f} | {paired} | {ratio} | {variant.reference if comparable else '-'} | "
                      f"{row.rss:.0f} | {rss_ratio} | {row.final_loss:.6f} | {agrees} | {compiles} | "
                      f"{targets} | {verdict} |")
         times = row.step_times()
@@ -705,6 +853,11 @@ def format_table(model: str, rows: Dict[str, Row]) -> List[str]:
         detail = (f"- {name}: {len(row.ok_runs)} round(s); ms per micro-batch by round "
                   f"{', '.join(f'{t * 1e3:.2f}' for t in times)}; last training step's loss {row.train_loss:.6f}; "
                   f"initial weights {', '.join(sorted(hashes))}")
+        ratios = row.paired_ratios()
+        if ratios:
+            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            detail += (f"; paired ratio over {len(ratios)} block pairs: quartiles {quartiles[0]:.3f} / "
+                       f"{quartiles[1]:.3f} / {quartiles[2]:.3f}")
         extra = row.ok_runs[0].get("notes")
         if extra:
             detail += f"; {extra}"
@@ -769,6 +922,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per worker (default %(default)s)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return args
@@ -790,11 +944,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def summarize(result: dict, batches: int) -> str:
+    """One progress line's worth of a worker's result."""
+    if result.get("status") != "ok":
+        return f"{result.get('status')}: {result.get('error', '')[:120]}"
+    own = statistics.median(result["epoch_times"]) / batches * 1e3
+    if result.get("paired"):
+        ratios = [own / reference for own, reference, _ in result["pairs"]] or [float("nan")]
+        return f"paired: {len(result['pairs'])} blocks, median ratio to its reference {statistics.median(ratios):.3f}"
+    return f"{own:.2f} ms/micro-batch, {result['peak_rss_mib']:.0f} MiB"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the rounds (or, with --worker, one variant) and prints the tables. Returns the exit status."""
     args = parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.model, args.batches, args.epochs, args.warmup)
+        return worker(args.worker, args.model, args.batches, args.epochs, args.warmup, args.paired)
     start = time.perf_counter()
     machine_before = machine_line()
     print(machine_before, flush=True)
@@ -806,23 +971,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for model in args.models:
                 batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)[model]
                 for variant in order:
-                    result = run_worker(variant, model, batches, args.epochs, args.warmup, scratch, args.timeout)
-                    runs.setdefault((model, variant), []).append(result)
-                    if result.get("status") == "ok":
-                        summary = (f"{statistics.median(result['epoch_times']) / batches * 1e3:.2f} ms/micro-batch, "
-                                   f"{result['peak_rss_mib']:.0f} MiB")
-                    else:
-                        summary = f"{result.get('status')}: {result.get('error', '')[:120]}"
-                    print(f"round {round_index + 1}/{args.repeats} {model:<5} {variant:<26} {summary} "
-                          f"({result.get('wall', 0):.0f} s)", flush=True)
+                    pairings = [False] if parse_variant(variant).kind == "reference" else [False, True]
+                    for paired in pairings:
+                        result = run_worker(variant, model, batches, args.epochs, args.warmup, scratch,
+                                            args.timeout, paired)
+                        runs.setdefault((model, variant, paired), []).append(result)
+                        print(f"round {round_index + 1}/{args.repeats} {model:<5} {variant:<26} "
+                              f"{summarize(result, batches)} ({result.get('wall', 0):.0f} s)", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     out = ["", f"Machine: {machine_before}", ""]
     out.append(f"{args.repeats} round(s); per worker {args.warmup} warm-up + {args.epochs} timed epoch(s); "
-               f"medians over epochs, then over rounds.")
+               f"medians over epochs, then over rounds; paired ratios: median over all block pairs of all rounds.")
     for model in args.models:
-        rows = {name: Row(parse_variant(name), runs[(model, name)]) for name in args.variant_names}
+        rows = {name: Row(parse_variant(name), runs[(model, name, False)], runs.get((model, name, True), []))
+                for name in args.variant_names}
         out += [""] + format_table(model, rows)
     out += ["", f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
                 f"total {time.perf_counter() - start:.0f} s"]
