@@ -103,3 +103,10 @@ def test_resuming_mid_epoch_on_a_custom_iterable_warns():
     source = DataSource(batches_of(x, y, 4), "train_dataloaders")
     source.resume_at(0, 2)  # a list is positioned exactly: no warning
     assert [b.index for b in source.batches()] == [2, 3]
+
+
+def test_a_batch_without_a_batch_dimension():
+    x, y = make_data(16)
+    with pytest.raises(ValueError, match="batch 0: batch elements must have a batch dimension") as error:
+        quiet_trainer(max_epochs=1).fit(fresh_model(), [(np.array(x[0, 0]), y[:1])])
+    _no_cpp_trace(error)

@@ -45,7 +45,8 @@ def graph_callable_methods(module, base_class) -> Iterator[None]:
         module: A LightningCell instance.
         base_class: LightningCell; methods of it and its subclasses are shadowed.
     """
-    names = _user_method_names(type(module), base_class)
+    # A function the user set on the instance itself stays: it is what the user wants called.
+    names = [name for name in _user_method_names(type(module), base_class) if name not in module.__dict__]
     for name in names:
         object.__setattr__(module, name, _as_function(getattr(type(module), name), module))
     try:

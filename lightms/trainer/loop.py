@@ -310,9 +310,10 @@ class TrainingLoop:
 
     def _write_step_logs(self, step_before: int) -> None:
         """Sends the step values of the optimizer steps after `step_before` that log_every_n_steps selects."""
-        if not self.loggers:
+        every = self.log_every_n_steps
+        if not self.loggers or self.state.global_step // every == step_before // every:  # no multiple of it passed
             return
-        steps = [s for s in range(step_before + 1, self.state.global_step + 1) if s % self.log_every_n_steps == 0]
+        steps = [s for s in range(step_before + 1, self.state.global_step + 1) if s % every == 0]
         if not steps:
             return
         if self._sink_length > 1:

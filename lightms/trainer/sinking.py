@@ -76,13 +76,19 @@ class Chunk:
         window: Micro-batches in the open window after the planned batches.
         batches: The micro-batches.
         closes: Whether each ends its accumulation window (an optimizer step).
-        shapes: The batches' leaf shapes (`shapes_of` of the first), None while empty.
     """
 
     window: int
     batches: List[Batch] = field(default_factory=list)
     closes: List[bool] = field(default_factory=list)
-    shapes: Optional[Tuple] = None
+    _shapes: Optional[Tuple] = None
+
+    @property
+    def shapes(self) -> Optional[Tuple]:
+        """The batches' leaf shapes (`shapes_of` of the first), None while empty; found when first asked."""
+        if self._shapes is None and self.batches:
+            self._shapes = shapes_of(self.batches[0].data)
+        return self._shapes
 
     @property
     def steps(self) -> int:
@@ -91,12 +97,10 @@ class Chunk:
 
     def accepts(self, batch: Batch) -> bool:
         """Whether `batch` has the shapes of the chunk's batches."""
-        return self.shapes is None or shapes_of(batch.data) == self.shapes
+        return not self.batches or shapes_of(batch.data) == self.shapes
 
     def add(self, batch: Batch, accumulate: int) -> bool:
         """Plans `batch` after the others; returns whether it ends its window."""
-        if self.shapes is None:
-            self.shapes = shapes_of(batch.data)
         self.window += 1
         closes = self.window == accumulate or batch.is_last
         self.batches.append(batch)

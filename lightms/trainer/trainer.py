@@ -207,6 +207,7 @@ class Trainer(TrainingLoop):
         self._ckpt_path: Optional[str] = None
         self._val_source: Optional[DataSource] = None
         self._nonfinite_seen = 0
+        self._hook_receivers: Dict[str, tuple] = {}
         self._extra_host_reads = 0
         self._interrupt_signal: Optional[int] = None
         self.interrupted = False
@@ -401,6 +402,7 @@ class Trainer(TrainingLoop):
         self._counters.set(self.state.current_epoch, self.state.global_step)
         object.__setattr__(model, "_lightms_counters", self._counters)
         self._train_step, self._eval_steps, self._eval_log_targets = None, {}, {}
+        self._hook_receivers = {}  # hook -> _receivers(...), for this run's model
         self.state.stage = stage
         status = "failed"
         dump_guard = GraphDumpGuard()
@@ -444,26 +446,29 @@ class Trainer(TrainingLoop):
     def _call(self, hook: str, *args) -> Any:
         """Calls `hook` on the callbacks and the module, in `order` (the module at Callback.MODULE_ORDER).
 
+        Only the callbacks and module that override the hook are called (`_receivers`):
+        host work between two compiled steps shows in the step time.
+
         Returns:
             What the module's hook returned (None if the module has no such hook).
         """
+        receivers = self._hook_receivers.get(hook)
+        if receivers is None:
+            receivers = self._hook_receivers[hook] = _receivers(self.callbacks, self.model, hook)
+        before, module_hook, after = receivers
         returned = None
-        for cb in self.callbacks:
-            if cb.order >= Callback.MODULE_ORDER:
-                break
+        for cb in before:
             getattr(cb, hook)(self, self.model, *args)
-        model = self.model
-        module_hook = getattr(model, hook, None)  # some hooks (on_sanity_check_*) are callback-only
-        if module_hook is not None:
+        if module_hook:
+            model = self.model
             object.__setattr__(model, "_lightms_hook", hook)
             object.__setattr__(model, "_lightms_log_target", self._metrics.host[stage_of_hook(hook)])
             try:
-                returned = module_hook(*args)
+                returned = getattr(model, hook)(*args)
             finally:
                 object.__setattr__(model, "_lightms_hook", None)
-        for cb in self.callbacks:
-            if cb.order >= Callback.MODULE_ORDER:
-                getattr(cb, hook)(self, self.model, *args)
+        for cb in after:
+            getattr(cb, hook)(self, self.model, *args)
         return returned
 
     def _logger_write(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
@@ -476,3 +481,22 @@ class Trainer(TrainingLoop):
     def _read_step_values(self) -> None:
         if self.state.stage == "fit":
             self._metrics.read_train_step(self.state.global_step)
+
+
+def _overrides(callback: Callback, hook: str) -> bool:
+    """Whether `callback` does something in `hook` (a subclass method or a function set on the instance)."""
+    method = getattr(callback, hook)
+    return getattr(method, "__func__", None) is not getattr(Callback, hook)
+
+
+def _receivers(callbacks: List[Callback], model: LightningCell, hook: str) -> tuple:
+    """(callbacks before the module, whether the module's hook runs, callbacks after) for `hook`."""
+    active = [cb for cb in callbacks if _overrides(cb, hook)]
+    own = model.__dict__.get(hook)
+    if own is not None and getattr(own, "__wrapped_method__", None) is None:
+        module_hook = True  # a function the user set on the instance
+    else:
+        default = getattr(LightningCell, hook, None)
+        module_hook = getattr(type(model), hook, None) not in (None, default)
+    return ([cb for cb in active if cb.order < Callback.MODULE_ORDER], module_hook,
+            [cb for cb in active if cb.order >= Callback.MODULE_ORDER])
