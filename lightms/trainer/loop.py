@@ -199,9 +199,8 @@ class TrainingLoop:
                     break
                 chunk = Chunk(state.window)
             closes = chunk.add(batch, self.accumulate)
-            step = state.global_step + chunk.steps
             if (len(chunk.batches) < self._sink_length and not batch.is_last
-                    and not (closes and self._host_needed_after(step, batch))):
+                    and not (closes and self._host_needed_after(state.global_step + chunk.steps, batch))):
                 continue
             if self._run_chunk(chunk):
                 chunk = None
@@ -283,15 +282,16 @@ class TrainingLoop:
         else:
             state.global_step += chunk.steps
         steps_taken = state.global_step - before
-        for step in range(before + 1, state.global_step + 1):
-            self._step_schedulers("step", step)
+        if self._optimizer_config.schedulers:
+            for step in range(before + 1, state.global_step + 1):
+                self._step_schedulers("step", step)
         if chunk.steps and self.detect_anomaly:
             self._check_nonfinite()
         self._call("on_train_batch_end", {"loss": loss}, data, last.index)
         if not steps_taken:
             return end_epoch
         self._write_step_logs(before)
-        if self._val_due_in_epoch(last, chunk.closes[-1], state.global_step):
+        if self._val_source is not None and self._val_due_in_epoch(last, chunk.closes[-1], state.global_step):
             self._run_validation()
         if self._interrupt_signal is not None:
             self._stop_for_interrupt()
