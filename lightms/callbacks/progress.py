@@ -32,7 +32,9 @@ class TQDMProgressBar(Callback):
         self.refresh_rate = refresh_rate
         self.mininterval = mininterval
         self._bars = {}
+        self._done = {}  # bar key -> batches done, also those not yet shown
         self._last_read = 0.0
+        self._last_draw = 0.0
 
     def _open(self, key: str, total: Optional[int], desc: str, position: int, leave: bool) -> None:
         if self.refresh_rate == 0:
@@ -44,8 +46,14 @@ class TQDMProgressBar(Callback):
         bar = self._bars.get(key)
         if bar is None or (batch_idx + 1) % self.refresh_rate:
             return
-        bar.update(batch_idx + 1 - bar.n)
+        self._done[key] = batch_idx + 1
+        # tqdm is told only when it may redraw: between two compiled steps every Python call costs
+        # about ten times its isolated time, and tqdm would skip the redraw anyway.
         now = time.monotonic()
+        if now - self._last_draw < self.mininterval:
+            return
+        self._last_draw = now
+        bar.update(batch_idx + 1 - bar.n)
         if now - self._last_read >= self.mininterval:
             self._last_read = now
             bar.set_postfix(self._format(trainer.progress_bar_metrics), refresh=False)
@@ -54,6 +62,7 @@ class TQDMProgressBar(Callback):
         bar = self._bars.pop(key, None)
         if bar is None:
             return
+        bar.update(self._done.pop(key, bar.n) - bar.n)  # batches since the last redraw
         if trainer is not None:
             bar.set_postfix(self._format(trainer.progress_bar_metrics), refresh=False)
         bar.close()
