@@ -37,8 +37,9 @@ def _to_tensors(batch, where: Callable[[], str], signature: list):
     """Returns `batch` with every leaf a Tensor, appending what describes its structure to `signature`.
 
     One pass over the batch: every Python operation between two compiled steps costs
-    about ten times its isolated time on the CPU backend (caches are cold after a
-    step), so conversion, the structure check's key and the size share one walk.
+    about ten times what it costs in a tight loop (measured on the CPU backend, most
+    likely cold caches), so conversion, the structure check's key and the size share
+    one walk.
     `where()` names the batch in errors.
     """
     if isinstance(batch, np.ndarray):
