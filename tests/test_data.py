@@ -110,3 +110,14 @@ def test_a_batch_without_a_batch_dimension():
     with pytest.raises(ValueError, match="batch 0: batch elements must have a batch dimension") as error:
         quiet_trainer(max_epochs=1).fit(fresh_model(), [(np.array(x[0, 0]), y[:1])])
     _no_cpp_trace(error)
+
+
+def test_numpy_and_tensor_batches_of_the_same_structure_mix():
+    from mindspore import Tensor
+
+    x, y = make_data(32)
+    batches = batches_of(x, y, 8)
+    batches[1] = (Tensor(batches[1][0]), Tensor(batches[1][1]))  # Tensors between numpy batches
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(fresh_model(), batches)
+    assert trainer.global_step == 4

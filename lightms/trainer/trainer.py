@@ -447,15 +447,19 @@ class Trainer(TrainingLoop):
         """Calls `hook` on the callbacks and the module, in `order` (the module at Callback.MODULE_ORDER).
 
         Only the callbacks and module that override the hook are called (`_receivers`):
-        host work between two compiled steps shows in the step time.
+        host work between two compiled steps shows in the step time. A callback appended to
+        `trainer.callbacks` during a run gets the hooks called after the one that added it.
 
         Returns:
             What the module's hook returned (None if the module has no such hook).
         """
         receivers = self._hook_receivers.get(hook)
-        if receivers is None:
+        if receivers is None or receivers[3] != len(self.callbacks):  # built anew when a callback was added
             receivers = self._hook_receivers[hook] = _receivers(self.callbacks, self.model, hook)
-        before, module_hook, after = receivers
+        before, module_hook, after, _ = receivers
+        if not module_hook:  # a function the user set on the instance during the run
+            own = self.model.__dict__.get(hook)
+            module_hook = own is not None and getattr(own, "__wrapped_method__", None) is None
         returned = None
         for cb in before:
             getattr(cb, hook)(self, self.model, *args)
@@ -490,7 +494,7 @@ def _overrides(callback: Callback, hook: str) -> bool:
 
 
 def _receivers(callbacks: List[Callback], model: LightningCell, hook: str) -> tuple:
-    """(callbacks before the module, whether the module's hook runs, callbacks after) for `hook`."""
+    """(callbacks before the module, whether the module's hook runs, callbacks after, len(callbacks)) for `hook`."""
     active = [cb for cb in callbacks if _overrides(cb, hook)]
     own = model.__dict__.get(hook)
     if own is not None and getattr(own, "__wrapped_method__", None) is None:
@@ -499,4 +503,4 @@ def _receivers(callbacks: List[Callback], model: LightningCell, hook: str) -> tu
         default = getattr(LightningCell, hook, None)
         module_hook = getattr(type(model), hook, None) not in (None, default)
     return ([cb for cb in active if cb.order < Callback.MODULE_ORDER], module_hook,
-            [cb for cb in active if cb.order >= Callback.MODULE_ORDER])
+            [cb for cb in active if cb.order >= Callback.MODULE_ORDER], len(callbacks))
