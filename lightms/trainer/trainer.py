@@ -10,7 +10,6 @@ from typing import Any, Dict, List, Optional
 
 from lightms._mindspore import GraphDumpGuard
 
-from lightms.callbacks.callback import Callback
 from lightms.checkpoint.io import write_checkpoint
 from lightms.checkpoint.run_state import collect_run_state
 from lightms.callbacks.model_checkpoint import ModelCheckpoint
@@ -26,7 +25,8 @@ from lightms.trainer import arguments as check
 from lightms.trainer.data import DataSource, eval_source, fit_sources
 from lightms.trainer.interrupts import Interrupted, stop_requests
 from lightms.trainer.loop import EVAL_HOOKS, TrainingLoop
-from lightms.trainer.metrics import MetricStore, stage_of_hook
+from lightms.trainer.hooks import HookReceivers, call_hook
+from lightms.trainer.metrics import MetricStore
 from lightms.trainer.seed import seed_everything
 
 
@@ -207,7 +207,7 @@ class Trainer(TrainingLoop):
         self._ckpt_path: Optional[str] = None
         self._val_source: Optional[DataSource] = None
         self._nonfinite_seen = 0
-        self._hook_receivers: Dict[str, tuple] = {}
+        self._hook_receivers: Dict[str, HookReceivers] = {}
         self._extra_host_reads = 0
         self._interrupt_signal: Optional[int] = None
         self.interrupted = False
@@ -402,7 +402,7 @@ class Trainer(TrainingLoop):
         self._counters.set(self.state.current_epoch, self.state.global_step)
         object.__setattr__(model, "_lightms_counters", self._counters)
         self._train_step, self._eval_steps, self._eval_log_targets = None, {}, {}
-        self._hook_receivers = {}  # hook -> _receivers(...), for this run's model
+        self._hook_receivers = {}  # hook -> who receives it, for this run's model
         self.state.stage = stage
         status = "failed"
         dump_guard = GraphDumpGuard()
@@ -444,36 +444,8 @@ class Trainer(TrainingLoop):
                 object.__setattr__(model, "construct", before)
 
     def _call(self, hook: str, *args) -> Any:
-        """Calls `hook` on the callbacks and the module, in `order` (the module at Callback.MODULE_ORDER).
-
-        Only the callbacks and module that override the hook are called (`_receivers`):
-        host work between two compiled steps shows in the step time. A callback appended to
-        `trainer.callbacks` during a run gets the hooks called after the one that added it.
-
-        Returns:
-            What the module's hook returned (None if the module has no such hook).
-        """
-        receivers = self._hook_receivers.get(hook)
-        if receivers is None or receivers[3] != len(self.callbacks):  # built anew when a callback was added
-            receivers = self._hook_receivers[hook] = _receivers(self.callbacks, self.model, hook)
-        before, module_hook, after, _ = receivers
-        if not module_hook:  # a function the user set on the instance during the run
-            own = self.model.__dict__.get(hook)
-            module_hook = own is not None and getattr(own, "__wrapped_method__", None) is None
-        returned = None
-        for cb in before:
-            getattr(cb, hook)(self, self.model, *args)
-        if module_hook:
-            model = self.model
-            object.__setattr__(model, "_lightms_hook", hook)
-            object.__setattr__(model, "_lightms_log_target", self._metrics.host[stage_of_hook(hook)])
-            try:
-                returned = getattr(model, hook)(*args)
-            finally:
-                object.__setattr__(model, "_lightms_hook", None)
-        for cb in after:
-            getattr(cb, hook)(self, self.model, *args)
-        return returned
+        """Calls `hook` on the callbacks and the module, in `order` (see `lightms.trainer.hooks`)."""
+        return call_hook(self, hook, *args)
 
     def _logger_write(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
         if metrics:
@@ -486,21 +458,3 @@ class Trainer(TrainingLoop):
         if self.state.stage == "fit":
             self._metrics.read_train_step(self.state.global_step)
 
-
-def _overrides(callback: Callback, hook: str) -> bool:
-    """Whether `callback` does something in `hook` (a subclass method or a function set on the instance)."""
-    method = getattr(callback, hook)
-    return getattr(method, "__func__", None) is not getattr(Callback, hook)
-
-
-def _receivers(callbacks: List[Callback], model: LightningCell, hook: str) -> tuple:
-    """(callbacks before the module, whether the module's hook runs, callbacks after, len(callbacks)) for `hook`."""
-    active = [cb for cb in callbacks if _overrides(cb, hook)]
-    own = model.__dict__.get(hook)
-    if own is not None and getattr(own, "__wrapped_method__", None) is None:
-        module_hook = True  # a function the user set on the instance
-    else:
-        default = getattr(LightningCell, hook, None)
-        module_hook = getattr(type(model), hook, None) not in (None, default)
-    return ([cb for cb in active if cb.order < Callback.MODULE_ORDER], module_hook,
-            [cb for cb in active if cb.order >= Callback.MODULE_ORDER], len(callbacks))
