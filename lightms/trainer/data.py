@@ -23,14 +23,19 @@ class Batch(NamedTuple):
     Attributes:
         index: Position in the epoch (0-based).
         data: The batch with every leaf a Tensor.
-        size: Its leading dimension (the number of samples).
+        shapes: Its leaves' shapes, in order (batches of one sunk chunk share them).
         is_last: Whether it is the last batch of this pass over the data.
     """
 
     index: int
     data: Any
-    size: int
+    shapes: Tuple[Tuple[int, ...], ...]
     is_last: bool
+
+    @property
+    def size(self) -> int:
+        """Its leading dimension (the number of samples)."""
+        return self.shapes[0][0]
 
 
 def _to_tensors(batch, where: Callable[[], str], signature: list):
@@ -220,8 +225,8 @@ class DataSource:
 
         signature: list = []
         data = _to_tensors(raw, where, signature)
-        leaf_shape = next(entry[2] for entry in signature if entry[0] == "leaf")
-        if not leaf_shape:
+        shapes = tuple(tuple(entry[2]) for entry in signature if entry[0] == "leaf")
+        if not shapes[0]:
             raise ValueError(f"{where()}: batch elements must have a batch dimension; found a 0-d tensor.")
         key = _structure_key(signature)
         if self.structure is None:
@@ -231,7 +236,7 @@ class DataSource:
                 f"{where()}: the batch structure changed. Every batch must have the same nesting, dtypes and "
                 f"per-sample shapes as the first.\n  first: {self._first_structure}\n  now:   {structure_of(data)}"
             )
-        return Batch(index, data, int(leaf_shape[0]), is_last)
+        return Batch(index, data, shapes, is_last)
 
 
 def as_step_input(data):

@@ -39,12 +39,6 @@ def check_sinkable(data, where: str) -> None:
                 f"of Tensors; this batch nests a {type(leaf).__name__}. Flatten the batch or use sink_size=1.")
 
 
-def shapes_of(data) -> Tuple:
-    """The shapes of a batch's leaves: batches in one chunk must share them."""
-    return tuple(shapes_of(leaf) if isinstance(leaf, (dict, tuple, list)) else tuple(leaf.shape)
-                 for leaf in _leaves(data))
-
-
 def stack(batches: List[Any], length: int):
     """Stacks batches leaf by leaf on a new leading axis of `length`.
 
@@ -81,23 +75,20 @@ class Chunk:
     window: int
     batches: List[Batch] = field(default_factory=list)
     closes: List[bool] = field(default_factory=list)
-    _shapes: Optional[Tuple] = None
-
-    @property
-    def shapes(self) -> Optional[Tuple]:
-        """The batches' leaf shapes (`shapes_of` of the first), None while empty; found when first asked."""
-        if self._shapes is None and self.batches:
-            self._shapes = shapes_of(self.batches[0].data)
-        return self._shapes
 
     @property
     def steps(self) -> int:
         """Optimizer steps the chunk takes."""
         return sum(self.closes)
 
+    @property
+    def shapes(self) -> Optional[Tuple]:
+        """The leaf shapes of the chunk's batches, None while empty."""
+        return self.batches[0].shapes if self.batches else None
+
     def accepts(self, batch: Batch) -> bool:
         """Whether `batch` has the shapes of the chunk's batches."""
-        return not self.batches or shapes_of(batch.data) == self.shapes
+        return not self.batches or batch.shapes == self.batches[0].shapes
 
     def add(self, batch: Batch, accumulate: int) -> bool:
         """Plans `batch` after the others; returns whether it ends its window."""
@@ -158,5 +149,4 @@ def resolve_sink_length(sink_size: Union[int, str], batches_per_epoch: Optional[
     return int(sink_size)
 
 
-__all__ = ["Chunk", "SINK_MEMORY_LIMIT", "check_sinkable", "fit_in_memory", "resolve_sink_length", "shapes_of",
-           "stack"]
+__all__ = ["Chunk", "SINK_MEMORY_LIMIT", "check_sinkable", "fit_in_memory", "resolve_sink_length", "stack"]
