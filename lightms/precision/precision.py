@@ -74,16 +74,20 @@ class Precision:
         scaler.counter.name = "lightms.loss_scale.counter"
         return scaler
 
-    def autocast(self, step_function):
-        """Wraps a step's forward so its operators autocast ("16-mixed", "bf16-mixed"); else returns it as is.
+    def autocast(self, hook):
+        """Wraps a step hook so its operators autocast ("16-mixed", "bf16-mixed"); else returns it as is.
 
         `mindspore.amp.auto_mixed_precision(function, "auto")` applies to everything the
         function runs, `self(x)` and direct sub-cell calls (`self.net(x)`) alike, eagerly
-        and compiled. Give it a function of its own: MindSpore marks the function object.
+        and compiled. It marks the function object it is given, so it gets a wrapper of its own.
         """
         if self.amp_level != "auto":
-            return step_function
-        return amp.auto_mixed_precision(step_function, "auto", self.dtype)
+            return hook
+
+        def run_hook(batch, batch_idx):
+            return hook(batch, batch_idx)
+
+        return amp.auto_mixed_precision(run_hook, "auto", self.dtype)
 
     def apply(self, module: nn.Cell) -> None:
         """Converts `module` for the levels that change it ("-true", "O1".."O3"), in place.

@@ -19,11 +19,7 @@ class EvalStep:
     """
 
     def __init__(self, hook, logs, compile: bool, autocast: Optional[Callable] = None):
-        def run_hook(batch, batch_idx):
-            return hook(batch, batch_idx)
-
-        if autocast is not None:
-            run_hook = autocast(run_hook)
+        run_hook = hook if autocast is None else autocast(hook)
 
         def step(batch, batch_idx):
             if logs is None:  # a host-run hook (it updates Metrics): HostLogs weighs its own values

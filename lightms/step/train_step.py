@@ -138,11 +138,7 @@ class TrainStep:
         counters.tracks_batch_idx = tracks_batch_idx
         tracks_global_step = loss_scaler is not None or reads_attribute(type(module), LightningCell, "global_step")
 
-        def training_step(batch, batch_idx):
-            return module.training_step(batch, batch_idx)
-
-        if autocast is not None:
-            training_step = autocast(training_step)
+        training_step = module.training_step if autocast is None else autocast(module.training_step)
 
         def forward(batch, batch_idx):
             loss = loss_from_output(training_step(batch, batch_idx))

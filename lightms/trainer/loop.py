@@ -314,8 +314,6 @@ class TrainingLoop:
         if not self.loggers or self.state.global_step // every == step_before // every:  # no multiple of it passed
             return
         steps = [s for s in range(step_before + 1, self.state.global_step + 1) if s % every == 0]
-        if not steps:
-            return
         if self._sink_length > 1:
             for step, values in self._metrics.read_sunk_steps(steps, step_before + 1):
                 self._logger_write(values, step)
