@@ -47,14 +47,18 @@ How it is measured:
 * Paired timing: every non-reference variant also runs in a second, paired
   worker, which builds the variant's reference loop too. Whenever the variant
   has trained another block of at least 12 micro-batches (whole sunk chunks), it
-  is synchronised and timed, then the reference trains on the same batches and
-  is timed, then the variant goes on (`Pairing`). This machine's speed moves by
-  20-60% within seconds, in phases of a few dozen steps (other tenants of the
-  host): two rows timed in separate processes one after the other can differ by
-  more than lightms's whole overhead, while a block pair (about 0.1 s) falls in
-  one phase. The paired ratio is the median, over all block pairs of all rounds,
-  of the variant's block time over the reference's; the time targets are judged
-  on it. The ratio across separate processes is printed beside it.
+  is synchronised and timed, and the reference trains on the same batches and
+  is timed (`Pairing`). The order alternates, A B B A: the second of two
+  back-to-back blocks runs about 2% slower here, whichever it is. This
+  machine's speed moves by 20-60% within seconds, in phases of a few dozen
+  steps (other tenants of the host): two rows timed in separate processes one
+  after the other can differ by more than lightms's whole overhead, while a
+  block pair (about 0.1 s) falls in one phase. The paired ratio is the median,
+  over all block pairs of all rounds, of the variant's time per micro-batch
+  over the reference's; the time targets are judged on it. The ratio across
+  separate processes is printed beside it. The `ref` and `ref-acc4` rows' paired
+  workers pair the reference with an identical copy of itself: their paired
+  ratio (A/A) shows what the method reads when there is no difference.
 * Rounds: each round runs every variant once (in reverse order on odd rounds),
   so drifts in the machine's load hit all variants alike. `--repeats` rounds
   (default 3).
@@ -422,14 +426,22 @@ class Pairing:
     even in alternating epochs, can differ by more than lightms's whole overhead.
     Here, whenever the variant has trained at least `block` more micro-batches of
     the epoch (whole sunk chunks: a block never splits one), it is synchronised
-    and its block time taken; the reference loop then trains on the same batches
-    of the epoch (same positions, same count) and is timed, synchronised too; then
-    the variant's clock restarts. A block pair takes about 0.1 s, within one phase.
+    and its block time taken; the reference loop trains on the same batches of the
+    epoch and is timed, synchronised too. A block pair takes about 0.1 s, within
+    one phase.
+
+    Whichever of two back-to-back blocks runs second is about 2% slower here (an
+    identical graph called twice in a row, measured both ways), so the order
+    alternates, A B B A: after every other variant block the reference also runs
+    the next block's batches at once, before the variant does; that next block is
+    paired with it. Paired times are compared per micro-batch (the variant's next
+    block may hold more micro-batches than the reference ran ahead: whole chunks).
     The epoch's last, possibly shorter block is paired at its end. Blocks of
     warm-up epochs are dropped.
 
     Args:
-        loop: The reference loop (`run_batches(start, stop)` returns its synchronised time), or None: no pairing.
+        loop: The reference loop (`run_batches(start, stop)` returns its synchronised time; `batches` is the
+            epoch), or None: no pairing.
         warmup: Epochs whose blocks are not kept.
         block: Micro-batches of the variant per block, at least.
     """
@@ -438,15 +450,18 @@ class Pairing:
         self.loop = loop
         self.warmup = warmup
         self.block = block
-        self.pairs: List[List[float]] = []  # [variant seconds, reference seconds, micro-batches]
+        # [variant seconds, reference seconds scaled to the variant's micro-batches, micro-batches, variant ran first]
+        self.pairs: List[list] = []
         self._epoch = -1
         self._first = 0  # the open block's first micro-batch, in the epoch
         self._start = 0.0
+        self._ahead: Optional[tuple] = None  # (seconds, micro-batches) the reference ran before the open block
 
     def epoch_start(self) -> None:
         """Call at the start of each epoch of the variant."""
         self._epoch += 1
         self._first = 0
+        self._ahead = None
         self._start = time.perf_counter()
 
     def due(self, done: int) -> bool:
@@ -466,9 +481,16 @@ class Pairing:
             return
         sync()
         own = time.perf_counter() - self._start
-        reference = self.loop.run_batches(self._first, done)
+        variant_first = self._ahead is None
+        if variant_first:
+            reference, reference_count = self.loop.run_batches(self._first, done), count
+        else:
+            (reference, reference_count), self._ahead = self._ahead, None
         if self._epoch >= self.warmup:
-            self.pairs.append([own, reference, count])
+            self.pairs.append([own, reference * count / reference_count, count, variant_first])
+        upcoming = min(done + self.block, len(self.loop.batches))
+        if variant_first and upcoming > done:  # the B A half of A B B A
+            self._ahead = (self.loop.run_batches(done, upcoming), upcoming - done)
         self._first = done
         self._start = time.perf_counter()
 
@@ -478,8 +500,17 @@ def run_reference(variant: Variant, spec, batches, epochs: int, warmup: int, pai
     loop = build_reference(variant, spec, batches)
     initial = weights_hash(loop.net)
     times, compiles_after_warmup = [], None
+    count = len(loop.batches)
     for epoch in range(warmup + epochs):
-        times.append(loop.run_epoch())
+        if pairing.loop is None:
+            times.append(loop.run_epoch())
+        else:  # an A/A check: paired with a second, identical reference loop
+            pairing.epoch_start()
+            times.append(0.0)
+            for start in range(0, count, pairing.block):
+                stop = min(start + pairing.block, count)
+                times[-1] += loop.run_batches(start, stop)
+                pairing.trained(stop, lambda: None, epoch_end=stop == count)
         if epoch == warmup - 1:
             compiles_after_warmup = graphs_compiled()
     return dict(epoch_times=times[warmup:], train_loss=loop.final_loss(), initial_weights=initial,
@@ -746,8 +777,12 @@ class Row:
 
     def paired_ratios(self) -> List[float]:
         """Per block pair of every paired round: the variant's time over the reference's on the same batches."""
-        return [own / reference for run in self.paired_runs if run.get("status") == "ok"
-                for own, reference, _ in run["pairs"]]
+        return [pair[0] / pair[1] for pair in self.pairs()]
+
+    def pairs(self, variant_first: Optional[bool] = None) -> List[list]:
+        """The block pairs of every paired round (see `Pairing.pairs`), optionally only those of one order."""
+        return [pair for run in self.paired_runs if run.get("status") == "ok" for pair in run["pairs"]
+                if variant_first is None or pair[3] == variant_first]
 
     @property
     def paired_ratio(self) -> Optional[float]:
@@ -836,6 +871,8 @@ def format_table(model: str, rows: Dict[str, Row]) -> List[str]:
         comparable = reference is not None and reference.available and variant.kind != "reference"
         ratio = f"{row.step / reference.step:.3f}" if comparable else "-"
         paired = f"{row.paired_ratio:.3f}" if comparable and row.paired_ratio is not None else "-"
+        if variant.kind == "reference" and row.paired_ratio is not None:
+            paired = f"{row.paired_ratio:.3f} (A/A: against an identical copy)"
         rss_ratio = f"{row.rss / reference.rss:.3f}" if comparable else "-"
         if not comparable:
             agrees = "-"
@@ -864,6 +901,10 @@ def format_table(model: str, rows: Dict[str, Row]) -> List[str]:
             quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
             detail += (f"; paired ratio over {len(ratios)} block pairs: quartiles {quartiles[0]:.3f} / "
                        f"{quartiles[1]:.3f} / {quartiles[2]:.3f}")
+            by_order = [[pair[0] / pair[1] for pair in row.pairs(first)] for first in (True, False)]
+            if all(by_order):
+                detail += (f" (median {statistics.median(by_order[0]):.3f} when it ran first, "
+                           f"{statistics.median(by_order[1]):.3f} when second)")
         extra = row.ok_runs[0].get("notes")
         if extra:
             detail += f"; {extra}"
@@ -956,7 +997,7 @@ def summarize(result: dict, batches: int) -> str:
         return f"{result.get('status')}: {result.get('error', '')[:120]}"
     own = statistics.median(result["epoch_times"]) / batches * 1e3
     if result.get("paired"):
-        ratios = [own / reference for own, reference, _ in result["pairs"]] or [float("nan")]
+        ratios = [pair[0] / pair[1] for pair in result["pairs"]] or [float("nan")]
         return f"paired: {len(result['pairs'])} blocks, median ratio to its reference {statistics.median(ratios):.3f}"
     return f"{own:.2f} ms/micro-batch, {result['peak_rss_mib']:.0f} MiB"
 
@@ -977,7 +1018,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for model in args.models:
                 batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)[model]
                 for variant in order:
-                    pairings = [False] if parse_variant(variant).kind == "reference" else [False, True]
+                    # A reference row's paired worker pairs it with an identical copy of itself (an A/A check).
+                    paired_too = parse_variant(variant).kind != "reference" or parse_variant(variant).reference == variant
+                    pairings = [False, True] if paired_too else [False]
                     for paired in pairings:
                         result = run_worker(variant, model, batches, args.epochs, args.warmup, scratch,
                                             args.timeout, paired)
