@@ -46,3 +46,71 @@ def test_memory_is_released_once_per_compiled_graph(monkeypatch):
     assert len(releases) == 1
     run(Tensor(np.ones((4, 3), np.float32)))  # a new shape compiles a second graph
     assert len(releases) == 2
+
+
+def test_flat_tuples_and_lists_of_tensors_go_in_as_separate_tensors():
+    x, y = Tensor(np.ones((2, 3), np.float32)), Tensor(np.zeros((2,), np.int32))
+    passing = graph.batch_passing((x, y), compiled=True)
+    assert passing.pack((x, y)) == (x, y)  # no mutable wrapper: the Tensors themselves
+    assert passing.unpack(x, y) == (x, y)
+    as_list = graph.batch_passing([x, y], compiled=True)
+    assert as_list.unpack(*as_list.pack([x, y])) == [x, y]
+    alone = graph.batch_passing(x, compiled=True)
+    assert alone.pack(x) == (x,) and alone.unpack(x) is x
+
+
+def test_other_batches_go_in_as_one_mutable_input_and_eager_steps_get_the_batch_as_is():
+    x = Tensor(np.ones((2, 3), np.float32))
+    for batch in ({"x": x}, ((x, x), x)):
+        (packed,) = graph.batch_passing(batch, compiled=True).pack(batch)
+        assert getattr(packed, "__ms_mutable__", False) and packed == batch
+    eager = graph.batch_passing((x, x), compiled=False)
+    batch = (x, x)
+    assert eager.unpack(*eager.pack(batch)) is batch
+
+
+@pytest.mark.parametrize("form", ["tuple", "list", "dict", "nested"])
+def test_each_batch_form_compiles_once_and_trains_like_a_hand_written_sgd_loop(form):
+    import lightms
+    from conftest import batches_of, fresh_model, make_data, quiet_trainer, TinyRegressor
+    from lightms.callbacks import Callback
+
+    class AnyForm(TinyRegressor):
+        def training_step(self, batch, batch_idx):
+            if form == "dict":
+                x, y = batch["x"], batch["y"]
+            elif form == "nested":
+                x, y = batch[0][0], batch[1]
+            else:
+                x, y = batch[0], batch[1]
+            return ((self(x) - y) ** 2).mean()
+
+    def shaped(bx, by):
+        return {"tuple": (bx, by), "list": [bx, by], "dict": {"x": bx, "y": by}, "nested": ((bx,), by)}[form]
+
+    counts = []
+
+    class CountCompiles(Callback):
+        def on_train_epoch_end(self, trainer, module):
+            counts.append(lightms.compiled_graph_count())
+
+    x, y = make_data(40)
+    model = fresh_model(cls=AnyForm)
+    reference = fresh_model()
+    quiet_trainer(max_epochs=3, callbacks=[CountCompiles()]).fit(
+        model, [shaped(bx, by) for bx, by in batches_of(x, y, 8)])
+    assert counts[1:] == [counts[0]] * 2  # 15 batches, one graph
+
+    # The same SGD steps by hand, eagerly: w <- w - lr * grad of the batch's mean squared error.
+    import mindspore as ms
+    from mindspore import nn
+
+    weights = reference.trainable_params()
+    grad_fn = ms.value_and_grad(lambda bx, by: ((reference(bx) - by) ** 2).mean(), None, weights)
+    optimizer = nn.SGD(weights, learning_rate=0.1)
+    for _ in range(3):
+        for bx, by in batches_of(x, y, 8):
+            _, grads = grad_fn(Tensor(bx), Tensor(by))
+            optimizer(grads)
+    for mine, theirs in zip(model.trainable_params(), weights):
+        np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), atol=1e-6)

@@ -7,6 +7,7 @@ from lightms._mindspore import mindspore as ms
 from lightms.module.logging import DeviceLogBuffers, HostLogs, is_metric
 from lightms.step.dry_run import check_training_output, dry_run
 from lightms.step.eval_step import EvalStep
+from lightms.step.graph import batch_passing
 from lightms.step.gradients import ClipGradNorm, ClipGradValue, GradientPipeline
 from lightms.step.train_step import LoopCounters, TrainStep
 
@@ -40,7 +41,8 @@ def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Opt
     if logs is None or logs.options != options:
         logs = DeviceLogBuffers(options)
     step = TrainStep(module, optimizer, logs, counters, accumulate, transforms, compile, loss_scaler,
-                     sink_length if sink_length > 1 else 0, autocast, step_history)
+                     sink_length if sink_length > 1 else 0, autocast, step_history,
+                     passing=batch_passing(batch.data, compile))
     return step, logs
 
 
@@ -64,14 +66,15 @@ def build_eval_step(module, stage: str, hook: str, batch, host_logs: HostLogs, c
             # and let the trainer put it back after the run.
             object.__setattr__(module, "_lightms_construct_before", module.__dict__.get("construct"))
             object.__setattr__(module, "construct", ms.jit(module.construct, jit_level="O1"))
-        return EvalStep(getattr(module, hook), None, compile=False, autocast=autocast), host_logs, None
+        step = EvalStep(getattr(module, hook), None, False, autocast, batch_passing(batch.data, False))
+        return step, host_logs, None
     recorder, _ = dry_run(module, hook, batch.data, batch.index)
     logs = DeviceLogBuffers(list(recorder.options.values()))
     for options in logs.options:
         if options.on_step and stage != "predict":
             warnings.warn(f"self.log({options.name!r}, on_step=True) in {hook}: lightms reports {stage} values "
                           "per epoch; the step value is not sent to the loggers.", stacklevel=3)
-    return EvalStep(getattr(module, hook), logs, compile, autocast), logs, logs
+    return EvalStep(getattr(module, hook), logs, compile, autocast, batch_passing(batch.data, compile)), logs, logs
 
 
 __all__ = ["build_eval_step", "build_train_step", "gradient_pipeline", "module_metrics"]

@@ -2,7 +2,7 @@
 
 from typing import Callable, Optional
 
-from lightms.step.graph import compile_function
+from lightms.step.graph import BatchPassing, compile_function
 
 
 class EvalStep:
@@ -13,15 +13,19 @@ class EvalStep:
         logs: The device log buffers for this hook, or None when the hook runs on the host.
         compile: Run as a compiled whole graph (True) or eagerly (False).
         autocast: Wraps the hook for mixed precision (`Precision.autocast`), or None.
+        passing: How the step gets its batch (`graph.batch_passing`).
 
     Attributes:
         compiled: Whether the step runs as a graph (its batch_idx is then a Tensor).
     """
 
-    def __init__(self, hook, logs, compile: bool, autocast: Optional[Callable] = None):
+    def __init__(self, hook, logs, compile: bool, autocast: Optional[Callable], passing: BatchPassing):
         run_hook = hook if autocast is None else autocast(hook)
+        self._pack = passing.pack
+        unpack = passing.unpack
 
-        def step(batch, batch_idx):
+        def step(batch_idx, *inputs):
+            batch = unpack(*inputs)
             if logs is None:  # a host-run hook (it updates Metrics): HostLogs weighs its own values
                 return run_hook(batch, batch_idx)
             output = run_hook(batch, batch_idx)
@@ -33,4 +37,4 @@ class EvalStep:
 
     def __call__(self, batch, batch_idx):
         """Returns what the hook returned for this batch."""
-        return self._step(batch, batch_idx)
+        return self._step(batch_idx, *self._pack(batch))

@@ -28,7 +28,7 @@ from lightms._mindspore import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from lightms.step.binding import reads_argument, reads_attribute
-from lightms.step.graph import compile_function
+from lightms.step.graph import BatchPassing, compile_function
 from lightms.step.gradients import GradientPipeline
 
 _hyper_map = ops.HyperMap()
@@ -121,12 +121,15 @@ class TrainStep:
         sink_length: Micro-batches per `sink_step` call (stacked leading axis); 0 for no sink graph.
         step_history: Keep each sunk optimizer step's logged values for the loggers (False: no logger).
         autocast: Wraps the forward function for mixed precision (`Precision.autocast`), or None.
+        passing: How `window_step` and `optimizer_step` get their batch (`graph.batch_passing`).
     """
 
     def __init__(self, module, optimizer, logs, counters: LoopCounters, accumulate: int,
                  transforms: GradientPipeline, compile: bool, loss_scaler=None, sink_length: int = 0,
-                 autocast: Optional[Callable] = None, step_history: bool = True):
+                 autocast: Optional[Callable] = None, step_history: bool = True, *, passing: BatchPassing):
         self.accumulate = accumulate
+        self._pack = passing.pack
+        unpack = passing.unpack
         weights = optimizer.parameters
         one_step, zero, stepped_constant = Tensor(1, ms.int32), Tensor(0, ms.int32), Tensor(True, ms.bool_)
         # Each device input or counter update is a kernel launch (~0.1 ms on the CPU backend): keep the
@@ -194,11 +197,11 @@ class TrainStep:
             stepped = ops.depend(stepped, ops.assign(counters.window, zero))
             return ops.depend(stepped, _hyper_map(ops.assign, accumulators, _hyper_map(ops.zeros_like, accumulators)))
 
-        def window_step(batch):
-            return accumulate_step(*gradients(batch))
+        def window_step(*inputs):
+            return accumulate_step(*gradients(unpack(*inputs)))
 
-        def optimizer_step(batch):
-            loss, grads = gradients(batch)
+        def optimizer_step(*inputs):
+            loss, grads = gradients(unpack(*inputs))
             if accumulate > 1:
                 return ops.depend(loss, window_update(grads))
             return ops.depend(loss, update(grads))
@@ -244,11 +247,11 @@ class TrainStep:
 
         Its batch_idx and the window's size are the device counters (`LoopCounters.expect`).
         """
-        return self._window_step(batch)
+        return self._window_step(*self._pack(batch))
 
     def optimizer_step(self, batch):
         """Runs the micro-batch that ends its window and updates the weights; returns the loss."""
-        return self._optimizer_step(batch)
+        return self._optimizer_step(*self._pack(batch))
 
     def sink_step(self, batches, closes: Tensor, count: Tensor):
         """Runs `count` stacked micro-batches in one graph call; returns the last micro-batch's loss.

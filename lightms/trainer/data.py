@@ -239,17 +239,6 @@ class DataSource:
         return Batch(index, data, shapes, is_last)
 
 
-def as_step_input(data):
-    """Marks a batch so the compiled step treats it as variable input, not a constant.
-
-    Without `mutable`, MindSpore bakes a tuple or dict argument into the graph and
-    recompiles for every batch.
-    """
-    if isinstance(data, (tuple, list, dict)):
-        return ms.mutable(data)
-    return data
-
-
 def _prepare_datamodule(entry: str, datamodule, loaders_given: bool, trainer) -> None:
     from lightms.module.datamodule import LightningDataModule
 

@@ -21,7 +21,7 @@ from lightms.step.binding import inside_step
 from lightms.step.builder import build_eval_step, build_train_step, gradient_pipeline, module_metrics
 from lightms.step.eval_step import EvalStep
 from lightms.step.train_step import TrainStep
-from lightms.trainer.data import DataSource, as_step_input
+from lightms.trainer.data import DataSource
 from lightms.trainer.interrupts import Interrupted
 from lightms.trainer.optimizers import read_optimizer_config, step_schedulers
 from lightms.trainer.sinking import SINK_MEMORY_LIMIT, Chunk, check_sinkable, fit_in_memory, resolve_sink_length
@@ -268,9 +268,9 @@ class TrainingLoop:
             if sinking:
                 loss = self._train_step.sink_step(*chunk.device_inputs(self._stacked_length(chunk)))
             elif chunk.closes[0]:
-                loss = self._train_step.optimizer_step(as_step_input(first.data))
+                loss = self._train_step.optimizer_step(first.data)
             else:
-                loss = self._train_step.window_step(as_step_input(first.data))
+                loss = self._train_step.window_step(first.data)
         self._counters.advanced(len(chunk.batches), chunk.window)
         state.batches_done = last.index + 1
         state.window = chunk.window
@@ -349,7 +349,7 @@ class TrainingLoop:
                 step = self._eval_steps[stage]
                 # A compiled step takes an int32 Tensor, so a new index does not recompile it.
                 index = Tensor(batch.index, ms.int32) if step.compiled else batch.index
-                output = step(as_step_input(batch.data), index)
+                output = step(batch.data, index)
             if stage == "predict":
                 outputs.append(output)
             self._call(f"on_{prefix}_batch_end", output, batch.data, batch.index)
