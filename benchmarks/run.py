@@ -435,12 +435,13 @@ class Pairing:
 
     Whichever of two back-to-back blocks runs second is about 2% slower here (an
     identical graph called twice in a row, measured both ways), so the order
-    alternates, A B B A: after every other variant block the reference also runs
-    the next block's batches at once, before the variant does; that next block is
-    paired with it. Paired times are compared per micro-batch (the variant's next
-    block may hold more micro-batches than the reference ran ahead: whole chunks).
-    The epoch's last, possibly shorter block is paired at its end. Blocks of
-    warm-up epochs are dropped.
+    alternates, A B B A: after a block where the variant ran first, the reference
+    at once also runs the batches of the variant's next block (as many as this
+    block had; at the end of an epoch, the next epoch's first ones), before the
+    variant does; that next block is paired with it. Paired times are compared per
+    micro-batch (a block of whole chunks may hold more or fewer micro-batches than
+    the reference ran ahead). The epoch's last, possibly shorter block is paired at
+    its end. Blocks of warm-up epochs are dropped.
 
     Args:
         loop: The reference loop (`run_batches(start, stop)` returns its synchronised time; `batches` is the
@@ -459,12 +460,16 @@ class Pairing:
         self._first = 0  # the open block's first micro-batch, in the epoch
         self._start = 0.0
         self._ahead: Optional[tuple] = None  # (seconds, micro-batches) the reference ran before the open block
+        self._ahead_next_epoch = 0  # micro-batches the reference runs ahead when the next epoch starts
 
     def epoch_start(self) -> None:
         """Call at the start of each epoch of the variant."""
         self._epoch += 1
         self._first = 0
         self._ahead = None
+        if self._ahead_next_epoch:  # the B A half of an A B B A that spans an epoch's end
+            count = min(self._ahead_next_epoch, len(self.loop.batches))
+            self._ahead, self._ahead_next_epoch = (self.loop.run_batches(0, count), count), 0
         self._start = time.perf_counter()
 
     def due(self, done: int) -> bool:
@@ -491,9 +496,12 @@ class Pairing:
             (reference, reference_count), self._ahead = self._ahead, None
         if self._epoch >= self.warmup:
             self.pairs.append([own, reference * count / reference_count, count, variant_first])
-        upcoming = min(done + self.block, len(self.loop.batches))
-        if variant_first and upcoming > done:  # the B A half of A B B A
-            self._ahead = (self.loop.run_batches(done, upcoming), upcoming - done)
+        if variant_first:  # the B A half of A B B A: the reference runs the next block first
+            upcoming = min(done + count, len(self.loop.batches))
+            if upcoming > done:
+                self._ahead = (self.loop.run_batches(done, upcoming), upcoming - done)
+            else:
+                self._ahead_next_epoch = count
         self._first = done
         self._start = time.perf_counter()
 
@@ -678,9 +686,10 @@ def worker(variant_name: str, model: str, batches_per_epoch: int, epochs: int, w
            paired: bool = False) -> int:
     """Runs one variant on one model and prints its measurements as one JSON line.
 
-    A paired worker also runs the variant's reference loop, one epoch next to each of
-    the variant's (`Pairing`), and reports those epochs' times too; its RSS then counts
-    both, so the table takes RSS from unpaired workers only.
+    A paired worker also runs the variant's reference loop, in blocks alternating with
+    the variant's (`Pairing`), and reports the block pairs too; its RSS then counts
+    both, so the table takes RSS from unpaired workers only. A reference variant's
+    paired worker pairs it with an identical copy of itself (the A/A check).
 
     A variant that lightms does not offer yet (the Trainer raises TypeError,
     ValueError or NotImplementedError) is reported as not available.
@@ -691,7 +700,7 @@ def worker(variant_name: str, model: str, batches_per_epoch: int, epochs: int, w
         batches_per_epoch: Micro-batches per epoch.
         epochs: Timed epochs.
         warmup: Untimed epochs before them.
-        paired: Also time the reference loop, epoch by epoch, in this process.
+        paired: Also time the reference loop, block by block, in this process.
 
     Returns:
         The exit status (0 also when the variant is not available).
@@ -779,7 +788,7 @@ class Row:
         return statistics.median(self.step_times())
 
     def paired_ratios(self) -> List[float]:
-        """Per block pair of every paired round: the variant's time over the reference's on the same batches."""
+        """Per block pair of every paired round: the variant's time per micro-batch over the reference's."""
         return [pair[0] / pair[1] for pair in self.pairs()]
 
     def pairs(self, variant_first: Optional[bool] = None) -> List[list]:
@@ -971,7 +980,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f"timed epochs (default {TIMED_EPOCHS}; {QUICK_TIMED_EPOCHS} with --quick)")
     parser.add_argument("--paired-epochs", type=int, default=None,
                         help=f"timed epochs of the paired workers of rows with a time target and of the A/A rows "
-                             f"(default {PAIRED_EPOCHS}; --epochs with --quick)")
+                             f"(default: {PAIRED_EPOCHS} or --epochs, whichever is more; --epochs with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up epochs (default 1)")
     parser.add_argument("--sink-sizes", default=",".join(map(str, SINK_SIZES)),
                         help="lightms sink sizes (default %(default)s)")
@@ -999,7 +1008,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.epochs = args.epochs or (QUICK_TIMED_EPOCHS if args.quick else TIMED_EPOCHS)
     args.paired_epochs = args.paired_epochs or (args.epochs if args.quick else max(PAIRED_EPOCHS, args.epochs))
     if min(args.repeats, args.epochs, args.paired_epochs, args.warmup) < 1 or (args.batches is not None and args.batches < 1):
-        parser.error("--repeats, --epochs, --warmup and --batches must be at least 1")
+        parser.error("--repeats, --epochs, --paired-epochs, --warmup and --batches must be at least 1")
     return args
 
 

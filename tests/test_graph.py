@@ -70,20 +70,28 @@ def test_other_batches_go_in_as_one_mutable_input_and_eager_steps_get_the_batch_
 
 
 @pytest.mark.parametrize("form", ["tuple", "list", "dict", "nested"])
-def test_each_batch_form_compiles_once_and_trains_like_a_hand_written_sgd_loop(form):
+def test_each_batch_form_compiles_once_and_trains_and_validates_like_hand_written_mindspore(form):
     import lightms
+    import mindspore as ms
+    from mindspore import nn
     from conftest import batches_of, fresh_model, make_data, quiet_trainer, TinyRegressor
     from lightms.callbacks import Callback
 
+    def unpacked(batch):
+        if form == "dict":
+            return batch["x"], batch["y"]
+        if form == "nested":
+            return batch[0][0], batch[1]
+        return batch[0], batch[1]
+
     class AnyForm(TinyRegressor):
         def training_step(self, batch, batch_idx):
-            if form == "dict":
-                x, y = batch["x"], batch["y"]
-            elif form == "nested":
-                x, y = batch[0][0], batch[1]
-            else:
-                x, y = batch[0], batch[1]
+            x, y = unpacked(batch)
             return ((self(x) - y) ** 2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            x, y = unpacked(batch)
+            self.log("val_loss", ((self(x) - y) ** 2).mean())
 
     def shaped(bx, by):
         return {"tuple": (bx, by), "list": [bx, by], "dict": {"x": bx, "y": by}, "nested": ((bx,), by)}[form]
@@ -95,22 +103,25 @@ def test_each_batch_form_compiles_once_and_trains_like_a_hand_written_sgd_loop(f
             counts.append(lightms.compiled_graph_count())
 
     x, y = make_data(40)
+    val_x, val_y = make_data(16, seed=1)
     model = fresh_model(cls=AnyForm)
     reference = fresh_model()
-    quiet_trainer(max_epochs=3, callbacks=[CountCompiles()]).fit(
-        model, [shaped(bx, by) for bx, by in batches_of(x, y, 8)])
-    assert counts[1:] == [counts[0]] * 2  # 15 batches, one graph
+    trainer = quiet_trainer(max_epochs=3, accumulate=2, callbacks=[CountCompiles()])
+    trainer.fit(model, [shaped(bx, by) for bx, by in batches_of(x, y, 8)],
+                [shaped(bx, by) for bx, by in batches_of(val_x, val_y, 8)])
+    assert counts[1:] == [counts[0]] * 2  # window, optimizer and validation steps compile once each
 
-    # The same SGD steps by hand, eagerly: w <- w - lr * grad of the batch's mean squared error.
-    import mindspore as ms
-    from mindspore import nn
-
+    # The same by hand, eagerly: windows of 2 micro-batches (the epoch's last has 1); SGD on their mean gradient.
     weights = reference.trainable_params()
     grad_fn = ms.value_and_grad(lambda bx, by: ((reference(bx) - by) ** 2).mean(), None, weights)
     optimizer = nn.SGD(weights, learning_rate=0.1)
+    batches = batches_of(x, y, 8)
     for _ in range(3):
-        for bx, by in batches_of(x, y, 8):
-            _, grads = grad_fn(Tensor(bx), Tensor(by))
-            optimizer(grads)
+        for start in range(0, len(batches), 2):
+            window = [grad_fn(Tensor(bx), Tensor(by))[1] for bx, by in batches[start:start + 2]]
+            optimizer(tuple(sum(g) / len(window) for g in zip(*window)))
     for mine, theirs in zip(model.trainable_params(), weights):
         np.testing.assert_allclose(mine.asnumpy(), theirs.asnumpy(), atol=1e-6)
+    val_loss = np.mean([float(((reference(Tensor(bx)) - Tensor(by)) ** 2).mean().asnumpy())
+                        for bx, by in batches_of(val_x, val_y, 8)])
+    assert trainer.callback_metrics["val_loss"] == pytest.approx(val_loss, abs=1e-6)

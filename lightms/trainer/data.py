@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-from lightms._mindspore import mindspore as ms
+from lightms._mindspore import mindspore  # noqa: F401  (quiets MindSpore's logs before it loads)
 from mindspore import Tensor
 from mindspore import dataset as msds
 
