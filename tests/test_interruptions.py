@@ -75,6 +75,18 @@ def test_nonfinite_loss_warns_once_by_default():
     assert trainer.global_step == 4
 
 
+@pytest.mark.parametrize("sink_size", [1, 3, "epoch"])
+@pytest.mark.parametrize("accumulate, expected", [(1, 2), (2, 1)])
+def test_nonfinite_losses_are_counted_per_micro_batch_with_and_without_sinking(sink_size, accumulate, expected):
+    # accumulate=1: batch 2's loss is inf and batch 3's NaN (weights updated from batch 2).
+    # accumulate=2: batches 2 and 3 share a window, so the weights turn NaN only after both.
+    # sink_size=3: chunks [0, 1, 2] and [3]; the second chunk's unused rows still hold the first's losses.
+    with pytest.warns(UserWarning, match=f"NaN or infinite in {expected} micro-batch"):
+        trainer = quiet_trainer(max_epochs=1, sink_size=sink_size, accumulate=accumulate)
+        trainer.fit(fresh_model(cls=PoisonedBatch), _poisoned_data())
+    assert trainer.global_step == 4 // accumulate
+
+
 def test_detect_anomaly_stops_at_the_step():
     trainer = quiet_trainer(max_epochs=1, detect_anomaly=True)
     with pytest.raises(FloatingPointError, match="at optimizer step 3 \\(epoch 0, batch 2\\).*'loss': inf"):

@@ -219,6 +219,10 @@ class DeviceLogBuffers(nn.Cell):
         """Copies the last closed window (the step value) into history row `slot` (graph-parseable)."""
         return ops.scatter_update(self.history, slot.reshape((1,)), self.step.reshape((1,) + self.step.shape))
 
+    def step_from_history(self, slot):
+        """Makes history row `slot` the step value (graph-parseable; after `close_window(slot)` calls)."""
+        return ops.assign(self.step, ops.gather(self.history, slot.reshape((1,)), 0).reshape(self.step.shape))
+
     def set_batch_size(self, size: int) -> None:
         """Sets the weight of the next step's means, from the host and only when it changes.
 
@@ -261,10 +265,19 @@ class DeviceLogBuffers(nn.Cell):
                                          ops.where(self.weight_masks[i], window + 1.0, window)))
         return value
 
-    def close_window(self):
-        """Makes the open window the step value, adds it to the epoch, and opens a new one (graph-parseable)."""
+    def close_window(self, history_slot=None):
+        """Makes the open window the step value, adds it to the epoch, and opens a new one (graph-parseable).
+
+        Args:
+            history_slot: Under sinking, write the step value to this row of the history
+                instead of to the step level (one kernel instead of two per step; the
+                chunk ends with `step_from_history`). None: to the step level.
+        """
         window = self.window
-        done = ops.assign(self.step, window)
+        if history_slot is None:
+            done = ops.assign(self.step, window)
+        else:
+            done = ops.scatter_update(self.history, history_slot.reshape((1,)), window.reshape((1,) + window.shape))
         if self.has_extremes:
             epoch = self.epoch
             added = ops.where(self.max_cells, ops.maximum(epoch, window),

@@ -64,6 +64,11 @@ class LoopCounters(nn.Cell):
         """Adds 1 to `nonfinite_losses` if `loss` is not finite (graph-parseable)."""
         return ops.assign_add(self.nonfinite_losses, ops.select(ops.isfinite(loss), self._zero, self._one))
 
+    def count_nonfinite_among(self, losses, taken):
+        """Adds how many of `losses` are not finite where `taken` is True (graph-parseable; once per sunk chunk)."""
+        bad = ops.logical_and(taken, ops.logical_not(ops.isfinite(losses)))
+        return ops.assign_add(self.nonfinite_losses, ops.cast(ops.cast(bad, ms.int32).sum(), ms.int32))  # sum: int64
+
     def set(self, current_epoch: int, global_step: int) -> None:
         """Writes the host's counters to the device (no sync; `set_data` would unlink compiled graphs)."""
         ops.assign(self.current_epoch, Tensor(current_epoch, ms.int32))
@@ -149,7 +154,7 @@ class TrainStep:
 
         grad_fn = ms.value_and_grad(forward, None, weights)
 
-        def gradients(batch):
+        def gradients(batch, count_nonfinite=True):
             if tracks_batch_idx:
                 loss, grads = grad_fn(batch, counters.batch_idx)
                 loss = ops.depend(loss, ops.assign_add(counters.batch_idx, one_step))
@@ -158,10 +163,15 @@ class TrainStep:
             if loss_scaler is not None:
                 loss = loss_scaler.unscale(loss)
             loss = ops.cast(loss, ms.float32)  # a half-precision loss is reported as float32
+            if not count_nonfinite:  # a sunk chunk counts its losses once, after its loop
+                return loss, grads
             return ops.depend(loss, counters.count_nonfinite(loss)), grads
 
-        def update(grads):
-            """Unscales, checks, transforms and applies a window's gradients; returns whether it stepped."""
+        def update(grads, history_slot=None):
+            """Unscales, checks, transforms and applies a window's gradients; returns whether it stepped.
+
+            `history_slot`: under sinking, where the closed log window goes (`DeviceLogBuffers.close_window`).
+            """
             if loss_scaler is None:
                 stepped = ops.depend(stepped_constant, optimizer(transforms(grads)))
             else:
@@ -170,7 +180,7 @@ class TrainStep:
                 if stepped:  # an overflowing window is skipped: no update, no optimizer or global step
                     stepped = ops.depend(stepped, optimizer(transforms(grads)))
                 stepped = ops.depend(stepped, loss_scaler.adjust(stepped))
-            stepped = ops.depend(stepped, logs.close_window())
+            stepped = ops.depend(stepped, logs.close_window(history_slot))
             if not tracks_global_step:
                 return stepped
             advance = one_step if loss_scaler is None else ops.cast(stepped, ms.int32)
@@ -206,32 +216,45 @@ class TrainStep:
                 return ops.depend(loss, window_update(grads))
             return ops.depend(loss, update(grads))
 
-        # Each kernel in the loop body costs every iteration: the step-value history is written only
-        # when a logger may read it, and with one micro-batch per step and no skipped steps its row is i.
+        # Each kernel in the loop body costs every iteration (about 1% of a LeNet step per three). So the
+        # losses are kept and checked for non-finite values once after the loop (one kernel per iteration
+        # instead of three), and with one micro-batch per step and no skipped steps, a closed log window
+        # goes straight to history row i, the chunk's last one becoming the step value after the loop.
         every_iteration_steps = accumulate == 1 and loss_scaler is None
+        direct_history = every_iteration_steps and step_history
+        if sink_length:
+            sink_losses = Parameter(Tensor(np.zeros(sink_length, np.float32)), name="lightms.sink_losses",
+                                    requires_grad=False)
+            positions = Tensor(np.arange(sink_length), ms.int32)
 
         def sink_step(batches, closes, count):
             i = Tensor(0, ms.int32)
             slot = Tensor(0, ms.int32)  # the next row of the step-value history
             loss = Tensor(0.0, ms.float32)
             while i < count:
-                loss, grads = gradients(take_micro_batch(batches, i))
+                loss, grads = gradients(take_micro_batch(batches, i), count_nonfinite=False)
+                loss = ops.depend(loss, ops.scatter_update(sink_losses, i.reshape((1,)), loss.reshape((1,))))
                 if accumulate == 1:
-                    stepped = update(grads)
-                    loss = ops.depend(loss, stepped)  # keeps the update: an unused result's effects can be dropped
-                    if step_history:
-                        loss = ops.depend(loss, logs.record_step(i if every_iteration_steps else slot))
-                    if not every_iteration_steps:
-                        slot = slot + ops.cast(stepped, ms.int32)
+                    if direct_history:
+                        loss = ops.depend(loss, update(grads, i))
+                    else:
+                        stepped = update(grads)
+                        loss = ops.depend(loss, stepped)  # keeps the update: an unused result's effects can be dropped
+                        if step_history:  # a skipped (overflowing) step takes no row
+                            loss = ops.depend(loss, logs.record_step(slot))
+                            slot = slot + ops.cast(stepped, ms.int32)
                 elif closes[i]:
                     stepped = window_update(grads)
                     loss = ops.depend(loss, stepped)
                     if step_history:
                         loss = ops.depend(loss, logs.record_step(slot))
-                    slot = slot + ops.cast(stepped, ms.int32)
+                        slot = slot + ops.cast(stepped, ms.int32)
                 else:
                     loss = accumulate_step(loss, grads)
                 i = i + 1
+            loss = ops.depend(loss, counters.count_nonfinite_among(sink_losses, positions < count))
+            if direct_history:
+                loss = ops.depend(loss, logs.step_from_history(count - 1))
             return loss
 
         self._window_step = compile_function(window_step, compile) if accumulate > 1 else None
