@@ -94,6 +94,30 @@ def test_sinking_equals_one_step_per_call(sink_size, accumulate):
     assert recorder.ends[0][0] == min(length, 12) - 1
 
 
+class StepValues(Callback):
+    """Records callback_metrics' step values after each host call, by global step."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        metrics = trainer.callback_metrics
+        self.by_step[trainer.global_step] = (metrics["loss_step"], metrics["seen_idx"])
+
+
+@pytest.mark.parametrize("sink_size", [5, "epoch"])
+def test_a_chunks_last_step_value_is_what_sink_size_1_reports_at_that_step(sink_size):
+    # Chunks end at steps 5, 10, 12, 13, ... (sink_size=5): odd steps, which log_every_n_steps=2 does not
+    # send to the logger, so callback_metrics shows the step level the sunk graph left behind.
+    per_step, per_chunk = StepValues(), StepValues()
+    fit(1, callbacks=[per_step])
+    fit(sink_size, callbacks=[per_chunk])
+    assert len(per_chunk.by_step) >= 4
+    for step, (loss, seen_idx) in per_chunk.by_step.items():
+        assert loss == pytest.approx(per_step.by_step[step][0], abs=1e-6), step
+        assert seen_idx == per_step.by_step[step][1], step
+
+
 @pytest.mark.parametrize("accumulate", [1, 4])
 def test_sinking_matches_a_hand_written_sgd_loop(accumulate):
     # no logger here: the sunk graph keeps no step history

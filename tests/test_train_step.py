@@ -130,3 +130,17 @@ def test_device_counters_are_kept_only_when_the_module_reads_them():
     reading.fit(fresh_model(cls=ReadsBoth), batches_of(x, y, 8))
     assert int(reading._counters.batch_idx.asnumpy()) == 5 and int(reading._counters.global_step.asnumpy()) == 5
     assert reading.callback_metrics["idx"] == 4.0 and reading.callback_metrics["step"] == 4.0
+
+
+def test_a_sunk_chunk_counts_non_finite_losses_only_among_its_own_micro_batches():
+    from lightms._mindspore import mindspore as ms
+    from mindspore import Tensor
+    from lightms.step.train_step import LoopCounters
+
+    counters = LoopCounters()
+    losses = Tensor(np.array([np.nan, 1.0, np.inf, np.nan], np.float32))
+    positions = Tensor(np.arange(4), ms.int32)
+    counters.count_nonfinite_among(losses, positions < Tensor(2, ms.int32))  # rows 2 and 3: an earlier chunk's
+    assert int(counters.nonfinite_losses.asnumpy()) == 1
+    counters.count_nonfinite_among(losses, positions < Tensor(4, ms.int32))
+    assert int(counters.nonfinite_losses.asnumpy()) == 1 + 3
