@@ -87,6 +87,15 @@ def test_nonfinite_losses_are_counted_per_micro_batch_with_and_without_sinking(s
     assert trainer.global_step == 4 // accumulate
 
 
+def test_every_fit_of_one_trainer_warns_about_its_own_nonfinite_losses():
+    trainer = quiet_trainer(max_epochs=1)
+    for epochs in (1, 2):  # the second fit goes on for one more epoch, with fresh device counters
+        trainer.max_epochs = epochs
+        with pytest.warns(UserWarning, match="NaN or infinite in 2 micro-batch"):
+            trainer.fit(fresh_model(cls=PoisonedBatch), _poisoned_data())
+    assert trainer.global_step == 8
+
+
 def test_detect_anomaly_stops_at_the_step():
     trainer = quiet_trainer(max_epochs=1, detect_anomaly=True)
     with pytest.raises(FloatingPointError, match="at optimizer step 3 \\(epoch 0, batch 2\\).*'loss': inf"):

@@ -399,6 +399,7 @@ class Trainer(TrainingLoop):
         self.precision.apply(model)
         object.__setattr__(model, "_trainer", self)
         self._counters = LoopCounters()
+        self._nonfinite_seen = 0  # the new counters start from zero
         self._counters.set(self.state.current_epoch, self.state.global_step)
         object.__setattr__(model, "_lightms_counters", self._counters)
         self._train_step, self._eval_steps, self._eval_log_targets = None, {}, {}
