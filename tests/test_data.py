@@ -45,6 +45,15 @@ def test_batch_structure_changing_mid_epoch():
         quiet_trainer(max_epochs=1).fit(fresh_model(), batches)
 
 
+def test_a_namedtuple_batch_is_refused_with_what_to_yield_instead():
+    import collections
+
+    Pair = collections.namedtuple("Pair", "x y")
+    x, y = make_data(16)
+    with pytest.raises(TypeError, match=r"train_dataloaders, batch 0: a batch is a namedtuple \(Pair\).*tuple or a dict"):
+        quiet_trainer(max_epochs=1).fit(fresh_model(), [Pair(bx, by) for bx, by in batches_of(x, y, 8)])
+
+
 def test_data_that_is_not_batches():
     with pytest.raises(TypeError, match="train_dataloaders must be"):
         quiet_trainer(max_epochs=1).fit(fresh_model(), 42)

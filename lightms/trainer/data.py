@@ -66,6 +66,10 @@ def _to_tensors(batch, where: Callable[[], str], signature: list):
         if isinstance(batch, dict):
             signature.append(("dict", tuple(batch)))
             return {key: _to_tensors(value, where, signature) for key, value in batch.items()}
+        if hasattr(batch, "_fields"):
+            raise TypeError(
+                f"{where()}: a batch is a namedtuple ({type(batch).__name__}), which lightms does not pass into "
+                "compiled steps; yield a tuple or a dict instead.")
         signature.append(("sequence", type(batch), len(batch)))
         return type(batch)(_to_tensors(value, where, signature) for value in batch)
     raise TypeError(
