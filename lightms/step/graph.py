@@ -71,9 +71,10 @@ class BatchPassing:
 
     MindSpore treats separate Tensor arguments of a graph as variable inputs. A tuple,
     list or dict argument is a constant, baked into the graph and recompiled for every
-    batch, unless it is wrapped in `mindspore.mutable`, and the wrapped tuple cost
-    about 1% of an MLP step on the CPU backend (the `mutable` call and the graph's
-    handling of it, measured against separate Tensors). So a Tensor, or a flat tuple
+    batch, unless it is wrapped in `mindspore.mutable`. The wrapped tuple cost 0.3-3.6%
+    of an MLP step on the CPU backend against separate Tensors (the `mutable` call and
+    the graph's handling of it; six interleaved runs of one graph both ways), though in
+    the full benchmark the difference was within its noise. So a Tensor, or a flat tuple
     or list of Tensors (the usual `(x, y)`), goes in as separate Tensors; any other
     batch (nested, a dict) as one `mutable` input; and a step that is not compiled
     gets the batch as it is.

@@ -68,8 +68,9 @@ def _to_tensors(batch, where: Callable[[], str], signature: list):
             return {key: _to_tensors(value, where, signature) for key, value in batch.items()}
         if hasattr(batch, "_fields"):
             raise TypeError(
-                f"{where()}: a batch is a namedtuple ({type(batch).__name__}), which lightms does not pass into "
-                "compiled steps; yield a tuple or a dict instead.")
+                f"{where()}: a batch is a namedtuple ({type(batch).__name__}); lightms takes tuples, lists and "
+                "dicts (rebuilding a namedtuple inside a compiled step failed in MindSpore 2.10), so yield a tuple "
+                "or a dict instead.")
         signature.append(("sequence", type(batch), len(batch)))
         return type(batch)(_to_tensors(value, where, signature) for value in batch)
     raise TypeError(
