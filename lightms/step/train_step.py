@@ -36,10 +36,11 @@ _hyper_map = ops.HyperMap()
 
 @dataclass
 class HostCounters:
-    """What the host knows the device's batch_idx and window counters hold."""
+    """What the host knows of the device counters: batch_idx and window, and the non-finite losses warned about."""
 
     batch_idx: int = 0
     window: int = 0
+    nonfinite_seen: int = 0
 
 
 class LoopCounters(nn.Cell):
@@ -55,8 +56,9 @@ class LoopCounters(nn.Cell):
         # because every scalar input of a graph call cost about 0.25 ms on the CPU backend.
         self.batch_idx = Parameter(Tensor(0, ms.int32), name="lightms.batch_idx", requires_grad=False)
         self.window = Parameter(Tensor(0, ms.int32), name="lightms.window", requires_grad=False)
-        # The host's mirror of batch_idx and window, a plain object: Cell.__setattr__ costs ~10 us a call.
-        self._host = HostCounters()
+        # What the host knows of them, a plain object (Cell.__setattr__ costs ~10 us a call); a new run's
+        # counters start at zero, and so does the count of non-finite losses already warned about.
+        self.host = HostCounters()
         self.tracks_batch_idx = True  # False when training_step never reads batch_idx (set by TrainStep)
         self._zero, self._one = Tensor(0, ms.int32), Tensor(1, ms.int32)
 
@@ -80,7 +82,7 @@ class LoopCounters(nn.Cell):
         The steps advance both on the device; the host mirrors them and writes only at
         epoch starts, resumes and early window ends.
         """
-        host = self._host
+        host = self.host
         if batch_idx != host.batch_idx and self.tracks_batch_idx:
             ops.assign(self.batch_idx, Tensor(batch_idx, ms.int32))
         if window != host.window:
@@ -89,8 +91,8 @@ class LoopCounters(nn.Cell):
 
     def advanced(self, micro_batches: int, window: int) -> None:
         """Records on the host what a step call did to the device counters."""
-        self._host.batch_idx += micro_batches
-        self._host.window = window
+        self.host.batch_idx += micro_batches
+        self.host.window = window
 
 
 def loss_from_output(output):
@@ -137,9 +139,10 @@ class TrainStep:
         unpack = passing.unpack
         weights = optimizer.parameters
         one_step, zero, stepped_constant = Tensor(1, ms.int32), Tensor(0, ms.int32), Tensor(True, ms.bool_)
-        # Each device input or counter update is a kernel launch (~0.1 ms on the CPU backend): keep the
-        # batch_idx counter only if training_step reads batch_idx, and advance global_step on the device
-        # only if some method reads self.global_step or the loss scaler needs it (the host counts anyway).
+        # Each device input or counter update costs every step (a kernel, roughly 10-15 us on the CPU
+        # backend): keep the batch_idx counter only if training_step reads batch_idx, and advance
+        # global_step on the device only if some method reads self.global_step or the loss scaler
+        # needs it (the host counts anyway).
         from lightms.module.cell import LightningCell
 
         tracks_batch_idx = reads_argument(type(module).training_step, 2)

@@ -120,9 +120,10 @@ class TrainingLoop:
             return
         count = int(self._counters.nonfinite_losses.asnumpy())
         self._extra_host_reads += 1
-        if count <= self._nonfinite_seen:
+        host = self._counters.host  # the count warned about lives with the device counter it mirrors
+        if count <= host.nonfinite_seen:
             return
-        new, self._nonfinite_seen = count - self._nonfinite_seen, count
+        new, host.nonfinite_seen = count - host.nonfinite_seen, count
         if self.detect_anomaly:
             logged = self._metrics.read_train_step(self.state.global_step)
             raise FloatingPointError(

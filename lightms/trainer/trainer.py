@@ -206,7 +206,6 @@ class Trainer(TrainingLoop):
         self._eval_log_targets: Dict[str, Any] = {}
         self._ckpt_path: Optional[str] = None
         self._val_source: Optional[DataSource] = None
-        self._nonfinite_seen = 0
         self._hook_receivers: Dict[str, HookReceivers] = {}
         self._extra_host_reads = 0
         self._interrupt_signal: Optional[int] = None
@@ -399,7 +398,6 @@ class Trainer(TrainingLoop):
         self.precision.apply(model)
         object.__setattr__(model, "_trainer", self)
         self._counters = LoopCounters()
-        self._nonfinite_seen = 0  # the new counters start from zero
         self._counters.set(self.state.current_epoch, self.state.global_step)
         object.__setattr__(model, "_lightms_counters", self._counters)
         self._train_step, self._eval_steps, self._eval_log_targets = None, {}, {}
@@ -458,4 +456,3 @@ class Trainer(TrainingLoop):
     def _read_step_values(self) -> None:
         if self.state.stage == "fit":
             self._metrics.read_train_step(self.state.global_step)
-
