@@ -45,20 +45,29 @@ How it is measured:
   line: per-epoch times, losses, graphs compiled, and peak RSS
   (`getrusage(RUSAGE_SELF).ru_maxrss`). Workers run one at a time.
 * Paired timing: every non-reference variant also runs in a second, paired
-  worker, which builds the variant's reference loop too. Whenever the variant
-  has trained another block of at least 12 micro-batches (whole sunk chunks), it
-  is synchronised and timed, and the reference trains on the same batches and
-  is timed (`Pairing`). The order alternates, A B B A: the second of two
-  back-to-back blocks runs about 2% slower here, whichever it is. This
-  machine's speed moves by 20-60% within seconds, in phases of a few dozen
+  worker, which builds the variant's reference loop too. The epoch is cut into
+  equal blocks of whole sunk chunks, about 12 micro-batches each (10 for both
+  models here); whenever the variant has trained a block, it is synchronised and
+  timed, and the reference trains on the same batches and is timed (`Pairing`).
+  This machine's speed moves by 20-60% within seconds, in phases of a few dozen
   steps (other tenants of the host): two rows timed in separate processes one
   after the other can differ by more than lightms's whole overhead, while a
-  block pair (about 0.1 s) falls in one phase. The paired ratio is the median,
-  over all block pairs of all rounds, of the variant's time per micro-batch
-  over the reference's; the time targets are judged on it. The ratio across
-  separate processes is printed beside it. The `ref` and `ref-acc4` rows' paired
-  workers pair the reference with an identical copy of itself: their paired
-  ratio (A/A) shows what the method reads when there is no difference.
+  block pair (about 0.1 s) mostly falls in one phase.
+* Order: the side that runs right after the other's block pays a switching
+  cost on its first step (about 0.6 ms of a 4.5 ms MLP step, either side alike),
+  so the order alternates, A B B A, and the paired ratio is a crossover
+  estimate (`paired_estimate`): the geometric mean of the median block ratio
+  (variant's time per micro-batch over the reference's) when the variant ran
+  first and when it ran second, over all block pairs of all rounds. The cost
+  then cancels. (Blocks of 12, 12, 12 and 4 micro-batches, as until
+  2026-11-24, put the short block, with three times the cost per micro-batch,
+  always on the variant's side.)
+* A/A: the `ref` and `ref-acc4` rows' paired workers pair the reference with
+  an identical copy of itself; their paired ratio shows what the method reads
+  when there is no difference. On the MLP it reads about 0.97: the measured
+  side of a pair comes out faster than an identical reference, whichever copy
+  is measured (cause not found). So the ratio the targets are judged on is the
+  row's paired ratio divided by its reference's A/A ratio; both are printed.
 * Rounds: each round runs every variant once (in reverse order on odd rounds),
   so drifts in the machine's load hit all variants alike. `--repeats` rounds
   (default 3).
@@ -82,7 +91,7 @@ How it is measured:
   plus Cells compiled as whole graphs, which `Model.train` and lightms use), in
   the whole worker process, and how many of them came after the warm-up epoch
   (must be 0).
-* Targets (time ratios paired): `sink_size=1` at most 1.05x `ref`; with sinking
+* Targets (time ratios paired, divided by the A/A ratio): `sink_size=1` at most 1.05x `ref`; with sinking
   at most 1.00x `ref` and faster than every `Model.train` row measured; `accumulate=4` at most 1.05x
   `ref-acc4` per micro-batch; peak RSS of every lightms row at most 1.10x its
   reference's; every lightms row's loss equal to its reference's (except under
@@ -114,6 +123,7 @@ import contextlib  # noqa: E402
 import fnmatch  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
@@ -148,7 +158,7 @@ PAIRED_EPOCHS = 15
 SINK1_TARGET = 1.05
 SINKING_TARGET = 1.00
 ACCUMULATE_TARGET = 1.05
-PAIR_BLOCK = 12  # micro-batches per paired block (3 windows of accumulate=4)
+PAIR_BLOCK = 12  # about this many micro-batches per paired block (`block_ends`: 10 for both models here)
 RSS_TARGET = 1.10
 LOSS_TOLERANCE = 1e-5  # "agree to 5 decimals"
 
@@ -192,6 +202,12 @@ class Variant:
     def sinks(self) -> bool:
         """Whether this is a lightms row with more than one micro-batch per graph call."""
         return self.kind == "lightms" and self.sink != 1
+
+    def chunk(self, batches_per_epoch: int) -> int:
+        """Micro-batches per host call: a paired block never splits one."""
+        if not self.sinks:
+            return 1
+        return batches_per_epoch if self.sink == "epoch" else min(int(self.sink), batches_per_epoch)
 
 
 _LIGHTMS_NAME = re.compile(r"^lightms-sink(\d+|epoch)(?:-acc(\d+))?(?:-p(.+))?$")
@@ -421,39 +437,87 @@ def build_reference(variant: Variant, spec, batches):
     return ReferenceLoop(spec, batches, compile=True, use_jit=variant.mode == "jit")
 
 
+def block_ends(batches_per_epoch: int, chunk: int, block: int = PAIR_BLOCK) -> List[int]:
+    """Where the paired blocks of an epoch end: equal blocks of whole chunks, about `block` micro-batches each.
+
+    Equal blocks keep the A B B A order balanced: whichever side runs right after the
+    other's block pays a switching cost on its first step (about 0.6 ms here, either
+    side alike), spread over the block. Blocks of 12, 12, 12 and 4 put the epoch's short
+    block, with three times the cost per micro-batch, always on the same side.
+
+    Args:
+        batches_per_epoch: Micro-batches per epoch.
+        chunk: Micro-batches per host call of the measured variant.
+        block: The wanted micro-batches per block.
+
+    Returns:
+        The number of micro-batches done at each block's end, the last being the epoch's.
+    """
+    chunks = -(-batches_per_epoch // chunk)
+    wanted = batches_per_epoch / block
+    # The number of blocks: a divisor of the chunks, so that blocks are equal; the nearest to `wanted`.
+    count = min((k for k in range(1, chunks + 1) if chunks % k == 0), key=lambda k: (abs(k - wanted), -k))
+    per_block = chunks // count
+    return [min((i + 1) * per_block * chunk, batches_per_epoch) for i in range(count)]
+
+
+def paired_estimate(pairs: List[list]) -> Optional[float]:
+    """The time ratio of the variant to its reference from block pairs (`Pairing.pairs`).
+
+    A crossover estimate: the geometric mean of the median ratio of the pairs where the
+    variant ran first and of those where it ran second. The side that runs right after
+    the other's block pays a switching cost (`block_ends`); it inflates one order's
+    ratios by as much as it deflates the other's, and the geometric mean cancels it. With
+    pairs of one order only, the median of all.
+
+    Returns:
+        The ratio, or None without pairs.
+    """
+    if not pairs:
+        return None
+    by_order = [[p[0] / p[1] for p in pairs if p[3] == first] for first in (True, False)]
+    if all(by_order):
+        return math.sqrt(statistics.median(by_order[0]) * statistics.median(by_order[1]))
+    return statistics.median(p[0] / p[1] for p in pairs)
+
+
 class Pairing:
     """Times the measured variant against its reference in alternating blocks of micro-batches, in one process.
 
     The machine's speed moves by 20-60% within seconds, in phases of a few dozen
-    steps (other tenants of the host), so two rows timed in separate processes, or
-    even in alternating epochs, can differ by more than lightms's whole overhead.
-    Here, whenever the variant has trained at least `block` more micro-batches of
-    the epoch (whole sunk chunks: a block never splits one), it is synchronised
-    and its block time taken; the reference loop trains on the same batches of the
-    epoch and is timed, synchronised too. A block pair takes about 0.1 s, within
-    one phase.
+    steps (other tenants of the host; per-step times here flip between about 2.5 and
+    4.2 ms on the MLP), so two rows timed in separate processes, or even in
+    alternating epochs, can differ by more than lightms's whole overhead. Here the
+    epoch is cut into equal blocks of whole sunk chunks (`block_ends`); whenever the
+    variant has trained a block, it is synchronised and its block time taken; the
+    reference loop trains on the same batches of the epoch and is timed,
+    synchronised too. A block pair takes about 0.1 s, within one phase.
 
-    Whichever of two back-to-back blocks runs second is about 2% slower here (an
-    identical graph called twice in a row, measured both ways), so the order
-    alternates, A B B A: after a block where the variant ran first, the reference
-    at once also runs the batches of the variant's next block (as many as this
-    block had; at the end of an epoch, the next epoch's first ones), before the
-    variant does; that next block is paired with it. Paired times are compared per
-    micro-batch (a block of whole chunks may hold more or fewer micro-batches than
-    the reference ran ahead). The epoch's last, possibly shorter block is paired at
-    its end. Blocks of warm-up epochs are dropped.
+    The order alternates, A B B A: after a block where the variant ran first, the
+    reference at once also runs the batches of the variant's next block (as many as
+    this block had; at the end of an epoch, the next epoch's first ones), before the
+    variant does; that next block is paired with it. Order matters here: the side
+    that runs right after the other's block pays a switching cost on its first step
+    (measured on the MLP: 5.2 ms for the first step after the other model's block,
+    4.5 ms in steady state, both sides alike; most likely caches refilled with the
+    other model's weights), and of two blocks run back to back the second is about 2%
+    slower. `paired_estimate` cancels both. Paired times are compared per micro-batch
+    (a block may hold more or fewer micro-batches than the reference ran ahead). The
+    epoch's last block is paired at its end. Blocks of warm-up epochs are dropped.
 
     Args:
         loop: The reference loop (`run_batches(start, stop)` returns its synchronised time; `batches` is the
             epoch), or None: no pairing.
         warmup: Epochs whose blocks are not kept.
-        block: Micro-batches of the variant per block, at least.
+        block: About how many micro-batches a block holds (`block_ends`).
+        chunk: Micro-batches per host call of the variant (a block holds whole ones).
     """
 
-    def __init__(self, loop=None, warmup: int = 0, block: int = PAIR_BLOCK):
+    def __init__(self, loop=None, warmup: int = 0, block: int = PAIR_BLOCK, chunk: int = 1):
         self.loop = loop
         self.warmup = warmup
-        self.block = block
+        # Where the blocks of an epoch end (micro-batches done): equal blocks of whole chunks.
+        self.ends = block_ends(len(loop.batches), chunk, block) if loop is not None else []
         # [variant seconds, reference seconds scaled to the variant's micro-batches, micro-batches, variant ran first]
         self.pairs: List[list] = []
         self._epoch = -1
@@ -474,7 +538,7 @@ class Pairing:
 
     def due(self, done: int) -> bool:
         """Whether a block ends once the variant has trained `done` micro-batches of this epoch."""
-        return self.loop is not None and done - self._first >= self.block
+        return self.loop is not None and any(self._first < end <= done for end in self.ends)
 
     def trained(self, done: int, sync: Callable[[], None], epoch_end: bool = False) -> None:
         """Call when the variant has trained `done` micro-batches of this epoch (after a step or chunk).
@@ -485,7 +549,7 @@ class Pairing:
             epoch_end: Pair whatever is left of the epoch, however short.
         """
         count = done - self._first
-        if self.loop is None or count <= 0 or (count < self.block and not epoch_end):
+        if self.loop is None or count <= 0 or not (epoch_end or self.due(done)):
             return
         sync()
         own = time.perf_counter() - self._start
@@ -518,8 +582,7 @@ def run_reference(variant: Variant, spec, batches, epochs: int, warmup: int, pai
         else:  # an A/A check: paired with a second, identical reference loop
             pairing.epoch_start()
             times.append(0.0)
-            for start in range(0, count, pairing.block):
-                stop = min(start + pairing.block, count)
+            for start, stop in zip([0] + pairing.ends, pairing.ends):
                 times[-1] += loop.run_batches(start, stop)
                 pairing.trained(stop, lambda: None, epoch_end=stop == count)
         if epoch == warmup - 1:
@@ -716,7 +779,7 @@ def worker(variant_name: str, model: str, batches_per_epoch: int, epochs: int, w
     try:
         # The reference is built first, so that the variant is built right after its own seeding, as unpaired.
         reference = build_reference(parse_variant(variant.reference), spec, batches) if paired else None
-        pairing = Pairing(reference, warmup)
+        pairing = Pairing(reference, warmup, chunk=variant.chunk(batches_per_epoch))
         result.update(run(variant, spec, batches, epochs, warmup, pairing))
         result["pairs"] = pairing.pairs
         result["status"] = "ok"
@@ -798,13 +861,23 @@ class Row:
 
     @property
     def paired_ratio(self) -> Optional[float]:
-        """Median of `paired_ratios()`: the time ratio to the reference the targets are judged on."""
-        ratios = self.paired_ratios()
-        return statistics.median(ratios) if ratios else None
+        """`paired_estimate` of all paired rounds: the time ratio to the reference the targets are judged on."""
+        return paired_estimate(self.pairs())
 
     def ratio_to(self, reference: "Row") -> float:
-        """Time ratio to the reference: paired when measured so, else across separate processes."""
-        return self.paired_ratio if self.paired_ratio is not None else self.step / reference.step
+        """Time ratio to the reference, the one targets are judged on.
+
+        Paired and divided by the reference's A/A ratio when both were measured: the A/A
+        row is the same method reading two identical loops, so it shows what the method
+        reads for no difference (on the MLP here about 0.97: the measured side of a pair
+        came out about 3% faster than an identical reference, whichever copy it was).
+        Paired alone without an A/A row; across separate processes without pairing.
+        """
+        if self.paired_ratio is None:
+            return self.step / reference.step
+        if reference.paired_ratio is None or reference is self:
+            return self.paired_ratio
+        return self.paired_ratio / reference.paired_ratio
 
     @property
     def rss(self) -> float:
@@ -875,19 +948,21 @@ def check_row(row: Row, rows: Dict[str, Row]) -> List[tuple]:
 def format_table(model: str, rows: Dict[str, Row]) -> List[str]:
     """Returns the markdown table of one model and the notes under it."""
     lines = [f"### {MODEL_TITLES.get(model, model)}", "",
-             "| variant | ms per micro-batch | time ratio, paired | time ratio, separate processes | reference | "
-             "peak RSS MiB | RSS ratio | final loss | loss agrees | compiles (total / after warm-up) | targets | pass |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | ms per micro-batch | time ratio, judged (paired / A/A) | time ratio, paired | "
+             "time ratio, separate processes | reference | peak RSS MiB | RSS ratio | final loss | loss agrees | "
+             "compiles (total / after warm-up) | targets | pass |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name, row in rows.items():
         variant = row.variant
         if not row.available:
-            lines.append(f"| {name} | {row.problem} | | | | | | | | | | |")
+            lines.append(f"| {name} | {row.problem} | | | | | | | | | | | |")
             continue
         reference = rows.get(variant.reference)
         comparable = reference is not None and reference.available and variant.kind != "reference"
         ratio = f"{row.step / reference.step:.3f}" if comparable else "-"
         paired = f"{row.paired_ratio:.3f}" if comparable and row.paired_ratio is not None else "-"
+        judged = f"{row.ratio_to(reference):.3f}" if comparable else "-"
         if variant.kind == "reference" and row.paired_ratio is not None:
             paired = f"{row.paired_ratio:.3f} (A/A: against an identical copy)"
         rss_ratio = f"{row.rss / reference.rss:.3f}" if comparable else "-"
@@ -905,8 +980,8 @@ def format_table(model: str, rows: Dict[str, Row]) -> List[str]:
         targets = "; ".join(description for description, _ in checks) or "-"
         failed = [description for description, passed in checks if passed is False]
         verdict = "-" if not checks else "PASS" if not failed else "FAIL: " + "; ".join(failed)
-        lines.append(f"| {name} | {row.step * 1e3:.2f} | {paired} | {ratio} | {variant.reference if comparable else '-'} | "
-                     f"{row.rss:.0f} | {rss_ratio} | {row.final_loss:.6f} | {agrees} | {compiles} | "
+        lines.append(f"| {name} | {row.step * 1e3:.2f} | {judged} | {paired} | {ratio} | "
+                     f"{variant.reference if comparable else '-'} | {row.rss:.0f} | {rss_ratio} | {row.final_loss:.6f} | {agrees} | {compiles} | "
                      f"{targets} | {verdict} |")
         times = row.step_times()
         hashes = {r["initial_weights"] for r in row.ok_runs}
@@ -1018,8 +1093,8 @@ def summarize(result: dict, batches: int) -> str:
         return f"{result.get('status')}: {result.get('error', '')[:120]}"
     own = statistics.median(result["epoch_times"]) / batches * 1e3
     if result.get("paired"):
-        ratios = [pair[0] / pair[1] for pair in result["pairs"]] or [float("nan")]
-        return f"paired: {len(result['pairs'])} blocks, median ratio to its reference {statistics.median(ratios):.3f}"
+        estimate = paired_estimate(result["pairs"])
+        return f"paired: {len(result['pairs'])} blocks, ratio to its reference {estimate or float('nan'):.3f}"
     return f"{own:.2f} ms/micro-batch, {result['peak_rss_mib']:.0f} MiB"
 
 
@@ -1056,7 +1131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = ["", f"Machine: {machine_before}", ""]
     out.append(f"{args.repeats} round(s); per worker {args.warmup} warm-up + {args.epochs} timed epoch(s) "
                f"({args.paired_epochs} in the paired workers of rows with a time target and of the A/A rows); "
-               f"medians over epochs, then over rounds; paired ratios: median over all block pairs of all rounds.")
+               f"medians over epochs, then over rounds; paired ratios: crossover estimate over all block pairs of all "
+               f"rounds (`paired_estimate`), judged after division by the reference's A/A ratio.")
     for model in args.models:
         rows = {name: Row(parse_variant(name), runs[(model, name, False)], runs.get((model, name, True), []))
                 for name in args.variant_names}
