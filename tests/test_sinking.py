@@ -279,3 +279,34 @@ def test_sinking_reads_the_device_once_per_chunk_at_most_and_only_for_listeners(
     logger = RecordingLogger()
     assert syncs(40, logger) - syncs(40) == 2 * 8 - 2
     assert [step for step, m in logger.metrics if "loss" in m][:3] == [2, 4, 6]
+
+
+class DictRegressor(AdamLogger):
+    """AdamLogger's maths on batches that are dicts {"x": ..., "y": ...}."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch["x"], batch["y"]
+        loss = ((self(x) - y) ** 2).mean()
+        self.log("loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+
+@pytest.mark.parametrize("form", ["tensors", "dict", "mixed"])
+def test_sinking_stacks_tensor_leaves_and_dicts_like_numpy_batches(form):
+    # A chunk is stacked from each leaf as it came: numpy arrays (the other tests) or Tensors, in a tuple or
+    # a dict; "mixed" has Tensor inputs and numpy targets in one batch.
+    x, y = make_data(100)
+    numpy_batches = batches_of(x, y, 8)
+    if form == "tensors":
+        batches, cls = [(ms.Tensor(bx), ms.Tensor(by)) for bx, by in numpy_batches], AdamLogger
+    elif form == "dict":
+        batches, cls = [{"x": bx, "y": ms.Tensor(by)} for bx, by in numpy_batches], DictRegressor
+    else:
+        batches, cls = [(ms.Tensor(bx), by) for bx, by in numpy_batches], AdamLogger
+    base = fresh_model(cls=AdamLogger)
+    quiet_trainer(max_epochs=2, logger=False, enable_checkpointing=False).fit(base, numpy_batches)
+    model = fresh_model(cls=cls)
+    trainer = quiet_trainer(max_epochs=2, sink_size=5, logger=False, enable_checkpointing=False)
+    trainer.fit(model, batches)
+    assert trainer.global_step == 26
+    assert_same_parameters(base, model)

@@ -93,6 +93,7 @@ class TrainingLoop:
             raise ValueError(f"Trainer(limit_train_batches={self.limit_train_batches}) leaves no training batches.")
         self._sink_length = resolve_sink_length(self.sink_size, self.num_training_batches) if self.compile else 1
         self._sink_shapes = None  # the batch shapes of the run's first chunk: chunks of them are padded
+        self._sink_plans = {}  # Chunk.device_inputs' Tensors by plan
         has_val = val is not None and self.limit_val_batches != 0 and getattr(type(model), "validation_step") is not None
         self._val_source = val if has_val else None
         self._warn_unsinkable_steps()
@@ -267,7 +268,7 @@ class TrainingLoop:
         self._counters.expect(first.index, state.window)
         with inside_step(model, "training_step", metrics.device["train"]):
             if sinking:
-                loss = self._train_step.sink_step(*chunk.device_inputs(self._stacked_length(chunk)))
+                loss = self._train_step.sink_step(*chunk.device_inputs(self._stacked_length(chunk), self._sink_plans))
             elif chunk.closes[0]:
                 loss = self._train_step.optimizer_step(first.data)
             else:

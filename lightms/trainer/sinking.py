@@ -8,7 +8,7 @@ chunks, since the accumulators live on the device.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -39,27 +39,29 @@ def check_sinkable(data, where: str) -> None:
                 f"of Tensors; this batch nests a {type(leaf).__name__}. Flatten the batch or use sink_size=1.")
 
 
-def stack(batches: List[Any], length: int):
+def stack(batches: List[Batch], length: int):
     """Stacks batches leaf by leaf on a new leading axis of `length`.
 
     Rows past the real batches are left unset: the step gets the real count and never
     reads them. A fixed axis keeps the graph's input shape, so a short chunk (cut for
-    validation, a checkpoint, the end of an epoch) does not recompile it.
+    validation, a checkpoint, the end of an epoch) does not recompile it. The rows are
+    copied from the leaves as they came (`Batch.leaves`), numpy arrays where they were.
     """
 
-    def leaf_stack(leaves):
-        first_leaf = leaves[0].asnumpy()
-        out = np.empty((length,) + first_leaf.shape, first_leaf.dtype)
-        for row, leaf in enumerate(leaves):
-            out[row] = leaf.asnumpy()
+    def leaf_stack(position: int):
+        rows = [b.leaves[position] for b in batches]
+        rows = [row if isinstance(row, np.ndarray) else row.asnumpy() for row in rows]
+        out = np.empty((length,) + rows[0].shape, rows[0].dtype)
+        for i, row in enumerate(rows):
+            out[i] = row
         return Tensor.from_numpy(out)  # one host copy; the Tensor shares it
 
-    first = batches[0]
+    first = batches[0].data
     if isinstance(first, dict):
-        return ms.mutable({key: leaf_stack([b[key] for b in batches]) for key in first})
+        return ms.mutable({key: leaf_stack(i) for i, key in enumerate(first)})
     if isinstance(first, (tuple, list)):
-        return ms.mutable(type(first)(leaf_stack([b[i] for b in batches]) for i in range(len(first))))
-    return leaf_stack(batches)
+        return ms.mutable(type(first)(leaf_stack(i) for i in range(len(first))))
+    return leaf_stack(0)
 
 
 @dataclass
@@ -104,10 +106,20 @@ class Chunk:
         """Keeps only the first batch and makes it end its window (an epoch that stops early)."""
         self.batches, self.closes, self.window = self.batches[:1], [True], 0
 
-    def device_inputs(self, length: int) -> Tuple:
-        """The inputs of `TrainStep.sink_step` for this chunk on an axis of `length`."""
-        closes = np.array(self.closes + [False] * (length - len(self.batches)))
-        return stack([b.data for b in self.batches], length), Tensor(closes), Tensor(len(self.batches), ms.int32)
+    def device_inputs(self, length: int, plans: Dict[Tuple, Tuple[Tensor, Tensor]]) -> Tuple:
+        """The inputs of `TrainStep.sink_step` for this chunk on an axis of `length`.
+
+        Args:
+            length: The stacked leading axis.
+            plans: The (closes, count) Tensors of the plans seen so far in this run, by plan:
+                most chunks of a run share one, and creating two Tensors took about 60 us.
+        """
+        plan = (tuple(self.closes), length)
+        tensors = plans.get(plan)
+        if tensors is None:
+            closes = np.array(self.closes + [False] * (length - len(self.batches)))
+            tensors = plans[plan] = (Tensor(closes), Tensor(len(self.batches), ms.int32))
+        return (stack(self.batches, length),) + tensors
 
 
 # A sunk chunk is stacked on the host; "epoch" stops short of stacking more than this.
