@@ -49,6 +49,14 @@ def receivers_of(callbacks: List[Callback], model: LightningCell, hook: str) -> 
                          tuple(cb for cb in active if cb.order >= Callback.MODULE_ORDER), len(callbacks))
 
 
+def hook_receivers(trainer, hook: str) -> HookReceivers:
+    """Who receives `hook` in this run, worked out once (again when a callback was added since)."""
+    receivers = trainer._hook_receivers.get(hook)
+    if receivers is None or receivers.callback_count != len(trainer.callbacks):
+        receivers = trainer._hook_receivers[hook] = receivers_of(trainer.callbacks, trainer.model, hook)
+    return receivers
+
+
 def call_hook(trainer, hook: str, *args) -> Any:
     """Calls `hook` on the trainer's callbacks and module, in `order` (the module at Callback.MODULE_ORDER).
 
@@ -58,9 +66,7 @@ def call_hook(trainer, hook: str, *args) -> Any:
     Returns:
         What the module's hook returned (None if the module has no such hook).
     """
-    receivers = trainer._hook_receivers.get(hook)
-    if receivers is None or receivers.callback_count != len(trainer.callbacks):
-        receivers = trainer._hook_receivers[hook] = receivers_of(trainer.callbacks, trainer.model, hook)
+    receivers = hook_receivers(trainer, hook)
     model = trainer.model
     for cb in receivers.before:
         getattr(cb, hook)(trainer, model, *args)
@@ -77,4 +83,4 @@ def call_hook(trainer, hook: str, *args) -> Any:
     return returned
 
 
-__all__ = ["HookReceivers", "call_hook", "overrides", "receivers_of", "set_on_instance"]
+__all__ = ["HookReceivers", "call_hook", "hook_receivers", "overrides", "receivers_of", "set_on_instance"]

@@ -22,6 +22,7 @@ from lightms.step.builder import build_eval_step, build_train_step, gradient_pip
 from lightms.step.eval_step import EvalStep
 from lightms.step.train_step import TrainStep
 from lightms.trainer.data import DataSource
+from lightms.trainer.hooks import hook_receivers
 from lightms.trainer.interrupts import Interrupted
 from lightms.trainer.optimizers import read_optimizer_config, step_schedulers
 from lightms.trainer.sinking import SINK_MEMORY_LIMIT, Chunk, check_sinkable, fit_in_memory, resolve_sink_length
@@ -238,7 +239,9 @@ class TrainingLoop:
             return True
         if any(config.interval == "step" and config.due(step) for config in self._optimizer_config.schedulers):
             return True
-        return any(cb.needs_host_at_step(self, step) for cb in self.callbacks)
+        # Asked for every batch of a chunk: only callbacks that override the default (False) are asked.
+        receivers = hook_receivers(self, "needs_host_at_step")
+        return any(cb.needs_host_at_step(self, step) for cb in receivers.before + receivers.after)
 
     def _run_chunk(self, chunk: Chunk) -> bool:
         """Trains on a chunk's micro-batches (one host call when sinking) and does what follows its steps.
