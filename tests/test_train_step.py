@@ -42,6 +42,29 @@ def test_partial_last_window_is_the_mean_of_its_batches(compile):
     assert_same_parameters(parameters_of(model), parameters_of(reference), atol=1e-5)
 
 
+class StopsAtBatch4(TinyRegressor):
+    """Ends the epoch from on_train_batch_start at batch 4."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if batch_idx == 4 else None
+
+
+@pytest.mark.parametrize("sink_size", [1, 2])
+def test_epoch_ended_inside_a_window_closes_it_with_its_own_size(sink_size):
+    # accumulate=3: batch 4 is the second of window [b3, b4, b5]. Returning -1 there finishes the window
+    # with b4 (a window of 2, divided by 2) and ends the epoch: windows [b0..b2], [b3, b4].
+    x, y = make_data(8 * 16)
+    batches = batches_of(x, y, 16)
+    model = fresh_model(cls=StopsAtBatch4)
+    trainer = quiet_trainer(max_epochs=1, accumulate=3, sink_size=sink_size)
+    with pytest.warns(UserWarning, match="inside an accumulation window"):
+        trainer.fit(model, batches)
+    assert trainer.global_step == 2
+    reference = fresh_model()
+    reference_sgd(reference, [batches[:3], batches[3:5]], lr=0.1)
+    assert_same_parameters(parameters_of(model), parameters_of(reference), atol=1e-6)
+
+
 def test_compiled_equals_eager():
     x, y = make_data(200)
     batches = batches_of(x, y, 32)  # last batch of 8

@@ -3,7 +3,8 @@
 Three graphs are built from the same pieces:
 
 * `optimizer_step` closes an accumulation window: it adds this micro-batch's
-  gradients to the window, averages over the micro-batches the window holds,
+  gradients to the window, averages over the micro-batches the window holds (a
+  size the host passes in),
   unscales and checks them when a loss scaler is on, runs the gradient pipeline
   (clipping, and later stages), applies the optimizer, closes the log window and
   advances the step counter.
@@ -11,7 +12,7 @@ Three graphs are built from the same pieces:
   device-side accumulators and does nothing else.
 * `sink_step` (only when sink_size > 1) runs a chunk of micro-batches, stacked on
   a new leading axis, in a loop inside one graph: each iteration is a
-  `window_step` or an `optimizer_step`, as the host planned it in `closes`.
+  `window_step` or an `optimizer_step`, as the host planned it in `window_sizes`.
 
 The host decides what to call from its own counters, so no value comes back to
 the host. With a loss scaler, an overflowing window skips the update: the
@@ -36,10 +37,9 @@ _hyper_map = ops.HyperMap()
 
 @dataclass
 class HostCounters:
-    """What the host knows of the device counters: batch_idx and window, and the non-finite losses warned about."""
+    """What the host knows of the device counters: batch_idx, and the non-finite losses warned about."""
 
     batch_idx: int = 0
-    window: int = 0
     nonfinite_seen: int = 0
 
 
@@ -52,10 +52,9 @@ class LoopCounters(nn.Cell):
         self.current_epoch = Parameter(Tensor(0, ms.int32), name="lightms.current_epoch", requires_grad=False)
         # Micro-batches whose loss was NaN or infinite; the host reads it when it syncs anyway.
         self.nonfinite_losses = Parameter(Tensor(0, ms.int32), name="lightms.nonfinite_losses", requires_grad=False)
-        # batch_idx of the next micro-batch and the micro-batches in the open window: kept on the device,
-        # because every scalar input of a graph call cost about 0.25 ms on the CPU backend.
+        # batch_idx of the next micro-batch, kept on the device: a fresh scalar Tensor input per call cost
+        # about 0.25 ms on the CPU backend. (A window's size is an input, from Tensors made once.)
         self.batch_idx = Parameter(Tensor(0, ms.int32), name="lightms.batch_idx", requires_grad=False)
-        self.window = Parameter(Tensor(0, ms.int32), name="lightms.window", requires_grad=False)
         # What the host knows of them, a plain object (Cell.__setattr__ costs ~10 us a call); a new run's
         # counters start at zero, and so does the count of non-finite losses already warned about.
         self.host = HostCounters()
@@ -76,23 +75,20 @@ class LoopCounters(nn.Cell):
         ops.assign(self.current_epoch, Tensor(current_epoch, ms.int32))
         ops.assign(self.global_step, Tensor(global_step, ms.int32))
 
-    def expect(self, batch_idx: int, window: int) -> None:
-        """Makes the device's batch_idx and window counters equal the host's, writing only when they differ.
+    def expect(self, batch_idx: int) -> None:
+        """Makes the device's batch_idx counter equal the host's, writing only when they differ.
 
-        The steps advance both on the device; the host mirrors them and writes only at
-        epoch starts, resumes and early window ends.
+        The steps advance it on the device; the host mirrors it and writes only at epoch
+        starts and resumes.
         """
         host = self.host
         if batch_idx != host.batch_idx and self.tracks_batch_idx:
             ops.assign(self.batch_idx, Tensor(batch_idx, ms.int32))
-        if window != host.window:
-            ops.assign(self.window, Tensor(window, ms.int32))
-        host.batch_idx, host.window = batch_idx, window
+        host.batch_idx = batch_idx
 
-    def advanced(self, micro_batches: int, window: int) -> None:
+    def advanced(self, micro_batches: int) -> None:
         """Records on the host what a step call did to the device counters."""
         self.host.batch_idx += micro_batches
-        self.host.window = window
 
 
 def loss_from_output(output):
@@ -138,7 +134,7 @@ class TrainStep:
         self._pack = passing.pack
         unpack = passing.unpack
         weights = optimizer.parameters
-        one_step, zero, stepped_constant = Tensor(1, ms.int32), Tensor(0, ms.int32), Tensor(True, ms.bool_)
+        one_step, stepped_constant = Tensor(1, ms.int32), Tensor(True, ms.bool_)
         # Each device input or counter update costs every step (a kernel, roughly 10-15 us on the CPU
         # backend): keep the batch_idx counter only if training_step reads batch_idx, and advance
         # global_step on the device only if some method reads self.global_step or the loss scaler
@@ -199,15 +195,16 @@ class TrainStep:
         accumulators = self.accumulators
 
         def accumulate_step(loss, grads):
-            loss = ops.depend(loss, ops.assign_add(counters.window, one_step))
             return ops.depend(loss, _hyper_map(ops.assign_add, accumulators, grads))
 
-        def window_update(grads):
-            """Averages the window (this micro-batch's `grads` added), updates, and empties the window."""
-            window_size = ops.cast(counters.window, ms.float32) + 1.0
+        def window_update(grads, window_size):
+            """Averages the window of `window_size` micro-batches (this one's `grads` added), updates, empties it.
+
+            The host knows every window's size, so it is an input (a float32 scalar), not a
+            device counter: that was one kernel per micro-batch and three per window.
+            """
             summed = _hyper_map(ops.add, accumulators, grads)
             stepped = update(_hyper_map(ops.partial(_divide, window_size), summed))
-            stepped = ops.depend(stepped, ops.assign(counters.window, zero))
             return ops.depend(stepped, _hyper_map(ops.assign, accumulators, _hyper_map(ops.zeros_like, accumulators)))
 
         def window_step(*inputs):
@@ -215,9 +212,11 @@ class TrainStep:
 
         def optimizer_step(*inputs):
             loss, grads = gradients(unpack(*inputs))
-            if accumulate > 1:
-                return ops.depend(loss, window_update(grads))
             return ops.depend(loss, update(grads))
+
+        def window_optimizer_step(window_size, *inputs):
+            loss, grads = gradients(unpack(*inputs))
+            return ops.depend(loss, window_update(grads, window_size))
 
         # Each kernel in the loop body costs every iteration (a few microseconds each on the CPU backend). So
         # the losses are kept and checked for non-finite values once after the loop (one kernel per iteration
@@ -231,7 +230,7 @@ class TrainStep:
                                     requires_grad=False)
             positions = Tensor(np.arange(sink_length), ms.int32)
 
-        def sink_step(batches, closes, count):
+        def sink_step(batches, window_sizes, count):
             i = Tensor(0, ms.int32)
             slot = Tensor(0, ms.int32)  # the next row of the step-value history
             loss = Tensor(0.0, ms.float32)
@@ -247,14 +246,16 @@ class TrainStep:
                         if step_history:  # a skipped (overflowing) step takes no row
                             loss = ops.depend(loss, logs.record_step(slot))
                             slot = slot + ops.cast(stepped, ms.int32)
-                elif closes[i]:
-                    stepped = window_update(grads)
-                    loss = ops.depend(loss, stepped)
-                    if step_history:
-                        loss = ops.depend(loss, logs.record_step(slot))
-                        slot = slot + ops.cast(stepped, ms.int32)
                 else:
-                    loss = accumulate_step(loss, grads)
+                    window_size = window_sizes[i]  # indexed once: each index is a few kernels
+                    if window_size > 0:
+                        stepped = window_update(grads, window_size)
+                        loss = ops.depend(loss, stepped)
+                        if step_history:
+                            loss = ops.depend(loss, logs.record_step(slot))
+                            slot = slot + ops.cast(stepped, ms.int32)
+                    else:
+                        loss = accumulate_step(loss, grads)
                 i = i + 1
             loss = ops.depend(loss, counters.count_nonfinite_among(sink_losses, positions < count))
             if direct_history:
@@ -262,7 +263,9 @@ class TrainStep:
             return loss
 
         self._window_step = compile_function(window_step, compile) if accumulate > 1 else None
-        self._optimizer_step = compile_function(optimizer_step, compile)
+        self._optimizer_step = compile_function(window_optimizer_step if accumulate > 1 else optimizer_step, compile)
+        # The window sizes a window step can have, made once: a fresh Tensor per call costs host time.
+        self._window_sizes = {size: Tensor(float(size), ms.float32) for size in range(1, accumulate + 1)}
         self._sink_step = None
         if sink_length:
             if step_history:
@@ -272,23 +275,31 @@ class TrainStep:
     def window_step(self, batch):
         """Runs forward and backward of a micro-batch that does not end its window; returns the loss.
 
-        Its batch_idx and the window's size are the device counters (`LoopCounters.expect`).
+        Its batch_idx is the device counter (`LoopCounters.expect`).
         """
         return self._window_step(*self._pack(batch))
 
-    def optimizer_step(self, batch):
-        """Runs the micro-batch that ends its window and updates the weights; returns the loss."""
+    def optimizer_step(self, batch, window_size: int = 1):
+        """Runs the micro-batch that ends its window and updates the weights; returns the loss.
+
+        Args:
+            batch: The micro-batch.
+            window_size: Micro-batches in the window it ends, itself included (1 to `accumulate`).
+        """
+        if self.accumulate > 1:
+            return self._optimizer_step(self._window_sizes[window_size], *self._pack(batch))
         return self._optimizer_step(*self._pack(batch))
 
-    def sink_step(self, batches, closes: Tensor, count: Tensor):
+    def sink_step(self, batches, window_sizes: Tensor, count: Tensor):
         """Runs `count` stacked micro-batches in one graph call; returns the last micro-batch's loss.
 
         Args:
             batches: The chunk, each leaf stacked on a new leading axis of length `sink_length`.
-            closes: Whether micro-batch i ends its accumulation window (bool, `sink_length`).
+            window_sizes: For each micro-batch, the size of the window it ends, or 0 if it ends none
+                (float32, `sink_length`).
             count: Micro-batches of the chunk to run (the rest of the axis is padding).
         """
-        return self._sink_step(batches, closes, count)
+        return self._sink_step(batches, window_sizes, count)
 
 
 def _divide(divisor, value):

@@ -268,15 +268,15 @@ class TrainingLoop:
         if self._train_step is None:
             self._train_step = self._build_train_step(first)
         metrics.device["train"].set_batch_size(first.size)
-        self._counters.expect(first.index, state.window)
+        self._counters.expect(first.index)
         with inside_step(model, "training_step", metrics.device["train"]):
             if sinking:
                 loss = self._train_step.sink_step(*chunk.device_inputs(self._stacked_length(chunk), self._sink_plans))
             elif chunk.closes[0]:
-                loss = self._train_step.optimizer_step(first.data)
+                loss = self._train_step.optimizer_step(first.data, chunk.sizes[0])
             else:
                 loss = self._train_step.window_step(first.data)
-        self._counters.advanced(len(chunk.batches), chunk.window)
+        self._counters.advanced(len(chunk.batches))
         state.batches_done = last.index + 1
         state.window = chunk.window
         before = state.global_step

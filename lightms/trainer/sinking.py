@@ -69,14 +69,19 @@ class Chunk:
     """Consecutive micro-batches run by one host call, and which of them close a window.
 
     Attributes:
-        window: Micro-batches in the open window after the planned batches.
+        window: Micro-batches in the open window after the planned batches (at creation: before them).
         batches: The micro-batches.
         closes: Whether each ends its accumulation window (an optimizer step).
+        sizes: For each, the size of the window it ends (itself included), or 0.
     """
 
     window: int
     batches: List[Batch] = field(default_factory=list)
     closes: List[bool] = field(default_factory=list)
+    sizes: List[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._window_at_start = self.window
 
     @property
     def steps(self) -> int:
@@ -98,27 +103,28 @@ class Chunk:
         closes = self.window == accumulate or batch.is_last
         self.batches.append(batch)
         self.closes.append(closes)
+        self.sizes.append(self.window if closes else 0)
         if closes:
             self.window = 0
         return closes
 
     def cut_after_first(self) -> None:
         """Keeps only the first batch and makes it end its window (an epoch that stops early)."""
-        self.batches, self.closes, self.window = self.batches[:1], [True], 0
+        self.batches, self.closes, self.sizes, self.window = self.batches[:1], [True], [self._window_at_start + 1], 0
 
     def device_inputs(self, length: int, plans: Dict[Tuple, Tuple[Tensor, Tensor]]) -> Tuple:
         """The inputs of `TrainStep.sink_step` for this chunk on an axis of `length`.
 
         Args:
             length: The stacked leading axis.
-            plans: The (closes, count) Tensors of the plans seen so far in this run, by plan:
-                most chunks of a run share one, and creating two Tensors took about 60 us.
+            plans: The (window sizes, count) Tensors of the plans seen so far in this run, by
+                plan: most chunks of a run share one, and creating two Tensors took about 60 us.
         """
-        plan = (tuple(self.closes), length)
+        plan = (tuple(self.sizes), length)
         tensors = plans.get(plan)
         if tensors is None:
-            closes = np.array(self.closes + [False] * (length - len(self.batches)))
-            tensors = plans[plan] = (Tensor(closes), Tensor(len(self.batches), ms.int32))
+            sizes = np.array(self.sizes + [0] * (length - len(self.batches)), np.float32)
+            tensors = plans[plan] = (Tensor(sizes), Tensor(len(self.batches), ms.int32))
         return (stack(self.batches, length),) + tensors
 
 
