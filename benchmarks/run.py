@@ -158,7 +158,9 @@ PAIRED_EPOCHS = 15
 SINK1_TARGET = 1.05
 SINKING_TARGET = 1.00
 ACCUMULATE_TARGET = 1.05
-PAIR_BLOCK = 12  # about this many micro-batches per paired block (`block_ends`: 10 for both models here)
+PAIR_BLOCK = 12  # about this many micro-batches per paired block (`block_ends`: 10 for both models here; with
+# accumulate=4 the blocks the variant runs first hold 2 optimizer steps and the others 3: each pair compares the same
+# batches, but the two orders' medians are not of like blocks)
 RSS_TARGET = 1.10
 LOSS_TOLERANCE = 1e-5  # "agree to 5 decimals"
 
@@ -963,6 +965,8 @@ def format_table(model: str, rows: Dict[str, Row]) -> List[str]:
         ratio = f"{row.step / reference.step:.3f}" if comparable else "-"
         paired = f"{row.paired_ratio:.3f}" if comparable and row.paired_ratio is not None else "-"
         judged = f"{row.ratio_to(reference):.3f}" if comparable else "-"
+        if comparable and row.paired_ratio is not None and reference.paired_ratio is None:
+            judged += " (paired: no A/A to divide by)"
         if variant.kind == "reference" and row.paired_ratio is not None:
             paired = f"{row.paired_ratio:.3f} (A/A: against an identical copy)"
         rss_ratio = f"{row.rss / reference.rss:.3f}" if comparable else "-"

@@ -88,6 +88,13 @@ def test_identical_sides_read_one(run, monkeypatch):
     assert run.paired_estimate(pairs) == pytest.approx(1.0, abs=1e-12)
 
 
+def test_paired_estimate_weighs_the_two_orders_alike(run):
+    # Three pairs with the variant first at 1.0 and one with it second at 1.21: the pooled median would read
+    # 1.0; the crossover estimate gives each order's median the same weight.
+    pairs = [[1.0, 1.0, 10, True]] * 3 + [[1.21, 1.0, 10, False]]
+    assert run.paired_estimate(pairs) == pytest.approx(1.1)
+
+
 def test_paired_estimate_without_both_orders_is_the_median(run):
     assert run.paired_estimate([[1.1, 1.0, 10, True], [1.3, 1.0, 10, True], [1.2, 1.0, 10, True]]) == \
         pytest.approx(1.2)

@@ -246,3 +246,11 @@ def test_checkpoint_inside_an_accumulation_window_and_module_hooks(tmp_path):
     assert trainer.global_step == 8
     for name, value in parameters_of(straight).items():
         np.testing.assert_allclose(parameters_of(resumed)[name], value, atol=1e-6, rtol=0)
+    # accumulate=2 cannot finish a window that already holds 2 micro-batches: a clear error before anything
+    # is loaded, and the checkpoint is left as it was.
+    before = os.path.getsize(path), os.path.getmtime(path)
+    smaller = fresh_model(cls=Hooked)
+    with pytest.raises(ValueError, match=r"inside an accumulation window holding 2 micro-batch.*accumulate=2"):
+        quiet_trainer(max_epochs=2, accumulate=2).fit(smaller, batches, ckpt_path=path)
+    assert (os.path.getsize(path), os.path.getmtime(path)) == before
+    assert not hasattr(smaller, "loaded_note")

@@ -79,12 +79,19 @@ def restore_run_state(trainer, path: str) -> Dict:
         The checkpoint's meta dict (after the module's `on_load_checkpoint` saw it).
 
     Raises:
-        ValueError: If the checkpoint does not fit the model or optimizer, or holds weights only.
+        ValueError: If the checkpoint does not fit the model or optimizer, holds weights only, or was written
+            inside an accumulation window that the Trainer's `accumulate` cannot finish.
     """
     saved, meta = read_checkpoint(path)
     if not meta or meta.get("weights_only", True) or "loop" not in meta:
         raise ValueError(f"Checkpoint {path} holds weights only (or was not written by lightms) and cannot "
                          "resume training; load it with LightningCell.load_from_checkpoint instead.")
+    window = meta.get("window", 0)
+    if window >= trainer.accumulate:  # its next micro-batch would never close the window
+        raise ValueError(
+            f"Checkpoint {path} was written inside an accumulation window holding {window} micro-batch(es), "
+            f"which Trainer(accumulate={trainer.accumulate}) cannot finish. Resume with an accumulate greater "
+            f"than {window} (the value the run had), or from a checkpoint written at the end of a window.")
     groups = split_saved(saved)
     model = trainer.model
     assign_parameters({p.name: p for p in model.get_parameters()}, groups["model"], "model", path)
@@ -102,7 +109,7 @@ def restore_run_state(trainer, path: str) -> Dict:
     trainer.state.current_epoch = loop["epoch"]
     trainer.state.global_step = loop["global_step"]
     trainer.state.batches_done = loop["batches_done"]
-    trainer.state.window = meta.get("window", 0)
+    trainer.state.window = window
     trainer._pending_accumulators = groups.get(ACCUMULATOR_GROUP) or None
     if "train_logs" in meta:
         logs = DeviceLogBuffers([LogOptions(**o) for o in meta["train_logs"]["options"]])
