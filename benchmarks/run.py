@@ -107,7 +107,7 @@ How it is measured:
 
 Run it from the repository root:
 
-    python benchmarks/run.py                        # full run, about 18 minutes on 2 cores
+    python benchmarks/run.py                        # full run, about 15 minutes on 2 cores
     python benchmarks/run.py --quick                # smoke run, tiny epochs, one round
     python benchmarks/run.py --models mlp --variants 'ref,ms-graph-*,lightms-sink*' --repeats 5
     python benchmarks/run.py --markdown results.md  # also write the tables to a file
