@@ -477,10 +477,16 @@ def paired_estimate(pairs: List[list]) -> Optional[float]:
     """
     if not pairs:
         return None
-    by_order = [[p[0] / p[1] for p in pairs if p[3] == first] for first in (True, False)]
-    if all(by_order):
-        return math.sqrt(statistics.median(by_order[0]) * statistics.median(by_order[1]))
+    medians = order_medians(pairs)
+    if medians is not None:
+        return math.sqrt(medians[0] * medians[1])
     return statistics.median(p[0] / p[1] for p in pairs)
+
+
+def order_medians(pairs: List[list]) -> Optional[tuple]:
+    """(median block ratio when the variant ran first, when it ran second), or None without both orders."""
+    by_order = [[p[0] / p[1] for p in pairs if p[3] == first] for first in (True, False)]
+    return (statistics.median(by_order[0]), statistics.median(by_order[1])) if all(by_order) else None
 
 
 class Pairing:
@@ -856,10 +862,9 @@ class Row:
         """Per block pair of every paired round: the variant's time per micro-batch over the reference's."""
         return [pair[0] / pair[1] for pair in self.pairs()]
 
-    def pairs(self, variant_first: Optional[bool] = None) -> List[list]:
-        """The block pairs of every paired round (see `Pairing.pairs`), optionally only those of one order."""
-        return [pair for run in self.paired_runs if run.get("status") == "ok" for pair in run["pairs"]
-                if variant_first is None or pair[3] == variant_first]
+    def pairs(self) -> List[list]:
+        """The block pairs of every paired round (see `Pairing.pairs`)."""
+        return [pair for run in self.paired_runs if run.get("status") == "ok" for pair in run["pairs"]]
 
     @property
     def paired_ratio(self) -> Optional[float]:
@@ -997,10 +1002,9 @@ def format_table(model: str, rows: Dict[str, Row]) -> List[str]:
             quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
             detail += (f"; paired ratio over {len(ratios)} block pairs: quartiles {quartiles[0]:.3f} / "
                        f"{quartiles[1]:.3f} / {quartiles[2]:.3f}")
-            by_order = [[pair[0] / pair[1] for pair in row.pairs(first)] for first in (True, False)]
-            if all(by_order):
-                detail += (f" (median {statistics.median(by_order[0]):.3f} when it ran first, "
-                           f"{statistics.median(by_order[1]):.3f} when second)")
+            medians = order_medians(row.pairs())
+            if medians is not None:
+                detail += f" (median {medians[0]:.3f} when it ran first, {medians[1]:.3f} when second)"
         extra = row.ok_runs[0].get("notes")
         if extra:
             detail += f"; {extra}"

@@ -265,7 +265,8 @@ class TrainStep:
         self._window_step = compile_function(window_step, compile) if accumulate > 1 else None
         self._optimizer_step = compile_function(window_optimizer_step if accumulate > 1 else optimizer_step, compile)
         # The window sizes a window step can have, made once: a fresh Tensor per call costs host time.
-        self._window_sizes = {size: Tensor(float(size), ms.float32) for size in range(1, accumulate + 1)}
+        self._window_sizes = {size: Tensor(float(size), ms.float32) for size in range(1, accumulate + 1)} \
+            if accumulate > 1 else {}
         self._sink_step = None
         if sink_length:
             if step_history:

@@ -272,7 +272,7 @@ class TrainingLoop:
         with inside_step(model, "training_step", metrics.device["train"]):
             if sinking:
                 loss = self._train_step.sink_step(*chunk.device_inputs(self._stacked_length(chunk), self._sink_plans))
-            elif chunk.closes[0]:
+            elif chunk.sizes[0]:
                 loss = self._train_step.optimizer_step(first.data, chunk.sizes[0])
             else:
                 loss = self._train_step.window_step(first.data)
@@ -296,7 +296,7 @@ class TrainingLoop:
         if not steps_taken:
             return end_epoch
         self._write_step_logs(before)
-        if self._val_source is not None and self._val_due_in_epoch(last, chunk.closes[-1], state.global_step):
+        if self._val_source is not None and self._val_due_in_epoch(last, bool(chunk.sizes[-1]), state.global_step):
             self._run_validation()
         if self._interrupt_signal is not None:
             self._stop_for_interrupt()

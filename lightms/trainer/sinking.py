@@ -71,13 +71,12 @@ class Chunk:
     Attributes:
         window: Micro-batches in the open window after the planned batches (at creation: before them).
         batches: The micro-batches.
-        closes: Whether each ends its accumulation window (an optimizer step).
-        sizes: For each, the size of the window it ends (itself included), or 0.
+        sizes: For each, the size of the window it ends (itself included; an optimizer
+            step), or 0 if it ends none.
     """
 
     window: int
     batches: List[Batch] = field(default_factory=list)
-    closes: List[bool] = field(default_factory=list)
     sizes: List[int] = field(default_factory=list)
 
     def __post_init__(self):
@@ -86,7 +85,7 @@ class Chunk:
     @property
     def steps(self) -> int:
         """Optimizer steps the chunk takes."""
-        return sum(self.closes)
+        return sum(1 for size in self.sizes if size)
 
     @property
     def shapes(self) -> Optional[Tuple]:
@@ -102,7 +101,6 @@ class Chunk:
         self.window += 1
         closes = self.window == accumulate or batch.is_last
         self.batches.append(batch)
-        self.closes.append(closes)
         self.sizes.append(self.window if closes else 0)
         if closes:
             self.window = 0
@@ -110,7 +108,7 @@ class Chunk:
 
     def cut_after_first(self) -> None:
         """Keeps only the first batch and makes it end its window (an epoch that stops early)."""
-        self.batches, self.closes, self.sizes, self.window = self.batches[:1], [True], [self._window_at_start + 1], 0
+        self.batches, self.sizes, self.window = self.batches[:1], [self._window_at_start + 1], 0
 
     def device_inputs(self, length: int, plans: Dict[Tuple, Tuple[Tensor, Tensor]]) -> Tuple:
         """The inputs of `TrainStep.sink_step` for this chunk on an axis of `length`.
