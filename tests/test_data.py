@@ -130,3 +130,65 @@ def test_numpy_and_tensor_batches_of_the_same_structure_mix():
     trainer = quiet_trainer(max_epochs=1)
     trainer.fit(fresh_model(), batches)
     assert trainer.global_step == 4
+
+
+class RefillingLoader:
+    """Yields every batch in the same two arrays, refilled in place (as some fast loaders do)."""
+
+    def __init__(self, batches, sized: bool):
+        self.batches, self.sized = batches, sized
+
+    def __iter__(self):
+        x, y = np.empty_like(self.batches[0][0]), np.empty_like(self.batches[0][1])
+        for bx, by in self.batches:
+            x[...], y[...] = bx, by
+            yield x, y
+
+    def __len__(self):
+        if not self.sized:
+            raise TypeError("no length")  # len() of an object whose __len__ raises TypeError: no length
+        return len(self.batches)
+
+
+@pytest.mark.parametrize("sink_size", [1, 4])
+@pytest.mark.parametrize("sized", [True, False])
+def test_a_loader_that_refills_one_buffer_trains_on_each_batch_it_yielded(sink_size, sized):
+    from lightms.callbacks import Callback
+    from conftest import parameters_of, reference_sgd
+
+    x, y = make_data(80)
+    batches = batches_of(x, y, 8)  # 10 batches: windows of 3 span chunks of 4, the last window has 1
+
+    class SeenByHooks(Callback):
+        def __init__(self):
+            self.sums = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            chunk = batch if sink_size > 1 else [batch]
+            self.sums += [float(bx.asnumpy().sum()) for bx, _ in chunk]
+
+    seen = SeenByHooks()
+    model = fresh_model()
+    quiet_trainer(max_epochs=1, sink_size=sink_size, accumulate=3, callbacks=[seen]).fit(
+        model, RefillingLoader(batches, sized))
+    reference = fresh_model()
+    reference_sgd(reference, [batches[0:3], batches[3:6], batches[6:9], batches[9:]], lr=0.1)
+    for name, value in parameters_of(reference).items():
+        np.testing.assert_allclose(parameters_of(model)[name], value, atol=1e-6)
+    np.testing.assert_allclose(seen.sums, [bx.sum() for bx, _ in batches], rtol=1e-6)
+
+
+def test_data_shorter_than_its_length_is_named():
+    x, y = make_data(32)
+    batches = batches_of(x, y, 8)
+
+    class Short:
+        def __iter__(self):
+            return iter(batches[:3])
+
+        def __len__(self):
+            return 4
+
+    with pytest.raises(ValueError, match=r"train_dataloaders ended after 3 batches, but its length says 4") as error:
+        quiet_trainer(max_epochs=1).fit(fresh_model(), Short())
+    _no_cpp_trace(error)

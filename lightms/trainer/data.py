@@ -42,7 +42,7 @@ class Batch(NamedTuple):
         return self.shapes[0][0]
 
 
-def _to_tensors(batch, where: Callable[[], str], signature: list):
+def _to_tensors(batch, where: Callable[[], str], signature: list, copy: bool = False):
     """Returns `batch` with every leaf a Tensor, appending what describes its structure to `signature`.
 
     A leaf's entry is ("leaf", MindSpore dtype, shape, the leaf as it came: a numpy array or a Tensor).
@@ -51,11 +51,13 @@ def _to_tensors(batch, where: Callable[[], str], signature: list):
     about ten times what it costs in a tight loop (measured on the CPU backend, most
     likely cold caches), so conversion, the structure check's key and the size share
     one walk.
-    `where()` names the batch in errors.
+    `where()` names the batch in errors. With `copy`, numpy leaves are copied, not shared.
     """
     if isinstance(batch, np.ndarray):
         if batch.dtype == np.float64:
             batch = batch.astype(np.float32)  # MindSpore layers are float32; float64 input is a numpy default
+        elif copy:
+            batch = np.array(batch)
         if batch.flags.c_contiguous and batch.dtype != object:
             tensor = Tensor.from_numpy(batch)  # no copy: 1 us instead of 36 us for an MLP batch
             source = batch  # the memory the Tensor shares
@@ -72,14 +74,14 @@ def _to_tensors(batch, where: Callable[[], str], signature: list):
             raise ValueError(f"{where()}: a batch is an empty {type(batch).__name__}.")
         if isinstance(batch, dict):
             signature.append(("dict", tuple(batch)))
-            return {key: _to_tensors(value, where, signature) for key, value in batch.items()}
+            return {key: _to_tensors(value, where, signature, copy) for key, value in batch.items()}
         if hasattr(batch, "_fields"):
             raise TypeError(
                 f"{where()}: a batch is a namedtuple ({type(batch).__name__}); lightms takes tuples, lists and "
                 "dicts (rebuilding a namedtuple inside a compiled step failed in MindSpore 2.10), so yield a tuple "
                 "or a dict instead.")
         signature.append(("sequence", type(batch), len(batch)))
-        return type(batch)(_to_tensors(value, where, signature) for value in batch)
+        return type(batch)(_to_tensors(value, where, signature, copy) for value in batch)
     raise TypeError(
         f"{where()}: a batch must be a tuple, list or dict of numpy arrays or MindSpore Tensors; "
         f"found a {type(batch).__name__}."
@@ -202,7 +204,8 @@ class DataSource:
         """Yields the batches of one pass, at most `limit` (an int, a fraction, or None for all).
 
         Raises:
-            ValueError: If the data yields no batch, or a batch's structure differs from the first.
+            ValueError: If the data yields no batch, data with a length ends before it, or a
+                batch's structure differs from the first.
             TypeError: If a batch is not made of arrays or Tensors.
         """
         count = self.batch_count(limit)
@@ -214,29 +217,58 @@ class DataSource:
                 for _ in self._iterator:
                     pass
         iterator = self._raw()
-        sentinel = object()
-        current = next(iterator, sentinel)
-        if current is sentinel:
-            raise ValueError(f"{self.argument} yielded no batches: the dataset is empty.")
-        index, skip = 0, self._resume_batches
+        length = self.length()
+        skip = self._resume_batches
         self._resume_epochs = self._resume_batches = 0
-        for _ in range(skip):  # batches the resumed run has already trained on
-            current = next(iterator, sentinel)
-            index += 1
-        if count is not None and index >= count:
-            current = sentinel
-        while current is not sentinel:
+        ended = object()
+        for index in range(skip):  # batches the resumed run has already trained on
+            if next(iterator, ended) is ended:
+                raise ValueError(f"{self.argument} ended after {index} batches; the checkpoint resumes after "
+                                 f"{skip}. Resume with the data the run had.")
+        if length is not None:
+            yield from self._counted(iterator, skip, count, length)
+        else:
+            yield from self._read_ahead(iterator, skip, count)
+
+    def _counted(self, iterator: Iterator, start: int, count: int, length: int) -> Iterator[Batch]:
+        """Data with a length: the count says which batch is last, so nothing is read ahead.
+
+        A loader may refill one buffer in place for every batch; reading ahead would
+        change the batch about to be trained on (it shares that buffer's memory).
+        """
+        ended = object()
+        for index in range(start, count):
+            raw = next(iterator, ended)
+            if raw is ended:
+                if index == 0:
+                    raise ValueError(f"{self.argument} yielded no batches: the dataset is empty.")
+                raise ValueError(
+                    f"{self.argument} ended after {index} batches, but its length says {length}. lightms takes the "
+                    "length at its word to know an epoch's last batch before training on it (an accumulation "
+                    "window closes there): make len() match what iterating yields, or give the data no __len__.")
+            yield self._prepare(index, raw, index + 1 == count)
+
+    def _read_ahead(self, iterator: Iterator, start: int, count: Optional[int]) -> Iterator[Batch]:
+        """Data without a length: reads one batch ahead to know the last, so each batch is copied first."""
+        sentinel = object()
+        index = start
+        current = next(iterator, sentinel)
+        if current is sentinel and index == 0:
+            raise ValueError(f"{self.argument} yielded no batches: the dataset is empty.")
+        while current is not sentinel and (count is None or index < count):
+            # Copied before the next read, which may refill the memory it came in.
+            batch = self._prepare(index, current, False, copy=True)
             upcoming = sentinel if count is not None and index + 1 >= count else next(iterator, sentinel)
-            yield self._prepare(index, current, upcoming is sentinel)
+            yield batch._replace(is_last=upcoming is sentinel)
             current = upcoming
             index += 1
 
-    def _prepare(self, index: int, raw, is_last: bool) -> Batch:
+    def _prepare(self, index: int, raw, is_last: bool, copy: bool = False) -> Batch:
         def where() -> str:
             return f"{self.argument}, batch {index}"
 
         signature: list = []
-        data = _to_tensors(raw, where, signature)
+        data = _to_tensors(raw, where, signature, copy)
         leaf_entries = [entry for entry in signature if entry[0] == "leaf"]
         shapes = tuple(tuple(entry[2]) for entry in leaf_entries)
         if not shapes[0]:

@@ -54,8 +54,6 @@ class TrainingLoop:
                           "per host call.", stacklevel=4)
 
     def _build_train_step(self, batch) -> TrainStep:
-        if self._sink_length > 1:
-            check_sinkable(batch.data, "train_dataloaders")
         step, logs = build_train_step(self.model, batch, self._optimizer_config.optimizer, self._counters,
                                       self._metrics.device.get("train"), self.accumulate,
                                       gradient_pipeline(self.gradient_clip_val, self.gradient_clip_algorithm),
@@ -192,15 +190,17 @@ class TrainingLoop:
         self._counters.set(state.current_epoch, state.global_step)
         state.epoch_done = False
         self._call("on_train_epoch_start")
-        chunk = Chunk(state.window)
+        chunk = self._new_chunk()
         for batch in self._train_source.batches(self.limit_train_batches):
             if self._train_step is None and self._sink_length > 1 and not chunk.batches:
+                check_sinkable(batch.data, "train_dataloaders")
                 self._limit_sink_memory(batch)
+                chunk = self._new_chunk()
             if not chunk.accepts(batch):  # a batch of another size: it starts a chunk of its own
                 if self._run_chunk(chunk):
                     chunk = None
                     break
-                chunk = Chunk(state.window)
+                chunk = self._new_chunk()
             closes = chunk.add(batch, self.accumulate)
             if (len(chunk.batches) < self._sink_length and not batch.is_last
                     and not (closes and self._host_needed_after(state.global_step + chunk.steps, batch))):
@@ -208,7 +208,7 @@ class TrainingLoop:
             if self._run_chunk(chunk):
                 chunk = None
                 break
-            chunk = Chunk(state.window)
+            chunk = self._new_chunk()
         if chunk is not None and chunk.batches:  # only when a limit or the data ended mid-chunk
             self._run_chunk(chunk)
         if self._val_due_at_epoch_end():
@@ -221,6 +221,10 @@ class TrainingLoop:
         epoch_values = metrics.read_epoch("train")
         self._logger_write(epoch_values)
         self._step_schedulers("epoch", state.current_epoch + 1)
+
+    def _new_chunk(self) -> Chunk:
+        """An empty chunk that starts at the open window; stacked buffers of the sink length when sinking."""
+        return Chunk(self.state.window, self._sink_length if self._sink_length > 1 else 0)
 
     def _limit_sink_memory(self, batch) -> None:
         """Shortens the sink length, loudly, if a stacked chunk of it would not fit in memory."""
@@ -254,7 +258,7 @@ class TrainingLoop:
         sinking = self._sink_length > 1
         state.batch_idx = first.index
         self.sink_batches = range(first.index, last.index + 1)
-        data = [b.data for b in chunk.batches] if sinking else first.data
+        data = chunk.hook_batches()
         end_epoch = False
         if self._call("on_train_batch_start", data, first.index) == -1:
             if not state.window:
@@ -263,7 +267,7 @@ class TrainingLoop:
             warnings.warn("on_train_batch_start returned -1 inside an accumulation window; lightms "
                           "finishes the window, then ends the epoch.", stacklevel=3)
             chunk.cut_after_first()
-            last, end_epoch = first, True
+            last, end_epoch, data = first, True, chunk.hook_batches()
             self.sink_batches = range(first.index, first.index + 1)
         if self._train_step is None:
             self._train_step = self._build_train_step(first)

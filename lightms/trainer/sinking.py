@@ -1,7 +1,7 @@
 """Sinking: many micro-batches per host call, planned on the host, run in one graph.
 
-A `Chunk` collects consecutive micro-batches of the same shapes and plans, for
-each, whether it ends its accumulation window. The loop cuts a chunk when it is
+A `Chunk` collects consecutive micro-batches of the same shapes, copies them
+into stacked buffers, and plans, for each, whether it ends its accumulation window. The loop cuts a chunk when it is
 full, at the end of the epoch, and after any optimizer step the host must see
 (validation, a checkpoint, `max_steps`, a host-side scheduler); windows may span
 chunks, since the accumulators live on the device.
@@ -39,45 +39,36 @@ def check_sinkable(data, where: str) -> None:
                 f"of Tensors; this batch nests a {type(leaf).__name__}. Flatten the batch or use sink_size=1.")
 
 
-def stack(batches: List[Batch], length: int):
-    """Stacks batches leaf by leaf on a new leading axis of `length`.
-
-    Rows past the real batches are left unset: the step gets the real count and never
-    reads them. A fixed axis keeps the graph's input shape, so a short chunk (cut for
-    validation, a checkpoint, the end of an epoch) does not recompile it. The rows are
-    copied from the leaves as they came (`Batch.leaves`), numpy arrays where they were.
-    """
-
-    def leaf_stack(position: int):
-        rows = [b.leaves[position] for b in batches]
-        rows = [row if isinstance(row, np.ndarray) else row.asnumpy() for row in rows]
-        out = np.empty((length,) + rows[0].shape, rows[0].dtype)
-        for i, row in enumerate(rows):
-            out[i] = row
-        return Tensor.from_numpy(out)  # one host copy; the Tensor shares it
-
-    first = batches[0].data
+def _shaped_like(first, leaves: list):
+    """`leaves` in the flat structure of the batch `first` (a dict, tuple, list or single leaf)."""
     if isinstance(first, dict):
-        return ms.mutable({key: leaf_stack(i) for i, key in enumerate(first)})
+        return dict(zip(first, leaves))
     if isinstance(first, (tuple, list)):
-        return ms.mutable(type(first)(leaf_stack(i) for i in range(len(first))))
-    return leaf_stack(0)
+        return type(first)(leaves)
+    return leaves[0]
 
 
 @dataclass
 class Chunk:
     """Consecutive micro-batches run by one host call, and which of them close a window.
 
+    A sunk chunk copies each batch into its stacked buffers as the batch is added, before
+    the next one is read: a loader may refill one array in place for every batch.
+
     Attributes:
         window: Micro-batches in the open window after the planned batches (at creation: before them).
+        length: The stacked buffers' leading axis (the sink length); 0: no buffers (sink_size=1).
         batches: The micro-batches.
         sizes: For each, the size of the window it ends (itself included; an optimizer
             step), or 0 if it ends none.
+        buffers: One stacked numpy buffer per leaf, rows past the added batches unset.
     """
 
     window: int
+    length: int = 0
     batches: List[Batch] = field(default_factory=list)
     sizes: List[int] = field(default_factory=list)
+    buffers: List[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self):
         self._window_at_start = self.window
@@ -97,7 +88,9 @@ class Chunk:
         return not self.batches or batch.shapes == self.batches[0].shapes
 
     def add(self, batch: Batch, accumulate: int) -> bool:
-        """Plans `batch` after the others; returns whether it ends its window."""
+        """Plans `batch` after the others (copying it into the buffers); returns whether it ends its window."""
+        if self.length:
+            self._copy_in(batch)
         self.window += 1
         closes = self.window == accumulate or batch.is_last
         self.batches.append(batch)
@@ -106,15 +99,36 @@ class Chunk:
             self.window = 0
         return closes
 
+    def _copy_in(self, batch: Batch) -> None:
+        row = len(self.batches)
+        leaves = [leaf if isinstance(leaf, np.ndarray) else leaf.asnumpy() for leaf in batch.leaves]
+        if not self.buffers:
+            # Rows past the real batches stay unset: the step gets the real count and never reads them.
+            self.buffers = [np.empty((self.length,) + leaf.shape, leaf.dtype) for leaf in leaves]
+        for buffer, leaf in zip(self.buffers, leaves):
+            buffer[row] = leaf
+
+    def hook_batches(self):
+        """What batch-level hooks get as `batch`: the one batch's data, or when sunk the list of
+        the chunk's batches, each made of its rows of the stacked buffers (what the graph
+        trains on, even when the loader refilled its arrays since)."""
+        if not self.length:
+            return self.batches[0].data
+        first = self.batches[0].data
+        return [_shaped_like(first, [Tensor.from_numpy(buffer[row]) for buffer in self.buffers])
+                for row in range(len(self.batches))]
+
     def cut_after_first(self) -> None:
         """Keeps only the first batch and makes it end its window (an epoch that stops early)."""
         self.batches, self.sizes, self.window = self.batches[:1], [self._window_at_start + 1], 0
 
     def device_inputs(self, length: int, plans: Dict[Tuple, Tuple[Tensor, Tensor]]) -> Tuple:
-        """The inputs of `TrainStep.sink_step` for this chunk on an axis of `length`.
+        """The inputs of `TrainStep.sink_step` for this chunk: stacked batches, window sizes, count.
 
         Args:
-            length: The stacked leading axis.
+            length: The stacked leading axis, at most `self.length`. A fixed axis keeps the
+                graph's input shape, so a short chunk (cut for validation, a checkpoint, the
+                end of an epoch) does not recompile it.
             plans: The (window sizes, count) Tensors of the plans seen so far in this run, by
                 plan: most chunks of a run share one, and creating two Tensors took about 60 us.
         """
@@ -123,7 +137,11 @@ class Chunk:
         if tensors is None:
             sizes = np.array(self.sizes + [0] * (length - len(self.batches)), np.float32)
             tensors = plans[plan] = (Tensor(sizes), Tensor(len(self.batches), ms.int32))
-        return (stack(self.batches, length),) + tensors
+        # A leading slice is still contiguous: the Tensors share the buffers, no copy.
+        stacked = [Tensor.from_numpy(buffer[:length]) for buffer in self.buffers]
+        first = self.batches[0].data
+        stacked = _shaped_like(first, stacked)
+        return (ms.mutable(stacked) if isinstance(first, (dict, tuple, list)) else stacked,) + tensors
 
 
 # A sunk chunk is stacked on the host; "epoch" stops short of stacking more than this.
@@ -165,4 +183,4 @@ def resolve_sink_length(sink_size: Union[int, str], batches_per_epoch: Optional[
     return int(sink_size)
 
 
-__all__ = ["Chunk", "SINK_MEMORY_LIMIT", "check_sinkable", "fit_in_memory", "resolve_sink_length", "stack"]
+__all__ = ["Chunk", "SINK_MEMORY_LIMIT", "check_sinkable", "fit_in_memory", "resolve_sink_length"]
