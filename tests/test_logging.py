@@ -76,3 +76,34 @@ def test_buffers_reduce_like_numpy_in_eager_mode():
         assert read["m"] == pytest.approx(mean)
         assert read["s"] == 7.0 and read["hi"] == 5.0 and read["lo"] == -1.0
     assert buffers.read_window() == {}  # the window was closed
+
+
+class BatchStatistics(TinyRegressor):
+    """Logs values numpy can compute from the batches alone: a step-only mean and an epoch-only mean."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("xsum", x.sum())  # on_step only: training_step's default
+        self.log("ymean", y.mean(), on_step=False, on_epoch=True)
+        return ((self(x) - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("sink_size,accumulate", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_logged_step_and_epoch_values_equal_numpy(sink_size, accumulate):
+    from conftest import RecordingLogger
+
+    x, y = make_data(44)
+    batches = batches_of(x, y, 8)  # 5 of 8 samples and one of 4
+    logger = RecordingLogger()
+    quiet_trainer(max_epochs=2, sink_size=sink_size, accumulate=accumulate, logger=logger,
+                  log_every_n_steps=1).fit(fresh_model(cls=BatchStatistics), batches)
+    windows = [batches[i:i + accumulate] for i in range(0, len(batches), accumulate)]
+    # A step's value of a mean is the batch-size-weighted mean over its window's micro-batches.
+    expected_steps = [float(np.average([bx.sum() for bx, _ in w], weights=[len(bx) for bx, _ in w]))
+                      for w in windows]
+    steps_per_epoch = len(windows)
+    assert [step for step, _ in logger.values("xsum")] == list(range(1, 2 * steps_per_epoch + 1))
+    np.testing.assert_allclose([value for _, value in logger.values("xsum")], expected_steps * 2, rtol=1e-5)
+    np.testing.assert_allclose([value for _, value in logger.values("ymean")], [y.mean()] * 2, rtol=1e-5)
+    assert [step for step, _ in logger.values("ymean")] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert not any("xsum" in m and "ymean" in m for _, m in logger.metrics)  # step-only and epoch-only

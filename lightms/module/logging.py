@@ -169,8 +169,12 @@ class DeviceLogBuffers(nn.Cell):
     each on the CPU backend: lightms's 9 extra kernels measured 1.5-3% of a 4.5 ms MLP
     step), so the hot path is short: a `self.log` of a mean or sum is one
     multiply, one stack and one scatter-add into its own column (so a NaN or
-    infinite value stays in its column), and closing a window is three whole-level
-    copies and adds.
+    infinite value stays in its column), and closing a window is at most three
+    whole-level copies and adds. With one micro-batch per window, a name without
+    `on_epoch` skips the multiply; without any `on_epoch` name, the epoch level is
+    not updated; and when the step graph runs one window per call, the window itself
+    is the step level, emptied as the next step starts (one copy instead of two).
+    The default `self.log("loss", loss)` at `accumulate=1` costs three kernels a step.
 
     Args:
         options: What the dry run recorded, in slot order.
@@ -203,6 +207,13 @@ class DeviceLogBuffers(nn.Cell):
         self.epoch = Parameter(Tensor(self._initial_level), name="lightms_log.epoch", requires_grad=False)
         self.batch_size = Parameter(Tensor(1.0, ms.float32), name="lightms_log.batch_size", requires_grad=False)
         self._host_batch_size = 1.0
+        # The epoch level is kept only if some name reports it (training_step's default is on_step only).
+        self.keeps_epoch = any(opt.on_epoch for opt in self.options)
+        # Set by the train step when every window is one micro-batch (accumulate=1).
+        self.single_batch_windows = False
+        # Set when, further, the step graph runs one window per call (no sinking): the open
+        # window then serves as the step level, emptied when the next step starts.
+        self.window_is_step = False
         self.history = None  # step values of the optimizer steps of one sunk chunk (see keep_step_history)
 
     def keep_step_history(self, length: int) -> None:
@@ -256,7 +267,9 @@ class DeviceLogBuffers(nn.Cell):
         value = ops.cast(value, ms.float32).reshape(())
         if reduce_fx in ("mean", "sum"):
             update = ops.stack([value, self.one])  # (value, weight 1)
-            if reduce_fx == "mean":
+            # A window of one micro-batch averages one value: its weight matters only to the epoch's mean.
+            weighted = not self.single_batch_windows or self.options[i].on_epoch
+            if reduce_fx == "mean" and weighted:
                 update = update * (self.batch_size if batch_size is None else ops.cast(batch_size, ms.float32))
             ops.scatter_nd_add(self.window, self.cells[i], update)
         else:
@@ -275,18 +288,26 @@ class DeviceLogBuffers(nn.Cell):
                 chunk ends with `step_from_history`). None: to the step level.
         """
         window = self.window
-        if history_slot is None:
+        if self.window_is_step:
+            done = self.one  # the window stays as the step level until `open_window`
+        elif history_slot is None:
             done = ops.assign(self.step, window)
         else:
             done = ops.scatter_update(self.history, history_slot.reshape((1,)), window.reshape((1,) + window.shape))
-        if self.has_extremes:
+        if self.keeps_epoch and self.has_extremes:
             epoch = self.epoch
             added = ops.where(self.max_cells, ops.maximum(epoch, window),
                               ops.where(self.min_cells, ops.minimum(epoch, window), epoch + window))
             done = ops.depend(done, ops.assign(epoch, added))
-        else:
+        elif self.keeps_epoch:
             done = ops.depend(done, ops.assign_add(self.epoch, window))
+        if self.window_is_step:
+            return done
         return ops.depend(done, ops.assign(window, self.opened))
+
+    def open_window(self):
+        """Empties the window before a step's records, when it serves as the step level (graph-parseable)."""
+        return ops.assign(self.window, self.opened)
 
     # ---- host side -------------------------------------------------------
     def _read(self, level: Parameter) -> Dict[str, float]:
@@ -304,7 +325,7 @@ class DeviceLogBuffers(nn.Cell):
 
     def read_step(self) -> Dict[str, float]:
         """Returns the last finished window's value of every name logged in it (a host sync)."""
-        return self._read(self.step)
+        return self._read(self.window if self.window_is_step else self.step)
 
     def read_window(self) -> Dict[str, float]:
         """Returns the current, unfinished window's value of every name logged in it (a host sync)."""

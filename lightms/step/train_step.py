@@ -131,6 +131,10 @@ class TrainStep:
                  transforms: GradientPipeline, compile: bool, loss_scaler=None, sink_length: int = 0,
                  autocast: Optional[Callable] = None, step_history: bool = True, *, passing: BatchPassing):
         self.accumulate = accumulate
+        # Log-window kernels each step can skip (`DeviceLogBuffers`): with one micro-batch per window,
+        # and with one window per graph call.
+        logs.single_batch_windows = accumulate == 1
+        logs.window_is_step = accumulate == 1 and not sink_length
         self._pack = passing.pack
         unpack = passing.unpack
         weights = optimizer.parameters
@@ -211,6 +215,8 @@ class TrainStep:
             return accumulate_step(*gradients(unpack(*inputs)))
 
         def optimizer_step(*inputs):
+            if logs.window_is_step:
+                logs.open_window()  # a side effect on the window: ordered before training_step's records
             loss, grads = gradients(unpack(*inputs))
             return ops.depend(loss, update(grads))
 
