@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from mindspore import Tensor
 
 from lightms.trainer.data import DataSource
 from conftest import batches_of, fresh_model, make_data, quiet_trainer
@@ -192,3 +193,21 @@ def test_data_shorter_than_its_length_is_named():
     with pytest.raises(ValueError, match=r"train_dataloaders ended after 3 batches, but its length says 4") as error:
         quiet_trainer(max_epochs=1).fit(fresh_model(), Short())
     _no_cpp_trace(error)
+
+
+def test_every_form_of_a_later_batch_converts_to_its_values():
+    import pickle
+
+    x, y = make_data(32)
+    strided = (np.ascontiguousarray(x[:16])[::2], y[:8])  # not C-contiguous: converted with a copy
+    unpickled = pickle.loads(pickle.dumps((x[8:16], y[8:16])))  # equal dtypes, not the same objects
+    as_tensors = (Tensor(x[16:24]), y[16:24])  # a Tensor where the first batch had an array
+    batches = [(x[:8], y[:8]), strided, unpickled, as_tensors, (x[24:], y[24:])]
+    got = list(DataSource(batches, "train_dataloaders").batches())
+    for batch, (bx, by) in zip(got, batches):
+        assert type(batch.data) is tuple and batch.shapes == (tuple(bx.shape), by.shape)
+        np.testing.assert_array_equal(batch.data[0].asnumpy(), bx.asnumpy() if isinstance(bx, Tensor) else bx)
+        np.testing.assert_array_equal(batch.data[1].asnumpy(), by)
+    batches[-1][0][0, 0] = 123.0  # a C-contiguous batch is shared, not copied
+    assert got[-1].data[0].asnumpy()[0, 0] == 123.0
+    assert [b.is_last for b in got] == [False] * 4 + [True]
