@@ -79,12 +79,13 @@ def test_buffers_reduce_like_numpy_in_eager_mode():
 
 
 class BatchStatistics(TinyRegressor):
-    """Logs values numpy can compute from the batches alone: a step-only mean and an epoch-only mean."""
+    """Logs values numpy can compute from the batches alone: a step-only mean, an epoch-only mean and sum."""
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         self.log("xsum", x.sum())  # on_step only: training_step's default
         self.log("ymean", y.mean(), on_step=False, on_epoch=True)
+        self.log("ysum", y.sum(), on_step=False, on_epoch=True, reduce_fx="sum")
         return ((self(x) - y) ** 2).mean()
 
 
@@ -105,5 +106,6 @@ def test_logged_step_and_epoch_values_equal_numpy(sink_size, accumulate):
     assert [step for step, _ in logger.values("xsum")] == list(range(1, 2 * steps_per_epoch + 1))
     np.testing.assert_allclose([value for _, value in logger.values("xsum")], expected_steps * 2, rtol=1e-5)
     np.testing.assert_allclose([value for _, value in logger.values("ymean")], [y.mean()] * 2, rtol=1e-5)
+    np.testing.assert_allclose([value for _, value in logger.values("ysum")], [y.sum()] * 2, rtol=1e-5)
     assert [step for step, _ in logger.values("ymean")] == [steps_per_epoch, 2 * steps_per_epoch]
     assert not any("xsum" in m and "ymean" in m for _, m in logger.metrics)  # step-only and epoch-only

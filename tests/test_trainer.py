@@ -102,13 +102,22 @@ def test_no_host_sync_on_steps_nobody_listens_to():
     assert few <= 6  # per epoch at most: step values, epoch values, the count of non-finite losses
 
 
-def test_host_syncs_only_at_logging_steps():
+class EpochLogger(TinyRegressor):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = ((self(x) - y) ** 2).mean()
+        self.log("loss", loss, on_epoch=True)
+        return loss
+
+
+@pytest.mark.parametrize("cls, epoch_reads", [(TinyRegressor, 0), (EpochLogger, 1)])
+def test_host_syncs_only_at_logging_steps(cls, epoch_reads):
     x, y = make_data(30 * 4)
     trainer = quiet_trainer(max_epochs=1, log_every_n_steps=10, logger=RecordingLogger())
-    trainer.fit(fresh_model(), batches_of(x, y, 4))
-    # 3 logging steps (10, 20, 30; step 30's values are also the epoch-end step read), 1 epoch read,
-    # 1 read of the non-finite-loss count at the epoch end
-    assert trainer.host_sync_count == 5
+    trainer.fit(fresh_model(cls=cls), batches_of(x, y, 4))
+    # 3 logging steps (10, 20, 30; step 30's values are also the epoch-end step read), 1 read of the
+    # non-finite-loss count at the epoch end, and 1 epoch read only if a logged name has on_epoch
+    assert trainer.host_sync_count == 4 + epoch_reads
 
 
 class HookRecorder(TinyRegressor):

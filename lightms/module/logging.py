@@ -207,6 +207,7 @@ class DeviceLogBuffers(nn.Cell):
         self.epoch = Parameter(Tensor(self._initial_level), name="lightms_log.epoch", requires_grad=False)
         self.batch_size = Parameter(Tensor(1.0, ms.float32), name="lightms_log.batch_size", requires_grad=False)
         self._host_batch_size = 1.0
+        self._batch_size_tensors = {}
         # The epoch level is kept only if some name reports it (training_step's default is on_step only).
         self.keeps_epoch = any(opt.on_epoch for opt in self.options)
         # Set by the train step when every window is one micro-batch (accumulate=1).
@@ -242,7 +243,11 @@ class DeviceLogBuffers(nn.Cell):
         the graph cost a few percent of an MLP step on the CPU backend.
         """
         if size != self._host_batch_size:
-            ops.assign(self.batch_size, Tensor(float(size), ms.float32))
+            weight = self._batch_size_tensors.get(size)
+            if weight is None:
+                # Made once per size: a fresh scalar Tensor as an op input cost about 0.3 ms on the CPU backend.
+                weight = self._batch_size_tensors[size] = Tensor(float(size), ms.float32)
+            ops.assign(self.batch_size, weight)
             self._host_batch_size = size
 
     def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
@@ -332,8 +337,8 @@ class DeviceLogBuffers(nn.Cell):
         return self._read(self.window)
 
     def read_epoch(self) -> Dict[str, float]:
-        """Returns the epoch value of every name logged this epoch (a host sync)."""
-        return self._read(self.epoch)
+        """Returns the epoch value of every name logged this epoch (a host sync, unless no name reports one)."""
+        return self._read(self.epoch) if self.keeps_epoch else {}
 
     def read_history(self) -> List[Dict[str, float]]:
         """Returns the step values recorded by the last sunk chunk, one dict per history row (a host sync)."""
@@ -350,9 +355,19 @@ class DeviceLogBuffers(nn.Cell):
         ops.assign(self.epoch, Tensor(np.array(rows, np.float32)))
 
     def reset(self) -> None:
-        """Clears every level; called by the host at the start of an epoch."""
+        """Clears the epoch level, if kept; called by the host at the start of an epoch.
+
+        The steps clear the window and overwrite the step level themselves. Each host-side
+        write is an op launch (20-30 us, and several times that between steps), so an epoch
+        start writes only what it must.
+        """
+        if self.keeps_epoch:
+            ops.assign(self.epoch, self.opened)
+
+    def clear(self) -> None:
+        """Clears every level; called at the start of a run (a failed run may have left a window open)."""
         for level in (self.window, self.step, self.epoch):
-            ops.assign(level, Tensor(self._initial_level))
+            ops.assign(level, self.opened)
 
 
 def is_metric(value) -> bool:

@@ -45,6 +45,12 @@ class MetricStore:
         self.device["train"] = buffers
         self._keep_train_buffers = True
 
+    def start_run(self) -> None:
+        """Clears every device buffer kept from an earlier run of this Trainer."""
+        self._keep_train_buffers = False
+        for buffers in self.device.values():
+            buffers.clear()
+
     def start_epoch(self, stage: str) -> None:
         """Clears a stage's accumulators (no host sync)."""
         if stage == "train" and self._keep_train_buffers:

@@ -18,7 +18,7 @@ from lightms.loggers.logger import Logger
 from lightms.module.cell import LightningCell
 from lightms.module.datamodule import LightningDataModule
 from lightms.precision.precision import check_backend, resolve_precision
-from lightms.step.binding import graph_callable_methods
+from lightms.step.binding import graph_callable_methods, reads_attribute
 from lightms.step.eval_step import EvalStep
 from lightms.step.train_step import LoopCounters, TrainStep
 from lightms.trainer import arguments as check
@@ -399,6 +399,10 @@ class Trainer(TrainingLoop):
         object.__setattr__(model, "_trainer", self)
         self._counters = LoopCounters()
         self._counters.set(self.state.current_epoch, self.state.global_step)
+        # Only the module's own code reads the device counters inside compiled steps (see README).
+        self._counters.epoch_read = reads_attribute(type(model), LightningCell, "current_epoch")
+        self._counters.global_step_read = reads_attribute(type(model), LightningCell, "global_step")
+        self._metrics.start_run()
         object.__setattr__(model, "_lightms_counters", self._counters)
         self._train_step, self._eval_steps, self._eval_log_targets = None, {}, {}
         self._hook_receivers = {}  # hook -> who receives it, for this run's model
