@@ -310,3 +310,66 @@ def test_sinking_stacks_tensor_leaves_and_dicts_like_numpy_batches(form):
     trainer.fit(model, batches)
     assert trainer.global_step == 26
     assert_same_parameters(base, model)
+
+
+def test_stack_buffers_are_reused_only_when_nothing_else_holds_them():
+    from lightms.trainer.sinking import StackBuffers
+    from mindspore import Tensor
+
+    pool = StackBuffers(keep=2)
+    leaves = [np.zeros((8, 6), np.float32), np.zeros(8, np.int32)]
+    first = pool.take(leaves, 4)
+    assert [b.shape for b in first] == [(4, 8, 6), (4, 8)] and first[1].dtype == np.int32
+    assert pool.take(leaves, 4) is first  # nothing holds it: reused
+    kept = Tensor.from_numpy(first[0][2])  # a row a hook was given and kept
+    second = pool.take(leaves, 4)
+    assert second is not first
+    assert pool.take(leaves, 4) is second  # the unheld one of the two
+    view = second[1][:2]  # MindSpore keeps the last call's inputs: slices of the buffers
+    third = pool.take(leaves, 4)
+    assert third is not first and third is not second  # both held: a new set, not kept
+    del view
+    assert pool.take(leaves, 4) is second
+    other = pool.take([np.zeros((3, 6), np.float32), np.zeros(3, np.int32)], 4)  # a smaller last batch
+    assert [b.shape for b in other] == [(4, 3, 6), (4, 3)]
+    del kept
+    assert pool.take(leaves, 4) is first
+
+
+def test_a_batch_a_hook_keeps_under_sinking_never_changes(monkeypatch):
+    from lightms.trainer.sinking import StackBuffers
+
+    taken = []
+    take = StackBuffers.take
+
+    def recording(self, leaves, length):
+        buffers = take(self, leaves, length)
+        taken.append(id(buffers[0]))  # the arrays outlive the list when a batch is kept
+        return buffers
+
+    monkeypatch.setattr(StackBuffers, "take", recording)
+
+    class Keeper(Callback):
+        def __init__(self, keep):
+            self.keep, self.kept = keep, []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if self.keep:
+                self.kept += list(batch)
+
+    x, y = make_data(96)
+    batches = batches_of(x, y, 8)  # 12 batches: 4 chunks of 3 per epoch
+    for keep in (True, False):
+        taken.clear()
+        keeper = Keeper(keep)
+        quiet_trainer(max_epochs=2, sink_size=3, callbacks=[keeper]).fit(fresh_model(), batches)
+        assert len(taken) == 8
+        if keep:
+            kept = [(bx.asnumpy(), by.asnumpy()) for bx, by in keeper.kept]
+            assert len(kept) == 24
+            for (kx, ky), (bx, by) in zip(kept, batches * 2):  # what was kept still holds its batch...
+                np.testing.assert_array_equal(kx, bx)
+                np.testing.assert_array_equal(ky, by)
+            assert len(set(taken)) == 8  # ...as every kept chunk got new buffers
+        else:
+            assert len(set(taken)) == 2  # two sets take turns: one being filled, one MindSpore still holds

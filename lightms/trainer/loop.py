@@ -25,7 +25,8 @@ from lightms.trainer.data import DataSource
 from lightms.trainer.hooks import hook_receivers
 from lightms.trainer.interrupts import Interrupted
 from lightms.trainer.optimizers import read_optimizer_config, step_schedulers
-from lightms.trainer.sinking import SINK_MEMORY_LIMIT, Chunk, check_sinkable, fit_in_memory, resolve_sink_length
+from lightms.trainer.sinking import (SINK_MEMORY_LIMIT, Chunk, StackBuffers, check_sinkable, fit_in_memory,
+                                    resolve_sink_length)
 
 EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
 
@@ -93,6 +94,7 @@ class TrainingLoop:
         self._sink_length = resolve_sink_length(self.sink_size, self.num_training_batches) if self.compile else 1
         self._sink_shapes = None  # the batch shapes of the run's first chunk: chunks of them are padded
         self._sink_plans = {}  # Chunk.device_inputs' Tensors by plan
+        self._stack_buffers = StackBuffers()
         has_val = val is not None and self.limit_val_batches != 0 and getattr(type(model), "validation_step") is not None
         self._val_source = val if has_val else None
         self._warn_unsinkable_steps()
@@ -224,7 +226,9 @@ class TrainingLoop:
 
     def _new_chunk(self) -> Chunk:
         """An empty chunk that starts at the open window; stacked buffers of the sink length when sinking."""
-        return Chunk(self.state.window, self._sink_length if self._sink_length > 1 else 0)
+        if self._sink_length == 1:
+            return Chunk(self.state.window)
+        return Chunk(self.state.window, self._sink_length, self._stack_buffers)
 
     def _limit_sink_memory(self, batch) -> None:
         """Shortens the sink length, loudly, if a stacked chunk of it would not fit in memory."""

@@ -1,12 +1,14 @@
 """Sinking: many micro-batches per host call, planned on the host, run in one graph.
 
 A `Chunk` collects consecutive micro-batches of the same shapes, copies them
-into stacked buffers, and plans, for each, whether it ends its accumulation window. The loop cuts a chunk when it is
+into stacked buffers, and plans, for each, whether it ends its accumulation
+window. The loop cuts a chunk when it is
 full, at the end of the epoch, and after any optimizer step the host must see
 (validation, a checkpoint, `max_steps`, a host-side scheduler); windows may span
 chunks, since the accumulators live on the device.
 """
 
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -48,6 +50,46 @@ def _shaped_like(first, leaves: list):
     return leaves[0]
 
 
+class StackBuffers:
+    """The stacked numpy buffers of sunk chunks, reused once nothing else holds them.
+
+    A fresh buffer per chunk cost more than copying into it (the page faults of new
+    memory): in one process, chunks of 10 MLP micro-batches ran at 0.78x a per-step
+    reference with fresh buffers and 0.72x with reused ones; LeNet at 1.00x and 0.99x.
+    A set is reused only when no Tensor or view made from it is alive elsewhere (MindSpore
+    keeps the last call's inputs; a hook may keep a batch it was given), which its arrays'
+    reference counts tell: a batch kept by anyone never changes.
+
+    Args:
+        keep: Buffer sets to hold for reuse (two: one in MindSpore's hands, one being filled).
+    """
+
+    def __init__(self, keep: int = 2):
+        self._keep = keep
+        self._sets: List[List[np.ndarray]] = []
+        self._unheld_refs: Optional[int] = None  # `_refs` of a set nothing else holds
+
+    @staticmethod
+    def _refs(buffers: List[np.ndarray]) -> int:
+        return max(sys.getrefcount(buffer) for buffer in buffers)
+
+    def take(self, leaves: List[np.ndarray], length: int) -> List[np.ndarray]:
+        """A set of buffers of `length` rows shaped like `leaves`, free for writing."""
+        shapes = [((length,) + leaf.shape, leaf.dtype) for leaf in leaves]
+        unheld = [buffers for buffers in self._sets if self._refs(buffers) <= self._unheld_refs]
+        for buffers in unheld:
+            if [(b.shape, b.dtype) for b in buffers] == shapes:
+                return buffers
+        buffers = [np.empty(shape, dtype) for shape, dtype in shapes]
+        if self._unheld_refs is None:
+            self._unheld_refs = self._refs(buffers)  # held by the list only, as a kept set is
+        if unheld:  # an unheld set of other shapes (an epoch's smaller last batch) makes room
+            self._sets = [kept for kept in self._sets if kept is not unheld[0]]
+        if len(self._sets) < self._keep:
+            self._sets.append(buffers)
+        return buffers
+
+
 @dataclass
 class Chunk:
     """Consecutive micro-batches run by one host call, and which of them close a window.
@@ -58,6 +100,7 @@ class Chunk:
     Attributes:
         window: Micro-batches in the open window after the planned batches (at creation: before them).
         length: The stacked buffers' leading axis (the sink length); 0: no buffers (sink_size=1).
+        pool: Where the stacked buffers come from (None when `length` is 0).
         batches: The micro-batches.
         sizes: For each, the size of the window it ends (itself included; an optimizer
             step), or 0 if it ends none.
@@ -66,6 +109,7 @@ class Chunk:
 
     window: int
     length: int = 0
+    pool: Optional[StackBuffers] = None
     batches: List[Batch] = field(default_factory=list)
     sizes: List[int] = field(default_factory=list)
     buffers: List[np.ndarray] = field(default_factory=list)
@@ -103,8 +147,8 @@ class Chunk:
         row = len(self.batches)
         leaves = [leaf if isinstance(leaf, np.ndarray) else leaf.asnumpy() for leaf in batch.leaves]
         if not self.buffers:
-            # Rows past the real batches stay unset: the step gets the real count and never reads them.
-            self.buffers = [np.empty((self.length,) + leaf.shape, leaf.dtype) for leaf in leaves]
+            # Rows past the real batches stay as they were: the step gets the real count and never reads them.
+            self.buffers = self.pool.take(leaves, self.length)
         for buffer, leaf in zip(self.buffers, leaves):
             buffer[row] = leaf
 
@@ -183,4 +227,4 @@ def resolve_sink_length(sink_size: Union[int, str], batches_per_epoch: Optional[
     return int(sink_size)
 
 
-__all__ = ["Chunk", "SINK_MEMORY_LIMIT", "check_sinkable", "fit_in_memory", "resolve_sink_length"]
+__all__ = ["Chunk", "StackBuffers", "SINK_MEMORY_LIMIT", "check_sinkable", "fit_in_memory", "resolve_sink_length"]
