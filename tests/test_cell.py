@@ -145,3 +145,28 @@ def test_learning_rate_forms_are_accepted():
         trainer = quiet_trainer(max_epochs=1, accumulate=2)
         trainer.fit(fresh_model(cls=Model), batches_of(x, y, 8))
         assert int(trainer.optimizers[0].global_step.asnumpy()) == 2
+
+
+class CountersFromAMixin:
+    """A mixin that is not a LightningCell: its training_step reads the device counters."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("epoch_seen", self.current_epoch * 1.0, reduce_fx="max", on_step=False, on_epoch=True)
+        self.log("step_seen", self.global_step * 1.0, reduce_fx="max", on_step=True, on_epoch=False)
+        return ((self(x) - y) ** 2).mean()
+
+
+class MixedIn(CountersFromAMixin, TinyRegressor):
+    pass
+
+
+@pytest.mark.parametrize("sink_size", [1, 2])
+def test_counters_read_by_a_mixin_are_live_inside_compiled_steps(sink_size):
+    x, y = make_data(24)
+    logger = RecordingLogger()
+    quiet_trainer(max_epochs=3, sink_size=sink_size, log_every_n_steps=1, logger=logger).fit(
+        fresh_model(cls=MixedIn), batches_of(x, y, 8))
+    assert [value for _, value in logger.values("epoch_seen")] == [0.0, 1.0, 2.0]
+    # the step value is global_step as the step saw it: before its own update
+    assert [value for _, value in logger.values("step_seen")] == [float(s) for s in range(9)]

@@ -125,6 +125,22 @@ def test_loss_scaler_state_is_checkpointed_and_restored(tmp_path):
     assert int(resumed._loss_scaler.counter.asnumpy()) == counter
 
 
+def test_resuming_under_loss_scaling_goes_on_counting_from_the_checkpoint(tmp_path):
+    # The step count under loss scaling comes from the device, which must start from the checkpoint's.
+    x, y = make_data(32)
+    straight, straight_trainer = fresh_model(cls=AdamRegressor), quiet_trainer(max_epochs=2, precision="16-mixed")
+    straight_trainer.fit(straight, batches_of(x, y, 8))  # the first steps overflow at the initial scale
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path))
+    quiet_trainer(max_epochs=1, precision="16-mixed", callbacks=[checkpoint], enable_checkpointing=True).fit(
+        fresh_model(cls=AdamRegressor), batches_of(x, y, 8))
+    resumed = quiet_trainer(max_epochs=2, precision="16-mixed")
+    model = fresh_model(cls=AdamRegressor)
+    resumed.fit(model, batches_of(x, y, 8), ckpt_path=checkpoint.last_model_path)
+    assert resumed.global_step == straight_trainer.global_step > 0
+    for name, value in parameters_of(straight).items():
+        np.testing.assert_allclose(parameters_of(model)[name], value, atol=1e-6, rtol=0)
+
+
 def test_16_true_warns_when_adam_eps_is_zero_in_float16():
     class DefaultAdam(TinyRegressor):
         def configure_optimizers(self):

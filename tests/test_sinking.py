@@ -339,12 +339,15 @@ def test_stack_buffers_are_reused_only_when_nothing_else_holds_them():
 def test_a_batch_a_hook_keeps_under_sinking_never_changes(monkeypatch):
     from lightms.trainer.sinking import StackBuffers
 
-    taken = []
+    import weakref
+
+    taken, reused = [], []  # weak references: holding the buffers would keep them from reuse
     take = StackBuffers.take
 
     def recording(self, leaves, length):
         buffers = take(self, leaves, length)
-        taken.append(id(buffers[0]))  # the arrays outlive the list when a batch is kept
+        reused.append(any(ref() is buffers[0] for ref in taken))
+        taken.append(weakref.ref(buffers[0]))
         return buffers
 
     monkeypatch.setattr(StackBuffers, "take", recording)
@@ -361,15 +364,16 @@ def test_a_batch_a_hook_keeps_under_sinking_never_changes(monkeypatch):
     batches = batches_of(x, y, 8)  # 12 batches: 4 chunks of 3 per epoch
     for keep in (True, False):
         taken.clear()
+        reused.clear()
         keeper = Keeper(keep)
         quiet_trainer(max_epochs=2, sink_size=3, callbacks=[keeper]).fit(fresh_model(), batches)
-        assert len(taken) == 8
+        assert len(reused) == 8
         if keep:
             kept = [(bx.asnumpy(), by.asnumpy()) for bx, by in keeper.kept]
             assert len(kept) == 24
             for (kx, ky), (bx, by) in zip(kept, batches * 2):  # what was kept still holds its batch...
                 np.testing.assert_array_equal(kx, bx)
                 np.testing.assert_array_equal(ky, by)
-            assert len(set(taken)) == 8  # ...as every kept chunk got new buffers
+            assert not any(reused)  # ...as every kept chunk got new buffers
         else:
-            assert len(set(taken)) == 2  # two sets take turns: one being filled, one MindSpore still holds
+            assert reused == [False] * 2 + [True] * 6  # two sets take turns: one filled while MindSpore holds the other

@@ -287,6 +287,9 @@ class DeviceLogBuffers(nn.Cell):
     def close_window(self, history_slot=None):
         """Makes the open window the step value, adds it to the epoch, and opens a new one (graph-parseable).
 
+        Without `on_epoch` names nothing is added to the epoch level. When the window is the
+        step level (`window_is_step`), it stays as it is: the next step's `open_window` empties it.
+
         Args:
             history_slot: Under sinking, write the step value to this row of the history
                 instead of to the step level (one kernel instead of two per step; the
@@ -333,7 +336,11 @@ class DeviceLogBuffers(nn.Cell):
         return self._read(self.window if self.window_is_step else self.step)
 
     def read_window(self) -> Dict[str, float]:
-        """Returns the current, unfinished window's value of every name logged in it (a host sync)."""
+        """Returns the window's value of every name logged in it (a host sync).
+
+        Between steps that is the open, unfinished window; when the window is the step level
+        (`window_is_step`), the last step's.
+        """
         return self._read(self.window)
 
     def read_epoch(self) -> Dict[str, float]:

@@ -109,14 +109,31 @@ def reads_argument(function: Callable, position: int) -> bool:
 
 
 def reads_attribute(cls, stop_at, attribute: str) -> bool:
-    """Whether any method defined on `cls` or its bases below `stop_at` mentions `attribute` (e.g. `self.global_step`)."""
+    """Whether code defined on `cls` or its bases mentions `attribute` (e.g. `self.global_step`).
+
+    Searches every class in `cls`'s MRO other than `stop_at` and its own bases: subclasses
+    of `stop_at` and mixins alike. Functions are unwrapped (`functools.wraps` decorators) and
+    read with their wrappers; properties, static and class methods too. A class attribute
+    that is callable but has no code to read (a callable object, a C function) counts as a
+    mention: the answer is True when it cannot tell.
+    """
+    skipped = set(stop_at.__mro__)
     for klass in cls.__mro__:
-        if not issubclass(klass, stop_at) or klass is stop_at:
+        if klass in skipped:
             continue
         for value in vars(klass).values():
-            function = getattr(value, "fget", value)  # properties too
-            code = getattr(function, "__code__", None)
-            if code is not None and any(attribute in c.co_names or attribute in c.co_varnames
-                                        for c in _code_objects(code)):
-                return True
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            functions = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [value]
+            for function in functions:
+                if function is None or isinstance(function, type):
+                    continue
+                if not callable(function):
+                    continue
+                unwrapped = inspect.unwrap(function)
+                for candidate in (function,) if unwrapped is function else (function, unwrapped):
+                    code = getattr(candidate, "__code__", None)
+                    if code is None or any(attribute in c.co_names or attribute in c.co_varnames
+                                           for c in _code_objects(code)):
+                        return True
     return False

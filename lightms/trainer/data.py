@@ -280,12 +280,12 @@ class DataSource:
         for index in range(start, count):
             raw = next(iterator, ended)
             if raw is ended:
-                if index == 0:
-                    raise ValueError(f"{self.argument} yielded no batches: the dataset is empty.")
+                told = "get_dataset_size()" if isinstance(self.data, msds.Dataset) else "len()"
                 raise ValueError(
-                    f"{self.argument} ended after {index} batches, but its length says {length}. lightms takes the "
+                    f"{self.argument} ended after {index} batches, but its {told} says {length}. lightms takes the "
                     "length at its word to know an epoch's last batch before training on it (an accumulation "
-                    "window closes there): make len() match what iterating yields, or give the data no __len__.")
+                    f"window closes there): make {told} match what iterating yields"
+                    + (", or give the data no __len__." if told == "len()" else "."))
             yield self._prepare(index, raw, index + 1 == count)
 
     def _read_ahead(self, iterator: Iterator, start: int, count: Optional[int]) -> Iterator[Batch]:

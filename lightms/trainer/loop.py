@@ -81,10 +81,13 @@ class TrainingLoop:
         self._optimizer_config = read_optimizer_config(model.configure_optimizers(), type(model).__name__)
         self.optimizers = [self._optimizer_config.optimizer]
         self._loss_scaler = self.precision.loss_scaler()
+        if self._loss_scaler is not None:  # a skipped step is counted on the device, and the host reads it
+            self._counters.global_step_read = True
         warn_half_optimizer(self.precision, self._optimizer_config.optimizer)
         if self._ckpt_path is not None:
             restore_run_state(self, self._ckpt_path)
             train.resume_at(self.state.current_epoch, self.state.batches_done)
+            self._counters.set(self.state.current_epoch, self.state.global_step)  # the restored values
         self._train_source = train
         self.num_training_batches = train.batch_count(self.limit_train_batches)
         if self.num_training_batches == 0:

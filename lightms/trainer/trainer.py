@@ -399,7 +399,8 @@ class Trainer(TrainingLoop):
         object.__setattr__(model, "_trainer", self)
         self._counters = LoopCounters()
         self._counters.set(self.state.current_epoch, self.state.global_step)
-        # Only the module's own code reads the device counters inside compiled steps (see README).
+        # Only the module's own code reads the device counters inside compiled steps (see README);
+        # `reads_attribute` answers True when it cannot tell.
         self._counters.epoch_read = reads_attribute(type(model), LightningCell, "current_epoch")
         self._counters.global_step_read = reads_attribute(type(model), LightningCell, "global_step")
         self._metrics.start_run()
@@ -434,6 +435,7 @@ class Trainer(TrainingLoop):
                 object.__setattr__(model, "_lightms_log_target", None)
                 object.__setattr__(model, "_lightms_hook", None)
                 self._restore_construct(model)
+                self._stack_buffers = None  # sunk chunks' host buffers (up to 2 x 1 GiB): not kept past the run
                 self.state.stage = None
 
     @staticmethod
