@@ -89,7 +89,9 @@ def _to_tensors(batch, where: Callable[[], str], signature: list, copy: bool = F
 
 
 class _FlatArrays:
-    """Converts the usual batch fast: a tuple or list of C-contiguous numpy arrays with the first batch's dtypes and ranks.
+    """Converts the usual batch fast: a tuple or list of C-contiguous numpy arrays like the first batch's.
+
+    Like means the same container type, length, dtypes, ranks and per-sample shapes.
 
     Between two compiled steps each Python operation costs about ten times what it costs in
     a tight loop (most likely cold caches): the general conversion took about 55 us there for
