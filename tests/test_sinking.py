@@ -320,20 +320,25 @@ def test_stack_buffers_are_reused_only_when_nothing_else_holds_them():
     leaves = [np.zeros((8, 6), np.float32), np.zeros(8, np.int32)]
     first = pool.take(leaves, 4)
     assert [b.shape for b in first] == [(4, 8, 6), (4, 8)] and first[1].dtype == np.int32
-    assert pool.take(leaves, 4) is first  # nothing holds it: reused
-    kept = Tensor.from_numpy(first[0][2])  # a row a hook was given and kept
     second = pool.take(leaves, 4)
-    assert second is not first
-    assert pool.take(leaves, 4) is second  # the unheld one of the two
-    view = second[1][:2]  # MindSpore keeps the last call's inputs: slices of the buffers
+    assert second is not first  # the set handed out last may still be filling
+    assert pool.take(leaves, 4) is first and pool.take(leaves, 4) is second  # two sets take turns
+    kept = Tensor.from_numpy(first[0][2])  # a row a hook was given and kept
     third = pool.take(leaves, 4)
-    assert third is not first and third is not second  # both held: a new set, not kept
+    assert third is not first and third is not second  # first is held, second was handed out last
+    assert pool.take(leaves, 4) is second
+    view = second[1][:2]  # MindSpore keeps the last call's inputs: slices of the buffers
+    fourth = pool.take(leaves, 4)
+    assert fourth is not first and fourth is not second
     del view
     assert pool.take(leaves, 4) is second
-    other = pool.take([np.zeros((3, 6), np.float32), np.zeros(3, np.int32)], 4)  # a smaller last batch
-    assert [b.shape for b in other] == [(4, 3, 6), (4, 3)]
+    smaller = [np.zeros((3, 6), np.float32), np.zeros(3, np.int32)]  # an epoch's smaller last batch
+    odd = pool.take(smaller, 4)
+    assert [b.shape for b in odd] == [(4, 3, 6), (4, 3)] and odd is not first  # first is still held
     del kept
     assert pool.take(leaves, 4) is first
+    odd_again = pool.take(smaller, 4)  # replaces the unheld set of the other shapes (second) in the pool
+    assert pool.take(leaves, 4) is first and pool.take(smaller, 4) is odd_again
 
 
 def test_a_batch_a_hook_keeps_under_sinking_never_changes(monkeypatch):

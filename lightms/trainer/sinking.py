@@ -68,6 +68,9 @@ class StackBuffers:
         self._keep = keep
         self._sets: List[List[np.ndarray]] = []
         self._unheld_refs: Optional[int] = None  # `_refs` of a set nothing else holds
+        # The set handed out last: its chunk may still be filling it, which no reference count shows
+        # (a chunk holds the list, not the arrays), so it is never handed out twice in a row.
+        self._last: Optional[List[np.ndarray]] = None
 
     @staticmethod
     def _refs(buffers: List[np.ndarray]) -> int:
@@ -76,11 +79,13 @@ class StackBuffers:
     def take(self, leaves: List[np.ndarray], length: int) -> List[np.ndarray]:
         """A set of buffers of `length` rows shaped like `leaves`, free for writing."""
         shapes = [((length,) + leaf.shape, leaf.dtype) for leaf in leaves]
-        unheld = [buffers for buffers in self._sets if self._refs(buffers) <= self._unheld_refs]
+        unheld = [buffers for buffers in self._sets
+                  if buffers is not self._last and self._refs(buffers) <= self._unheld_refs]
         for buffers in unheld:
             if [(b.shape, b.dtype) for b in buffers] == shapes:
+                self._last = buffers
                 return buffers
-        buffers = [np.empty(shape, dtype) for shape, dtype in shapes]
+        buffers = self._last = [np.empty(shape, dtype) for shape, dtype in shapes]
         if self._unheld_refs is None:
             self._unheld_refs = self._refs(buffers)  # held by the list only, as a kept set is
         if unheld:  # an unheld set of other shapes (an epoch's smaller last batch) makes room
