@@ -272,7 +272,8 @@ class DeviceLogBuffers(nn.Cell):
         value = ops.cast(value, ms.float32).reshape(())
         if reduce_fx in ("mean", "sum"):
             update = ops.stack([value, self.one])  # (value, weight 1)
-            # A window of one micro-batch averages one value: its weight matters only to the epoch's mean.
+            # A window of one micro-batch: every record of a name in it has the same weight (a name's
+            # batch_size is one of its options, fixed per run), so the weight matters only to the epoch's mean.
             weighted = not self.single_batch_windows or self.options[i].on_epoch
             if reduce_fx == "mean" and weighted:
                 update = update * (self.batch_size if batch_size is None else ops.cast(batch_size, ms.float32))
