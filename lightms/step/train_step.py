@@ -60,7 +60,7 @@ class LoopCounters(nn.Cell):
         self.host = HostCounters()
         self.tracks_batch_idx = True  # False when training_step never reads batch_idx (set by TrainStep)
         # Whether a compiled step reads the device's current_epoch / global_step, so that the host must
-        # write them at every epoch start (set by the trainer from the module's code, and by TrainStep).
+        # write them at every epoch start (set by the trainer from the module's code and its precision).
         self.epoch_read = True
         self.global_step_read = True
         self._zero, self._one = Tensor(0, ms.int32), Tensor(1, ms.int32)
@@ -74,20 +74,19 @@ class LoopCounters(nn.Cell):
         bad = ops.logical_and(taken, ops.logical_not(ops.isfinite(losses)))
         return ops.assign_add(self.nonfinite_losses, ops.cast(ops.cast(bad, ms.int32).sum(), ms.int32))  # sum: int64
 
-    def set(self, current_epoch: int, global_step: int) -> None:
-        """Writes the host's counters to the device (no sync; `set_data` would unlink compiled graphs)."""
-        ops.assign(self.current_epoch, Tensor(current_epoch, ms.int32))
-        ops.assign(self.global_step, Tensor(global_step, ms.int32))
+    def set(self, current_epoch: int, global_step: int, read_only: bool = False) -> None:
+        """Writes the host's counters to the device (no sync; `set_data` would unlink compiled graphs).
 
-    def start_epoch(self, current_epoch: int, global_step: int) -> None:
-        """Writes the counters a compiled step reads, at an epoch start.
-
-        A fresh scalar Tensor as an op input cost about 0.3 ms on the CPU backend, so the
-        counters nobody reads are left at the values `set` wrote when the run started.
+        Args:
+            current_epoch: The host's epoch.
+            global_step: The host's optimizer step count.
+            read_only: Write only the counters a compiled step reads (at an epoch start): a
+                fresh scalar Tensor as an op input cost about 0.3 ms on the CPU backend, so the
+                others keep the values written when the run started or resumed.
         """
-        if self.epoch_read:
+        if self.epoch_read or not read_only:
             ops.assign(self.current_epoch, Tensor(current_epoch, ms.int32))
-        if self.global_step_read:
+        if self.global_step_read or not read_only:
             ops.assign(self.global_step, Tensor(global_step, ms.int32))
 
     def expect(self, batch_idx: int) -> None:
@@ -163,7 +162,6 @@ class TrainStep:
         tracks_batch_idx = reads_argument(type(module).training_step, 2)
         counters.tracks_batch_idx = tracks_batch_idx
         tracks_global_step = loss_scaler is not None or reads_attribute(type(module), LightningCell, "global_step")
-        counters.global_step_read = tracks_global_step
 
         training_step = module.training_step if autocast is None else autocast(module.training_step)
 

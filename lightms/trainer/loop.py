@@ -192,7 +192,7 @@ class TrainingLoop:
         model, state, metrics = self.model, self.state, self._metrics
         model.set_train(True)
         metrics.start_epoch("train")
-        self._counters.start_epoch(state.current_epoch, state.global_step)
+        self._counters.set(state.current_epoch, state.global_step, read_only=True)
         state.epoch_done = False
         self._call("on_train_epoch_start")
         chunk = self._new_chunk()
