@@ -68,30 +68,67 @@ def _poisoned_data():
 
 
 def test_nonfinite_loss_warns_once_by_default():
-    # the inf in batch 2 makes the weights NaN, so batch 3's loss is NaN too
-    with pytest.warns(UserWarning, match="NaN or infinite in 2 micro-batch"):
+    # the inf in batch 2 makes the weights NaN, so batch 3's loss is NaN too: one warning
+    with pytest.warns(UserWarning, match="NaN or infinite in epoch 0") as caught:
         trainer = quiet_trainer(max_epochs=1)
         trainer.fit(fresh_model(cls=PoisonedBatch), _poisoned_data())
     assert trainer.global_step == 4
+    assert sum("NaN or infinite" in str(w.message) for w in caught) == 1
+
+
+class PoisonedFromEpoch:
+    """Batches of 8 whose targets hold an inf from pass `epoch` on (in batch 2 of 4)."""
+
+    def __init__(self, epoch):
+        self.epoch, self.passes = epoch, 0
+        self.clean, self.poisoned = batches_of(*make_data(32), 8), _poisoned_data()
+
+    def __len__(self):
+        return 4
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.poisoned if self.passes > self.epoch else self.clean)
 
 
 @pytest.mark.parametrize("sink_size", [1, 3, "epoch"])
-@pytest.mark.parametrize("accumulate, expected", [(1, 2), (2, 1)])
-def test_nonfinite_losses_are_counted_per_micro_batch_with_and_without_sinking(sink_size, accumulate, expected):
-    # accumulate=1: batch 2's loss is inf and batch 3's NaN (weights updated from batch 2).
-    # accumulate=2: batches 2 and 3 share a window, so the weights turn NaN only after both.
-    # sink_size=3: chunks [0, 1, 2] and [3]; the second chunk's unused rows still hold the first's losses.
-    with pytest.warns(UserWarning, match=f"NaN or infinite in {expected} micro-batch"):
-        trainer = quiet_trainer(max_epochs=1, sink_size=sink_size, accumulate=accumulate)
-        trainer.fit(fresh_model(cls=PoisonedBatch), _poisoned_data())
-    assert trainer.global_step == 4 // accumulate
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_nonfinite_loss_warning_names_the_first_epoch_with_one_with_and_without_sinking(sink_size, accumulate):
+    # sink_size=3: chunks [0, 1, 2] and [3], the second padded with rows of the first (never run)
+    with pytest.warns(UserWarning, match="NaN or infinite in epoch 1") as caught:
+        trainer = quiet_trainer(max_epochs=3, sink_size=sink_size, accumulate=accumulate)
+        trainer.fit(fresh_model(cls=PoisonedBatch), PoisonedFromEpoch(1))
+    assert sum("NaN or infinite" in str(w.message) for w in caught) == 1  # once per fit, not per epoch
+    assert trainer.global_step == 3 * 4 // accumulate
+
+
+class LossesSeen(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"].asnumpy()))
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_the_device_loss_sum_adds_every_micro_batch_loss_once(accumulate):
+    x, y = make_data(40)
+    seen = LossesSeen()
+    per_step = quiet_trainer(max_epochs=2, accumulate=accumulate, callbacks=[seen])
+    per_step.fit(fresh_model(), batches_of(x, y, 8))
+    assert len(seen.losses) == 10
+    assert float(per_step._counters.loss_sum.asnumpy()) == pytest.approx(sum(seen.losses), rel=1e-6)
+    # sunk chunks of 3 and 2 (padded to 3): the padding rows are not run, so not added
+    sunk = quiet_trainer(max_epochs=2, accumulate=accumulate, sink_size=3)
+    sunk.fit(fresh_model(), batches_of(x, y, 8))
+    assert float(sunk._counters.loss_sum.asnumpy()) == pytest.approx(sum(seen.losses), rel=1e-5)
 
 
 def test_every_fit_of_one_trainer_warns_about_its_own_nonfinite_losses():
     trainer = quiet_trainer(max_epochs=1)
-    for epochs in (1, 2):  # the second fit goes on for one more epoch, with fresh device counters
+    for epochs in (1, 2):  # the second fit goes on for one more epoch, with a fresh device loss sum
         trainer.max_epochs = epochs
-        with pytest.warns(UserWarning, match="NaN or infinite in 2 micro-batch"):
+        with pytest.warns(UserWarning, match=f"NaN or infinite in epoch {epochs - 1}"):  # the epoch this fit ran
             trainer.fit(fresh_model(cls=PoisonedBatch), _poisoned_data())
     assert trainer.global_step == 8
 

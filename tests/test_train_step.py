@@ -155,15 +155,22 @@ def test_device_counters_are_kept_only_when_the_module_reads_them():
     assert reading.callback_metrics["idx"] == 4.0 and reading.callback_metrics["step"] == 4.0
 
 
-def test_a_sunk_chunk_counts_non_finite_losses_only_among_its_own_micro_batches():
+def test_the_loss_sum_turns_non_finite_with_any_non_finite_loss_and_stays_so():
     from lightms._mindspore import mindspore as ms
     from mindspore import Tensor
+    from lightms.step.graph import compile_function
     from lightms.step.train_step import LoopCounters
 
     counters = LoopCounters()
-    losses = Tensor(np.array([np.nan, 1.0, np.inf, np.nan], np.float32))
-    positions = Tensor(np.arange(4), ms.int32)
-    counters.count_nonfinite_among(losses, positions < Tensor(2, ms.int32))  # rows 2 and 3: an earlier chunk's
-    assert int(counters.nonfinite_losses.asnumpy()) == 1
-    counters.count_nonfinite_among(losses, positions < Tensor(4, ms.int32))
-    assert int(counters.nonfinite_losses.asnumpy()) == 1 + 3
+
+    def add_loss(loss):
+        return counters.add_loss(loss)
+
+    add = compile_function(add_loss, True)
+    for value in (1.5, -0.25, 2.0):
+        add(Tensor(value, ms.float32))
+    assert float(counters.loss_sum.asnumpy()) == 3.25
+    add(Tensor(np.inf, ms.float32))
+    add(Tensor(-np.inf, ms.float32))  # inf - inf: NaN, still not finite
+    add(Tensor(1.0, ms.float32))
+    assert not np.isfinite(counters.loss_sum.asnumpy())

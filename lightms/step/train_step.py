@@ -37,10 +37,10 @@ _hyper_map = ops.HyperMap()
 
 @dataclass
 class HostCounters:
-    """What the host knows of the device counters: batch_idx, and the non-finite losses warned about."""
+    """What the host knows of the device counters: batch_idx, and whether non-finite losses were warned about."""
 
     batch_idx: int = 0
-    nonfinite_seen: int = 0
+    nonfinite_warned: bool = False
 
 
 class LoopCounters(nn.Cell):
@@ -50,29 +50,30 @@ class LoopCounters(nn.Cell):
         super().__init__(auto_prefix=False)
         self.global_step = Parameter(Tensor(0, ms.int32), name="lightms.global_step", requires_grad=False)
         self.current_epoch = Parameter(Tensor(0, ms.int32), name="lightms.current_epoch", requires_grad=False)
-        # Micro-batches whose loss was NaN or infinite; the host reads it when it syncs anyway.
-        self.nonfinite_losses = Parameter(Tensor(0, ms.int32), name="lightms.nonfinite_losses", requires_grad=False)
+        # The sum of the run's training losses: not finite once one of them was NaN or infinite. The host
+        # reads it at epoch ends (every optimizer step under detect_anomaly). One kernel a micro-batch: a
+        # count of the non-finite losses took three, and each small kernel costs 10-20 us on the CPU backend.
+        self.loss_sum = Parameter(Tensor(0.0, ms.float32), name="lightms.loss_sum", requires_grad=False)
         # batch_idx of the next micro-batch, kept on the device: a fresh scalar Tensor input per call cost
         # about 0.25 ms on the CPU backend. (A window's size is an input, from Tensors made once.)
         self.batch_idx = Parameter(Tensor(0, ms.int32), name="lightms.batch_idx", requires_grad=False)
         # What the host knows of them, a plain object (Cell.__setattr__ costs ~10 us a call); a new run's
-        # counters start at zero, and so does the count of non-finite losses already warned about.
+        # counters start at zero, and nothing is warned about yet.
         self.host = HostCounters()
         self.tracks_batch_idx = True  # False when training_step never reads batch_idx (set by TrainStep)
         # Whether a compiled step reads the device's current_epoch / global_step, so that the host must
         # write them at every epoch start (set by the trainer from the module's code and its precision).
         self.epoch_read = True
         self.global_step_read = True
-        self._zero, self._one = Tensor(0, ms.int32), Tensor(1, ms.int32)
+        self._zero = Tensor(0, ms.int32)
 
-    def count_nonfinite(self, loss):
-        """Adds 1 to `nonfinite_losses` if `loss` is not finite (graph-parseable)."""
-        return ops.assign_add(self.nonfinite_losses, ops.select(ops.isfinite(loss), self._zero, self._one))
+    def add_loss(self, loss):
+        """Adds a micro-batch's float32 loss to `loss_sum` (graph-parseable).
 
-    def count_nonfinite_among(self, losses, taken):
-        """Adds how many of `losses` are not finite where `taken` is True (graph-parseable; once per sunk chunk)."""
-        bad = ops.logical_and(taken, ops.logical_not(ops.isfinite(losses)))
-        return ops.assign_add(self.nonfinite_losses, ops.cast(ops.cast(bad, ms.int32).sum(), ms.int32))  # sum: int64
+        NaN and infinities propagate through the sum, so it is finite exactly when every
+        loss was, unless finite losses added up past float32's range (3.4e38).
+        """
+        return ops.assign_add(self.loss_sum, loss)
 
     def set(self, current_epoch: int, global_step: int, read_only: bool = False) -> None:
         """Writes the host's counters to the device (no sync; `set_data` would unlink compiled graphs).
@@ -171,7 +172,7 @@ class TrainStep:
 
         grad_fn = ms.value_and_grad(forward, None, weights)
 
-        def gradients(batch, count_nonfinite=True):
+        def gradients(batch):
             if tracks_batch_idx:
                 loss, grads = grad_fn(batch, counters.batch_idx)
                 loss = ops.depend(loss, ops.assign_add(counters.batch_idx, one_step))
@@ -180,9 +181,7 @@ class TrainStep:
             if loss_scaler is not None:
                 loss = loss_scaler.unscale(loss)
             loss = ops.cast(loss, ms.float32)  # a half-precision loss is reported as float32
-            if not count_nonfinite:  # a sunk chunk counts its losses once, after its loop
-                return loss, grads
-            return ops.depend(loss, counters.count_nonfinite(loss)), grads
+            return ops.depend(loss, counters.add_loss(loss)), grads
 
         def update(grads, history_slot=None):
             """Unscales, checks, transforms and applies a window's gradients; returns whether it stepped.
@@ -238,25 +237,19 @@ class TrainStep:
             loss, grads = gradients(unpack(*inputs))
             return ops.depend(loss, window_update(grads, window_size))
 
-        # Each kernel in the loop body costs every iteration (a few microseconds each on the CPU backend). So
-        # the losses are kept and checked for non-finite values once after the loop (one kernel per iteration
-        # instead of three), and with one micro-batch per step and no skipped steps, a closed log window
-        # goes straight to history row i, the chunk's last one becoming the step value after the loop
-        # (the MLP loop body went from 102 to 100 kernels, counted in MindSpore's graph_build IR).
+        # Each kernel in the loop body costs every iteration (10-20 us each on the CPU backend). So with one
+        # micro-batch per step and no skipped steps, a closed log window goes straight to history row i, the
+        # chunk's last one becoming the step value after the loop (the MLP loop body went from 102 to 100
+        # kernels, counted in MindSpore's graph_build IR).
         every_iteration_steps = accumulate == 1 and loss_scaler is None
         direct_history = every_iteration_steps and step_history
-        if sink_length:
-            sink_losses = Parameter(Tensor(np.zeros(sink_length, np.float32)), name="lightms.sink_losses",
-                                    requires_grad=False)
-            positions = Tensor(np.arange(sink_length), ms.int32)
 
         def sink_step(batches, window_sizes, count):
             i = Tensor(0, ms.int32)
             slot = Tensor(0, ms.int32)  # the next row of the step-value history
             loss = Tensor(0.0, ms.float32)
             while i < count:
-                loss, grads = gradients(take_micro_batch(batches, i), count_nonfinite=False)
-                loss = ops.depend(loss, ops.scatter_update(sink_losses, i.reshape((1,)), loss.reshape((1,))))
+                loss, grads = gradients(take_micro_batch(batches, i))
                 if accumulate == 1:
                     if direct_history:
                         loss = ops.depend(loss, update(grads, i))
@@ -277,7 +270,6 @@ class TrainStep:
                     else:
                         loss = accumulate_step(loss, grads)
                 i = i + 1
-            loss = ops.depend(loss, counters.count_nonfinite_among(sink_losses, positions < count))
             if direct_history:
                 loss = ops.depend(loss, logs.step_from_history(count - 1))
             return loss

@@ -6,6 +6,7 @@ what happens between them. Host reads of device values happen only where marked
 (logging steps, epoch ends, `detect_anomaly`).
 """
 
+import math
 import os
 import sys
 import warnings
@@ -120,25 +121,28 @@ class TrainingLoop:
         self._call("on_fit_end")
 
     def _check_nonfinite(self) -> None:
-        """Reads the device's count of non-finite losses (a host sync) and raises or warns on new ones."""
+        """Reads the device's sum of the run's losses (a host sync); raises or warns once if it is not finite.
+
+        Called at epoch ends, or after every optimizer step under detect_anomaly, so the
+        first read that finds it not finite names the epoch (or step) of the first such loss.
+        """
         if self._counters is None:
             return
-        count = int(self._counters.nonfinite_losses.asnumpy())
+        loss_sum = float(self._counters.loss_sum.asnumpy())
         self._extra_host_reads += 1
-        host = self._counters.host  # the count warned about lives with the device counter it mirrors
-        if count <= host.nonfinite_seen:
+        host = self._counters.host  # what was warned about lives with the device sum it read
+        if math.isfinite(loss_sum) or host.nonfinite_warned:
             return
-        new, host.nonfinite_seen = count - host.nonfinite_seen, count
         if self.detect_anomaly:
             logged = self._metrics.read_train_step(self.state.global_step)
             raise FloatingPointError(
                 f"Trainer(detect_anomaly=True): the training loss was NaN or infinite at optimizer step "
                 f"{self.state.global_step} (epoch {self.state.current_epoch}, batch {self.state.batch_idx}). "
                 f"Values logged at that step: {logged or 'none'}.")
-        if count == new:  # first time: warn once
-            warnings.warn(
-                f"The training loss was NaN or infinite in {new} micro-batch(es) of epoch {self.state.current_epoch}; "
-                "training goes on. Trainer(detect_anomaly=True) stops at the first such step.", stacklevel=2)
+        host.nonfinite_warned = True
+        warnings.warn(
+            f"The training loss was NaN or infinite in epoch {self.state.current_epoch} (lightms warns once per "
+            "fit); training goes on. Trainer(detect_anomaly=True) stops at the first such step.", stacklevel=2)
 
     def _request_stop(self, signum: int) -> None:
         self._interrupt_signal = signum

@@ -102,8 +102,9 @@ class Trainer(TrainingLoop):
         max_time: Stop after this much training time ("DD:HH:MM:SS", a timedelta or a
             dict), via a Timer callback; checked after each optimizer step.
         detect_anomaly: Stop with an error at the first optimizer step whose training loss
-            is NaN or infinite (costs one host sync per step). Off, lightms counts such
-            losses on the device and warns once, at the end of the epoch they occur in.
+            is NaN or infinite (costs one host sync per step). Off, lightms sums the
+            losses on the device and warns once per fit, at the end of the first epoch
+            with such a loss.
         enable_checkpointing: Add a ModelCheckpoint (last epoch's checkpoint under the
             logger's folder) unless one is in `callbacks`.
 
