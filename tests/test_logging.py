@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from lightms.callbacks import Callback
 from lightms.module.logging import DeviceLogBuffers, LogOptions
 from conftest import TinyRegressor, batches_of, fresh_model, make_data, quiet_trainer
 
@@ -109,3 +110,70 @@ def test_logged_step_and_epoch_values_equal_numpy(sink_size, accumulate):
     np.testing.assert_allclose([value for _, value in logger.values("ysum")], [y.sum()] * 2, rtol=1e-5)
     assert [step for step, _ in logger.values("ymean")] == [steps_per_epoch, 2 * steps_per_epoch]
     assert not any("xsum" in m and "ymean" in m for _, m in logger.metrics)  # step-only and epoch-only
+
+
+class StepStatistics(TinyRegressor):
+    """Logs on_step-only values of every reduction, each once a step: the records overwrite their values."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("xmean", x.mean())
+        self.log("xsum", x.sum(), reduce_fx="sum")
+        self.log("xmax", x.max(), reduce_fx="max")
+        self.log("xmin", x.min(), reduce_fx="min")
+        return ((self(x) - y) ** 2).mean()
+
+
+class LoggedTwice(TinyRegressor):
+    """Logs one name twice a step (same options): its step value is the mean of the two records."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("x", x.sum())
+        self.log("x", x.max())
+        return ((self(x) - y) ** 2).mean()
+
+
+class SeenAtEpochStart(Callback):
+    def __init__(self):
+        self.metrics = []
+
+    def on_train_epoch_start(self, trainer, module):
+        self.metrics.append(dict(trainer.callback_metrics))
+
+
+@pytest.mark.parametrize("sink_size", [1, 3])
+def test_step_values_of_names_logged_once_equal_numpy_at_every_step(sink_size):
+    from conftest import RecordingLogger
+
+    x, y = make_data(44)
+    batches = batches_of(x, y, 8)  # chunks of 3 and 3 (padded from 2 batches: 8 8 and 4 samples)
+    logger, seen = RecordingLogger(), SeenAtEpochStart()
+    trainer = quiet_trainer(max_epochs=2, sink_size=sink_size, logger=logger, log_every_n_steps=1, callbacks=[seen])
+    trainer.fit(fresh_model(cls=StepStatistics), batches)
+    assert trainer._metrics.device["train"].overwrites  # the path this test is about
+    for name, reduce in (("xmean", np.mean), ("xsum", np.sum), ("xmax", np.max), ("xmin", np.min)):
+        assert [step for step, _ in logger.values(name)] == list(range(1, 13))
+        np.testing.assert_allclose([value for _, value in logger.values(name)],
+                                   [float(reduce(bx)) for bx, _ in batches] * 2, rtol=1e-5)
+    last_min = float(batches[-1][0].min())
+    assert trainer.callback_metrics["xmin"] == pytest.approx(last_min, rel=1e-6)
+    # A second fit clears the buffers: before its first step they report nothing, so callbacks
+    # still see the last values of the first fit (not the cleared buffers' zeros).
+    trainer.max_epochs = 3
+    trainer.fit(fresh_model(cls=StepStatistics), batches)
+    assert seen.metrics[0] == {} and seen.metrics[2]["xmin"] == pytest.approx(last_min, rel=1e-6)
+
+
+@pytest.mark.parametrize("sink_size", [1, 2])
+def test_a_name_logged_twice_a_step_reports_the_mean_of_its_records(sink_size):
+    from conftest import RecordingLogger
+
+    x, y = make_data(40)
+    batches = batches_of(x, y, 8)
+    logger = RecordingLogger()
+    trainer = quiet_trainer(max_epochs=1, sink_size=sink_size, logger=logger, log_every_n_steps=1)
+    trainer.fit(fresh_model(cls=LoggedTwice), batches)
+    assert not trainer._metrics.device["train"].overwrites
+    np.testing.assert_allclose([value for _, value in logger.values("x")],
+                               [(bx.sum() + bx.max()) / 2 for bx, _ in batches], rtol=1e-5)

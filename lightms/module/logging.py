@@ -120,6 +120,7 @@ class LogRecorder:
     def __init__(self, hook: str):
         self.hook = hook
         self.options: Dict[str, LogOptions] = {}
+        self.logged_once = True  # whether each name was logged once (False: some name more than once)
 
     def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
         """`LightningCell.log` during the dry run: checks and records the call."""
@@ -152,6 +153,8 @@ class LogRecorder:
                 f"self.log({options.name!r}, ...) is called twice in {self.hook} with different "
                 f"options: {known} and {options}."
             )
+        if known is not None:
+            self.logged_once = False
         self.options[options.name] = options
 
 
@@ -174,7 +177,11 @@ class DeviceLogBuffers(nn.Cell):
     `on_epoch` skips the multiply; without any `on_epoch` name, the epoch level is
     not updated; and when the step graph runs one window per call, the window itself
     is the step level, emptied as the next step starts (one copy instead of two).
-    The default `self.log("loss", loss)` at `accumulate=1` costs three kernels a step.
+    When, further, no name has `on_epoch` and each is logged once per step
+    (`overwrites`), a record just overwrites its value in the window, which is never
+    emptied and holds the step value (also under sinking): the default
+    `self.log("loss", loss)` at `accumulate=1` costs one kernel a step (two when sunk
+    with a logger: the step's history row).
 
     Args:
         options: What the dry run recorded, in slot order.
@@ -191,8 +198,9 @@ class DeviceLogBuffers(nn.Cell):
         self._initial_level = np.stack([initial, np.zeros(count, np.float32)])
         self.host_reads = 0  # device-to-host reads of these buffers, for the trainer's sync count
         self.has_extremes = any(opt.reduce_fx in ("max", "min") for opt in self.options)
-        # Per name: the (value, weight) cells of its column, for scatter updates.
+        # Per name: the (value, weight) cells of its column, and its value cell alone, for scatter updates.
         self.cells = [Tensor(np.array([[VALUE, i], [WEIGHT, i]], np.int32)) for i in range(count)]
+        self.value_cells = [Tensor(np.array([[VALUE, i]], np.int32)) for i in range(count)]
         pad = [False] * (count - len(self.options))
         eye = np.eye(count, dtype=bool)
         self.value_masks = [Tensor(np.outer([True, False], eye[i])) for i in range(count)]  # extremes only
@@ -212,9 +220,17 @@ class DeviceLogBuffers(nn.Cell):
         self.keeps_epoch = any(opt.on_epoch for opt in self.options)
         # Set by the train step when every window is one micro-batch (accumulate=1).
         self.single_batch_windows = False
-        # Set when, further, the step graph runs one window per call (no sinking): the open
-        # window then serves as the step level, emptied when the next step starts.
+        # Set when, further, the step graph runs one window per call (no sinking), or the window
+        # is never emptied (`overwrites`): the window then holds the step value between calls.
         self.window_is_step = False
+        # Whether the dry run logged each name once (set by the step builder).
+        self.logged_once = True
+        # Set by the train step when windows are one micro-batch, no name has on_epoch and each is
+        # logged once: a record overwrites its value cell (one kernel) and weights are not kept, so
+        # the host reports every name once a step has run (`written`). lightms asks for every name
+        # on every batch; a name a graph branch skips keeps its last value.
+        self.overwrites = False
+        self.written = False  # whether a step wrote the window since the run started (set by the trainer)
         self.history = None  # step values of the optimizer steps of one sunk chunk (see keep_step_history)
 
     def keep_step_history(self, length: int) -> None:
@@ -230,7 +246,8 @@ class DeviceLogBuffers(nn.Cell):
 
     def record_step(self, slot):
         """Copies the last closed window (the step value) into history row `slot` (graph-parseable)."""
-        return ops.scatter_update(self.history, slot.reshape((1,)), self.step.reshape((1,) + self.step.shape))
+        level = self.window if self.window_is_step else self.step
+        return ops.scatter_update(self.history, slot.reshape((1,)), level.reshape((1,) + level.shape))
 
     def step_from_history(self, slot):
         """Makes history row `slot` the step value (graph-parseable; after `close_window(slot)` calls)."""
@@ -270,6 +287,9 @@ class DeviceLogBuffers(nn.Cell):
             )
         i = self.index[name]
         value = ops.cast(value, ms.float32).reshape(())
+        if self.overwrites:  # the name's one record of a one-micro-batch step: its step value, whatever reduce_fx
+            ops.scatter_nd_update(self.window, self.value_cells[i], value.reshape((1,)))  # reshapes launch no kernel
+            return value
         if reduce_fx in ("mean", "sum"):
             update = ops.stack([value, self.one])  # (value, weight 1)
             # A window of one micro-batch: every record of a name in it has the same weight (a name's
@@ -297,12 +317,12 @@ class DeviceLogBuffers(nn.Cell):
                 chunk ends with `step_from_history`). None: to the step level.
         """
         window = self.window
-        if self.window_is_step:
-            done = self.one  # the window stays as the step level until `open_window`
-        elif history_slot is None:
-            done = ops.assign(self.step, window)
-        else:
+        if history_slot is not None:
             done = ops.scatter_update(self.history, history_slot.reshape((1,)), window.reshape((1,) + window.shape))
+        elif self.window_is_step:
+            done = self.one  # the window stays as the step level (until `open_window`, if it is emptied)
+        else:
+            done = ops.assign(self.step, window)
         if self.keeps_epoch and self.has_extremes:
             epoch = self.epoch
             added = ops.where(self.max_cells, ops.maximum(epoch, window),
@@ -326,6 +346,8 @@ class DeviceLogBuffers(nn.Cell):
         return self._values(values, weights)
 
     def _values(self, values: np.ndarray, weights: np.ndarray) -> Dict[str, float]:
+        if self.overwrites:  # weights are not kept: every name was written at every step, once a step ran
+            weights = np.full_like(weights, 1.0 if self.written else 0.0)
         out = {}
         for i, opt in enumerate(self.options):
             if weights[i] > 0:
@@ -376,6 +398,7 @@ class DeviceLogBuffers(nn.Cell):
         """Clears every level; called at the start of a run (a failed run may have left a window open)."""
         for level in (self.window, self.step, self.epoch):
             ops.assign(level, self.opened)
+        self.written = False
 
 
 def is_metric(value) -> bool:

@@ -40,6 +40,7 @@ def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Opt
     options = list(recorder.options.values())
     if logs is None or logs.options != options:
         logs = DeviceLogBuffers(options)
+    logs.logged_once = recorder.logged_once
     step = TrainStep(module, optimizer, logs, counters, accumulate, transforms, compile, loss_scaler,
                      sink_length if sink_length > 1 else 0, autocast, step_history,
                      passing=batch_passing(batch.data, compile))

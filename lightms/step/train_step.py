@@ -147,9 +147,10 @@ class TrainStep:
                  autocast: Optional[Callable] = None, step_history: bool = True, *, passing: BatchPassing):
         self.accumulate = accumulate
         # Log-window kernels each step can skip (`DeviceLogBuffers`): with one micro-batch per window,
-        # and with one window per graph call.
+        # with one window per graph call, and with records that just overwrite their value.
         logs.single_batch_windows = accumulate == 1
-        logs.window_is_step = accumulate == 1 and not sink_length
+        logs.overwrites = accumulate == 1 and logs.logged_once and not logs.keeps_epoch
+        logs.window_is_step = logs.overwrites or (accumulate == 1 and not sink_length)
         self._pack = passing.pack
         unpack = passing.unpack
         weights = optimizer.parameters
@@ -228,7 +229,7 @@ class TrainStep:
             return accumulate_step(*gradients(unpack(*inputs)))
 
         def optimizer_step(*inputs):
-            if logs.window_is_step:
+            if logs.window_is_step and not logs.overwrites:
                 logs.open_window()  # a side effect on the window: ordered before training_step's records
             loss, grads = gradients(unpack(*inputs))
             return ops.depend(loss, update(grads))
@@ -270,7 +271,7 @@ class TrainStep:
                     else:
                         loss = accumulate_step(loss, grads)
                 i = i + 1
-            if direct_history:
+            if direct_history and not logs.window_is_step:  # else the window holds the last step's values
                 loss = ops.depend(loss, logs.step_from_history(count - 1))
             return loss
 

@@ -292,6 +292,9 @@ class TrainingLoop:
             else:
                 loss = self._train_step.window_step(first.data)
         self._counters.advanced(len(chunk.batches))
+        logs = metrics.device["train"]
+        if not logs.written:
+            logs.written = True  # the step values exist from now on
         state.batches_done = last.index + 1
         state.window = chunk.window
         before = state.global_step
