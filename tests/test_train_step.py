@@ -1,8 +1,9 @@
-"""The compiled train step: exact accumulation, partial windows, clipping, compiled == eager."""
+"""The compiled train step: exact accumulation, partial windows, clipping, compiled == eager; reading user code."""
 
 import numpy as np
 import pytest
 
+from lightms import LightningCell
 from conftest import (TinyRegressor, batches_of, fresh_model, make_data, parameters_of, quiet_trainer,
                       reference_sgd)
 
@@ -174,3 +175,94 @@ def test_the_loss_sum_turns_non_finite_with_any_non_finite_loss_and_stays_so():
     add(Tensor(-np.inf, ms.float32))  # inf - inf: NaN, still not finite
     add(Tensor(1.0, ms.float32))
     assert not np.isfinite(counters.loss_sum.asnumpy())
+
+
+class _LogsEveryStep(LightningCell):
+    def training_step(self, batch, batch_idx):
+        self.log("loss", batch)
+        self._log_more(batch)
+        return batch
+
+    def _log_more(self, value):
+        self.log_dict({"a": value})
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):  # a host hook: its conditions do not matter
+        if batch_idx:
+            self.log("host", 1.0)
+
+
+class _LogsUnderIf(LightningCell):
+    def training_step(self, batch, batch_idx):
+        if batch_idx % 10 == 0:
+            self.log("x", batch)
+        return batch
+
+
+class _CallsALoggerUnderIf(_LogsEveryStep):
+    def training_step(self, batch, batch_idx):
+        if batch_idx % 10 == 0:
+            self._log_more(batch)
+        return batch
+
+
+class _LogsInALoop(LightningCell):
+    def training_step(self, batch, batch_idx):
+        for k in range(2):
+            self.log(f"x{k}", batch)
+        return batch
+
+
+class _ReturnsEarly(LightningCell):
+    def training_step(self, batch, batch_idx):
+        if batch_idx > 3:
+            return batch
+        self.log("x", batch)
+        return batch
+
+
+class _LogsInAnExpression(LightningCell):
+    def training_step(self, batch, batch_idx):
+        _ = self.log("x", batch) if batch_idx else None
+        return batch
+
+
+class _PassesLogAround(LightningCell):
+    def training_step(self, batch, batch_idx):
+        log = self.log
+        log("x", batch)
+        return batch
+
+
+class _MixinLogsUnderIf:
+    def shared(self, value):
+        if value is not None:
+            self.log("m", value)
+
+
+class _FromAMixin(_MixinLogsUnderIf, LightningCell):
+    def training_step(self, batch, batch_idx):
+        self.shared(batch)
+        return batch
+
+
+@pytest.mark.parametrize("cls, expected", [
+    (_LogsEveryStep, True), (_LogsUnderIf, False), (_CallsALoggerUnderIf, False), (_LogsInALoop, False),
+    (_ReturnsEarly, False), (_LogsInAnExpression, False), (_PassesLogAround, False), (_FromAMixin, False)])
+def test_logs_unconditionally_reads_the_methods_training_step_reaches(cls, expected):
+    from lightms.step.binding import logs_unconditionally
+
+    assert logs_unconditionally(cls(), LightningCell) is expected
+
+
+def test_logs_unconditionally_answers_false_when_it_cannot_read_the_code():
+    from lightms.step.binding import logs_unconditionally
+
+    namespace = {"LightningCell": LightningCell}
+    exec("class NoSource(LightningCell):\n"
+         "    def training_step(self, batch, batch_idx):\n"
+         "        self.log('x', batch)\n"
+         "        return batch\n", namespace)
+    assert logs_unconditionally(namespace["NoSource"](), LightningCell) is False
+    module = _LogsEveryStep()
+    module.training_step = lambda batch, batch_idx: batch  # set on the instance: not read
+    assert logs_unconditionally(module, LightningCell) is False

@@ -99,7 +99,7 @@ def test_no_host_sync_on_steps_nobody_listens_to():
 
     few, many = syncs(3), syncs(30)
     assert few == many
-    assert few <= 6  # per epoch at most: step values, epoch values, the count of non-finite losses
+    assert few <= 6  # per epoch at most: step values, epoch values, the device's sum of the losses
 
 
 class EpochLogger(TinyRegressor):
@@ -116,7 +116,7 @@ def test_host_syncs_only_at_logging_steps(cls, epoch_reads):
     trainer = quiet_trainer(max_epochs=1, log_every_n_steps=10, logger=RecordingLogger())
     trainer.fit(fresh_model(cls=cls), batches_of(x, y, 4))
     # 3 logging steps (10, 20, 30; step 30's values are also the epoch-end step read), 1 read of the
-    # non-finite-loss count at the epoch end, and 1 epoch read only if a logged name has on_epoch
+    # device's loss sum (non-finite check) at the epoch end, and 1 epoch read only if a logged name has on_epoch
     assert trainer.host_sync_count == 4 + epoch_reads
 
 

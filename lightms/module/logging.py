@@ -223,7 +223,8 @@ class DeviceLogBuffers(nn.Cell):
         # Set when, further, the step graph runs one window per call (no sinking), or the window
         # is never emptied (`overwrites`): the window then holds the step value between calls.
         self.window_is_step = False
-        # Whether the dry run logged each name once (set by the step builder).
+        # Whether each name is logged exactly once per step: the dry run saw each once, and no
+        # self.log call sits under a condition (`binding.logs_unconditionally`; set by the step builder).
         self.logged_once = True
         # Set by the train step when windows are one micro-batch, no name has on_epoch and each is
         # logged once: a record overwrites its value cell (one kernel) and weights are not kept, so
@@ -309,12 +310,14 @@ class DeviceLogBuffers(nn.Cell):
         """Makes the open window the step value, adds it to the epoch, and opens a new one (graph-parseable).
 
         Without `on_epoch` names nothing is added to the epoch level. When the window is the
-        step level (`window_is_step`), it stays as it is: the next step's `open_window` empties it.
+        step level (`window_is_step`), it stays as it is: the next step's `open_window` empties
+        it, or, when records overwrite their values (`overwrites`), nothing does.
 
         Args:
             history_slot: Under sinking, write the step value to this row of the history
-                instead of to the step level (one kernel instead of two per step; the
-                chunk ends with `step_from_history`). None: to the step level.
+                instead of to the step level (one kernel instead of two per step; unless the
+                window is the step level, the chunk ends with `step_from_history`). None: to
+                the step level.
         """
         window = self.window
         if history_slot is not None:
@@ -335,7 +338,8 @@ class DeviceLogBuffers(nn.Cell):
         return ops.depend(done, ops.assign(window, self.opened))
 
     def open_window(self):
-        """Empties the window before a step's records, when it serves as the step level (graph-parseable)."""
+        """Empties the window before a step's records, when it serves as the step level and records add up
+        (not with `overwrites`; graph-parseable)."""
         return ops.assign(self.window, self.opened)
 
     # ---- host side -------------------------------------------------------
@@ -355,7 +359,10 @@ class DeviceLogBuffers(nn.Cell):
         return out
 
     def read_step(self) -> Dict[str, float]:
-        """Returns the last finished window's value of every name logged in it (a host sync)."""
+        """Returns the last finished window's value of every name logged in it (a host sync).
+
+        With `overwrites`, every name is reported once a step of the run has written the window.
+        """
         return self._read(self.window if self.window_is_step else self.step)
 
     def read_window(self) -> Dict[str, float]:

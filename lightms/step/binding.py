@@ -7,12 +7,18 @@ differently: that argument is the cell itself, so calling it runs `construct`.
 While a Trainer runs, each method the user wrote on their LightningCell subclass
 (and each of LightningCell's, such as the default
 predict_step) is shadowed on the instance by such a function, and removed afterwards.
+
+It also reads the user's methods, so that a compiled step does only what they need:
+whether they read an argument or attribute, and whether their `self.log` calls run on
+every step.
 """
 
+import ast
 import dis
 import inspect
+import textwrap
 from contextlib import contextmanager
-from typing import Callable, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 
 def _user_method_names(cls, stop_at) -> List[str]:
@@ -137,3 +143,96 @@ def reads_attribute(cls, stop_at, attribute: str) -> bool:
                                            for c in _code_objects(code)):
                         return True
     return False
+
+# Statements and expressions under which a call may not run every time the method runs.
+_CONDITIONAL = tuple(getattr(ast, name) for name in (
+    "If", "For", "AsyncFor", "While", "With", "AsyncWith", "Try", "TryStar", "Match", "IfExp", "BoolOp",
+    "comprehension", "Lambda", "FunctionDef", "AsyncFunctionDef", "ClassDef") if hasattr(ast, name))
+_LOG_METHODS = ("log", "log_dict")
+
+
+class _SelfUses:
+    """What one method does with `self`: the `self.<name>(...)` calls, each with whether it sits
+    under a condition or loop; a `self.log`/`self.log_dict` not called on the spot; a return under
+    a condition (what follows it may not run)."""
+
+    def __init__(self, calls: List[Tuple[str, bool]], loose_log: bool, early_return: bool):
+        self.calls, self.loose_log, self.early_return = calls, loose_log, early_return
+
+
+def _self_uses(function) -> Optional[_SelfUses]:
+    """Reads a method's source (None when there is none to read)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    definition = tree.body[0] if tree.body else None
+    if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)) or not definition.args.args:
+        return None
+    me = definition.args.args[0].arg
+    call_targets = {id(node.func) for node in ast.walk(definition) if isinstance(node, ast.Call)}
+    uses = _SelfUses([], False, False)
+
+    def walk(node, conditional: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Return) and conditional:
+                uses.early_return = True
+            if isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name) and child.value.id == me:
+                if id(child) in call_targets:
+                    uses.calls.append((child.attr, conditional))
+                elif child.attr in _LOG_METHODS:
+                    uses.loose_log = True
+            walk(child, conditional or isinstance(child, _CONDITIONAL))
+
+    walk(definition, False)
+    return uses
+
+
+def logs_unconditionally(module, stop_at, hook: str = "training_step") -> bool:
+    """Whether every `self.log` / `self.log_dict` that `hook` reaches runs each time the hook runs.
+
+    Reads the source of `hook` and of the methods of `module`'s class (below `stop_at`) that
+    it calls, directly or through each other, and `construct`. A log call, or a call of a
+    method that logs, under an `if`, a loop, a `with`, a `try`, a conditional expression or
+    a nested function, or after a return under a condition, counts as conditional; so does
+    a condition on a Python value, which the graph compiler would fold. False when unsure:
+    a method without readable source, one set on the instance, `self.log` used other than
+    called.
+    """
+    skipped = set(stop_at.__mro__)
+    methods: Dict[str, object] = {}
+    for klass in type(module).__mro__:
+        if klass in skipped:
+            continue
+        for name, value in vars(klass).items():
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            if name not in methods and inspect.isfunction(value):
+                methods[name] = inspect.unwrap(value)
+    if hook not in methods:
+        return False
+    parsed: Dict[str, _SelfUses] = {}
+    pending = [hook] + (["construct"] if "construct" in methods else [])
+    while pending:
+        name = pending.pop()
+        if name in parsed:
+            continue
+        own = module.__dict__.get(name)
+        if own is not None and getattr(own, "__wrapped_method__", None) is None:
+            return False  # a function set on the instance
+        uses = _self_uses(methods[name])
+        if uses is None or uses.loose_log:
+            return False
+        parsed[name] = uses
+        pending += [called for called, _ in uses.calls if called in methods and called not in parsed]
+    logging = set(_LOG_METHODS)
+    grown = True
+    while grown:  # methods that log, directly or through methods they call
+        before = len(logging)
+        logging.update(name for name, uses in parsed.items() if any(called in logging for called, _ in uses.calls))
+        grown = len(logging) != before
+    for uses in parsed.values():
+        logs_here = [conditional for called, conditional in uses.calls if called in logging]
+        if any(logs_here) or (logs_here and uses.early_return):
+            return False
+    return True

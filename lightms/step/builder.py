@@ -4,7 +4,9 @@ import warnings
 from typing import Optional, Tuple
 
 from lightms._mindspore import mindspore as ms
+from lightms.module.cell import LightningCell
 from lightms.module.logging import DeviceLogBuffers, HostLogs, is_metric
+from lightms.step.binding import logs_unconditionally
 from lightms.step.dry_run import check_training_output, dry_run
 from lightms.step.eval_step import EvalStep
 from lightms.step.graph import batch_passing
@@ -40,7 +42,8 @@ def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Opt
     options = list(recorder.options.values())
     if logs is None or logs.options != options:
         logs = DeviceLogBuffers(options)
-    logs.logged_once = recorder.logged_once
+    # Each name once per step: the dry run saw each once, and no self.log sits under a condition.
+    logs.logged_once = recorder.logged_once and logs_unconditionally(module, LightningCell)
     step = TrainStep(module, optimizer, logs, counters, accumulate, transforms, compile, loss_scaler,
                      sink_length if sink_length > 1 else 0, autocast, step_history,
                      passing=batch_passing(batch.data, compile))

@@ -240,8 +240,9 @@ class TrainStep:
 
         # Each kernel in the loop body costs every iteration (10-20 us each on the CPU backend). So with one
         # micro-batch per step and no skipped steps, a closed log window goes straight to history row i, the
-        # chunk's last one becoming the step value after the loop (the MLP loop body went from 102 to 100
-        # kernels, counted in MindSpore's graph_build IR).
+        # chunk's last one becoming the step value after the loop, unless the window already holds it
+        # (`window_is_step`; the MLP loop body went from 102 to 100 kernels, counted in MindSpore's
+        # graph_build IR).
         every_iteration_steps = accumulate == 1 and loss_scaler is None
         direct_history = every_iteration_steps and step_history
 
