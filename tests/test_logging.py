@@ -5,7 +5,7 @@ import pytest
 
 from lightms.callbacks import Callback
 from lightms.module.logging import DeviceLogBuffers, LogOptions
-from conftest import TinyRegressor, batches_of, fresh_model, make_data, quiet_trainer
+from conftest import RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, quiet_trainer
 
 
 def _fit_with(step, compile=True):
@@ -92,8 +92,6 @@ class BatchStatistics(TinyRegressor):
 
 @pytest.mark.parametrize("sink_size,accumulate", [(1, 1), (1, 2), (2, 1), (2, 2)])
 def test_logged_step_and_epoch_values_equal_numpy(sink_size, accumulate):
-    from conftest import RecordingLogger
-
     x, y = make_data(44)
     batches = batches_of(x, y, 8)  # 5 of 8 samples and one of 4
     logger = RecordingLogger()
@@ -134,6 +132,14 @@ class LoggedTwice(TinyRegressor):
         return ((self(x) - y) ** 2).mean()
 
 
+def fit_with_step_logger(cls, batches, **kwargs):
+    """Fits a fresh `cls` on `batches`, logging every optimizer step to a RecordingLogger; returns both."""
+    logger = RecordingLogger()
+    trainer = quiet_trainer(logger=logger, log_every_n_steps=1, **kwargs)
+    trainer.fit(fresh_model(cls=cls), batches)
+    return trainer, logger
+
+
 class SeenAtEpochStart(Callback):
     def __init__(self):
         self.metrics = []
@@ -144,8 +150,6 @@ class SeenAtEpochStart(Callback):
 
 @pytest.mark.parametrize("sink_size", [1, 3])
 def test_step_values_of_names_logged_once_equal_numpy_at_every_step(sink_size):
-    from conftest import RecordingLogger
-
     x, y = make_data(44)
     batches = batches_of(x, y, 8)  # chunks of 3 and 3 (padded from 2 batches: 8 8 and 4 samples)
     logger, seen = RecordingLogger(), SeenAtEpochStart()
@@ -167,13 +171,8 @@ def test_step_values_of_names_logged_once_equal_numpy_at_every_step(sink_size):
 
 @pytest.mark.parametrize("sink_size", [1, 2])
 def test_a_name_logged_twice_a_step_reports_the_mean_of_its_records(sink_size):
-    from conftest import RecordingLogger
-
-    x, y = make_data(40)
-    batches = batches_of(x, y, 8)
-    logger = RecordingLogger()
-    trainer = quiet_trainer(max_epochs=1, sink_size=sink_size, logger=logger, log_every_n_steps=1)
-    trainer.fit(fresh_model(cls=LoggedTwice), batches)
+    batches = batches_of(*make_data(40), 8)
+    trainer, logger = fit_with_step_logger(LoggedTwice, batches, max_epochs=1, sink_size=sink_size)
     assert not trainer._metrics.device["train"].overwrites
     np.testing.assert_allclose([value for _, value in logger.values("x")],
                                [(bx.sum() + bx.max()) / 2 for bx, _ in batches], rtol=1e-5)
@@ -192,13 +191,8 @@ class LogsEvenBatches(TinyRegressor):
 
 @pytest.mark.parametrize("sink_size", [1, 2])
 def test_a_name_logged_under_a_condition_is_reported_only_at_the_steps_that_log_it(sink_size):
-    from conftest import RecordingLogger
-
-    x, y = make_data(48)
-    batches = batches_of(x, y, 8)
-    logger = RecordingLogger()
-    trainer = quiet_trainer(max_epochs=1, sink_size=sink_size, logger=logger, log_every_n_steps=1)
-    trainer.fit(fresh_model(cls=LogsEvenBatches), batches)
+    batches = batches_of(*make_data(48), 8)
+    trainer, logger = fit_with_step_logger(LogsEvenBatches, batches, max_epochs=1, sink_size=sink_size)
     assert not trainer._metrics.device["train"].overwrites  # the values are not overwritten: the window is emptied
     assert logger.values("even") == [(step, pytest.approx(float(batches[step - 1][0].sum()), rel=1e-5))
                                       for step in (1, 3, 5)]
@@ -214,18 +208,14 @@ class StepsAfterBatches(Callback):
 
 
 def test_overwritten_step_values_under_loss_scaling_come_from_the_micro_batch_that_stepped():
-    from conftest import RecordingLogger
-
     x, y = make_data(48)
     batches = batches_of(x, y, 8)
     batches[2] = (batches[2][0].copy(), batches[2][1])
     batches[2][0][3, 1] = np.inf  # its gradients overflow: the step is skipped, the scale drops
 
     def fit(sink_size, *callbacks):
-        logger = RecordingLogger()
-        trainer = quiet_trainer(max_epochs=1, sink_size=sink_size, precision="16-mixed", logger=logger,
-                                log_every_n_steps=1, callbacks=list(callbacks))
-        trainer.fit(fresh_model(cls=StepStatistics), batches)
+        trainer, logger = fit_with_step_logger(StepStatistics, batches, max_epochs=1, sink_size=sink_size,
+                                               precision="16-mixed", callbacks=list(callbacks))
         assert trainer._metrics.device["train"].overwrites
         return trainer, logger
 
