@@ -245,9 +245,26 @@ class _FromAMixin(_MixinLogsUnderIf, LightningCell):
         return batch
 
 
+class _CallsSuper(_LogsUnderIf):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx)
+
+
+def _log_for(module, value):
+    if value is not None:
+        module.log("x", value)
+
+
+class _PassesItself(LightningCell):
+    def training_step(self, batch, batch_idx):
+        _log_for(self, batch)
+        return self(batch)
+
+
 @pytest.mark.parametrize("cls, expected", [
     (_LogsEveryStep, True), (_LogsUnderIf, False), (_CallsALoggerUnderIf, False), (_LogsInALoop, False),
-    (_ReturnsEarly, False), (_LogsInAnExpression, False), (_PassesLogAround, False), (_FromAMixin, False)])
+    (_ReturnsEarly, False), (_LogsInAnExpression, False), (_PassesLogAround, False), (_FromAMixin, False),
+    (_CallsSuper, False), (_PassesItself, False)])
 def test_logs_unconditionally_reads_the_methods_training_step_reaches(cls, expected):
     from lightms.step.binding import logs_unconditionally
 

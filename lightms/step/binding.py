@@ -144,6 +144,7 @@ def reads_attribute(cls, stop_at, attribute: str) -> bool:
                         return True
     return False
 
+
 # Statements and expressions under which a call may not run every time the method runs.
 _CONDITIONAL = tuple(getattr(ast, name) for name in (
     "If", "For", "AsyncFor", "While", "With", "AsyncWith", "Try", "TryStar", "Match", "IfExp", "BoolOp",
@@ -152,12 +153,19 @@ _LOG_METHODS = ("log", "log_dict")
 
 
 class _SelfUses:
-    """What one method does with `self`: the `self.<name>(...)` calls, each with whether it sits
-    under a condition or loop; a `self.log`/`self.log_dict` not called on the spot; a return under
-    a condition (what follows it may not run)."""
+    """What one method does with `self`.
 
-    def __init__(self, calls: List[Tuple[str, bool]], loose_log: bool, early_return: bool):
-        self.calls, self.loose_log, self.early_return = calls, loose_log, early_return
+    Attributes:
+        calls: The `self.<name>(...)` calls, each with whether it sits under a condition or loop.
+        hidden: Whether code elsewhere may log for it, out of sight: `self.log` not called on the
+            spot, `self` handed to a function, or `super()`.
+        early_return: A return under a condition (what follows it may not run).
+    """
+
+    def __init__(self):
+        self.calls: List[Tuple[str, bool]] = []
+        self.hidden = False
+        self.early_return = False
 
 
 def _self_uses(function) -> Optional[_SelfUses]:
@@ -170,8 +178,10 @@ def _self_uses(function) -> Optional[_SelfUses]:
     if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)) or not definition.args.args:
         return None
     me = definition.args.args[0].arg
-    call_targets = {id(node.func) for node in ast.walk(definition) if isinstance(node, ast.Call)}
-    uses = _SelfUses([], False, False)
+    nodes = list(ast.walk(definition))
+    call_targets = {id(node.func) for node in nodes if isinstance(node, ast.Call)}
+    attribute_bases = {id(node.value) for node in nodes if isinstance(node, ast.Attribute)}
+    uses = _SelfUses()
 
     def walk(node, conditional: bool) -> None:
         for child in ast.iter_child_nodes(node):
@@ -181,7 +191,11 @@ def _self_uses(function) -> Optional[_SelfUses]:
                 if id(child) in call_targets:
                     uses.calls.append((child.attr, conditional))
                 elif child.attr in _LOG_METHODS:
-                    uses.loose_log = True
+                    uses.hidden = True
+            elif isinstance(child, ast.Name) and child.id == me and id(child) not in attribute_bases | call_targets:
+                uses.hidden = True  # `self` passed on: `self(x)` and `self.attr` stay in sight
+            elif isinstance(child, ast.Name) and child.id == "super" and id(child) in call_targets:
+                uses.hidden = True
             walk(child, conditional or isinstance(child, _CONDITIONAL))
 
     walk(definition, False)
@@ -195,9 +209,16 @@ def logs_unconditionally(module, stop_at, hook: str = "training_step") -> bool:
     it calls, directly or through each other, and `construct`. A log call, or a call of a
     method that logs, under an `if`, a loop, a `with`, a `try`, a conditional expression or
     a nested function, or after a return under a condition, counts as conditional; so does
-    a condition on a Python value, which the graph compiler would fold. False when unsure:
-    a method without readable source, one set on the instance, `self.log` used other than
-    called.
+    a condition on a Python value, which the graph compiler would fold.
+
+    Args:
+        module: The LightningCell instance.
+        stop_at: LightningCell: its own methods (`log` itself) are not read.
+        hook: The step hook to start from.
+
+    Returns:
+        True only when sure. False also for a method without readable source, one set on the
+        instance, `self.log` used other than called, `self` handed to a function, `super()`.
     """
     skipped = set(stop_at.__mro__)
     methods: Dict[str, object] = {}
@@ -221,7 +242,7 @@ def logs_unconditionally(module, stop_at, hook: str = "training_step") -> bool:
         if own is not None and getattr(own, "__wrapped_method__", None) is None:
             return False  # a function set on the instance
         uses = _self_uses(methods[name])
-        if uses is None or uses.loose_log:
+        if uses is None or uses.hidden:
             return False
         parsed[name] = uses
         pending += [called for called, _ in uses.calls if called in methods and called not in parsed]
