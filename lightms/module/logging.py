@@ -177,7 +177,7 @@ class DeviceLogBuffers(nn.Cell):
     `on_epoch` skips the multiply; without any `on_epoch` name, the epoch level is
     not updated; and when the step graph runs one window per call, the window itself
     is the step level, emptied as the next step starts (one copy instead of two).
-    When, further, no name has `on_epoch` and each is logged once per step
+    When, further, no name has `on_epoch` and each is logged exactly once per step
     (`overwrites`), a record just overwrites its value in the window, which is never
     emptied and holds the step value (also under sinking): the default
     `self.log("loss", loss)` at `accumulate=1` costs one kernel a step (two when sunk
@@ -227,9 +227,8 @@ class DeviceLogBuffers(nn.Cell):
         # self.log call sits under a condition (`binding.logs_unconditionally`; set by the step builder).
         self.logged_once = True
         # Set by the train step when windows are one micro-batch, no name has on_epoch and each is
-        # logged once: a record overwrites its value cell (one kernel) and weights are not kept, so
-        # the host reports every name once a step has run (`written`). lightms asks for every name
-        # on every batch; a name a graph branch skips keeps its last value.
+        # logged exactly once per step (`logged_once`): a record overwrites its value cell (one kernel)
+        # and weights are not kept, so the host reports every name once a step has run (`written`).
         self.overwrites = False
         self.written = False  # whether a step wrote the window since the run started (set by the trainer)
         self.history = None  # step values of the optimizer steps of one sunk chunk (see keep_step_history)
