@@ -1,7 +1,10 @@
 """The compiled train step: exact accumulation, partial windows, clipping, compiled == eager; reading user code."""
 
+import functools
+
 import numpy as np
 import pytest
+from mindspore import nn
 
 from lightms import LightningCell
 from conftest import (TinyRegressor, batches_of, fresh_model, make_data, parameters_of, quiet_trainer,
@@ -261,10 +264,87 @@ class _PassesItself(LightningCell):
         return self(batch)
 
 
+class _LogsADictFilledUnderIf(LightningCell):
+    def training_step(self, batch, batch_idx):
+        metrics = {"loss": batch}
+        if batch_idx % 3 == 0:
+            metrics["acc"] = batch
+        self.log_dict(metrics)
+        self.log_dict({"fixed": batch})  # a literal: the same names every time
+        return batch
+
+
+class _LogsInAComprehension(LightningCell):
+    def training_step(self, batch, batch_idx):
+        _ = [self.log(name, batch) for name in ("a", "b") if batch_idx]
+        return batch
+
+
+def _log_extra_every(n):
+    def decorate(step):
+        @functools.wraps(step)
+        def wrapper(self, batch, batch_idx):
+            if batch_idx % n == 0:
+                self.log("extra", batch)
+            return step(self, batch, batch_idx)
+        return wrapper
+    return decorate
+
+
+class _Decorated(LightningCell):
+    @_log_extra_every(10)
+    def training_step(self, batch, batch_idx):
+        self.log("loss", batch)
+        return batch
+
+
+class _LogsThroughAPartial(LightningCell):
+    def __init__(self):
+        super().__init__()
+        self._emit = functools.partial(self.log, prog_bar=True)
+
+    def training_step(self, batch, batch_idx):
+        self._emit("loss", batch)
+        return batch
+
+
+class _Tracker:
+    def __init__(self, module):
+        self.module = module
+
+    def emit(self, value, batch_idx):
+        if batch_idx % 2:
+            self.module.log("x", value)
+
+
+class _LogsThroughAHelperObject(LightningCell):
+    def __init__(self):
+        super().__init__()
+        self.tracker = _Tracker(self)
+
+    def training_step(self, batch, batch_idx):
+        self.tracker.emit(batch, batch_idx)
+        return batch
+
+
+class _UsesSubCells(LightningCell):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Dense(2, 1)
+        self.loss_fn = nn.MSELoss()
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss_fn(self.dense(batch), batch.sum(axis=1, keepdims=True))
+        self.log_dict({"loss": loss, "scale": self.dense.weight.sum()})
+        return loss
+
+
 @pytest.mark.parametrize("cls, expected", [
-    (_LogsEveryStep, True), (_LogsUnderIf, False), (_CallsALoggerUnderIf, False), (_LogsInALoop, False),
-    (_ReturnsEarly, False), (_LogsInAnExpression, False), (_PassesLogAround, False), (_FromAMixin, False),
-    (_CallsSuper, False), (_PassesItself, False)])
+    (_LogsEveryStep, True), (_UsesSubCells, True), (_LogsUnderIf, False), (_CallsALoggerUnderIf, False),
+    (_LogsInALoop, False), (_ReturnsEarly, False), (_LogsInAnExpression, False), (_PassesLogAround, False),
+    (_FromAMixin, False), (_CallsSuper, False), (_PassesItself, False), (_LogsADictFilledUnderIf, False),
+    (_LogsInAComprehension, False), (_Decorated, False), (_LogsThroughAPartial, False),
+    (_LogsThroughAHelperObject, False)])
 def test_logs_unconditionally_reads_the_methods_training_step_reaches(cls, expected):
     from lightms.step.binding import logs_unconditionally
 

@@ -20,6 +20,10 @@ import textwrap
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from lightms._mindspore import mindspore  # noqa: F401  (quiets MindSpore's logs before it loads)
+from mindspore import Tensor, nn
+from mindspore.ops import Primitive
+
 
 def _user_method_names(cls, stop_at) -> List[str]:
     """Names of the plain methods defined on `cls` and its bases down to `stop_at` (included)."""
@@ -148,15 +152,23 @@ def reads_attribute(cls, stop_at, attribute: str) -> bool:
 # Statements and expressions under which a call may not run every time the method runs.
 _CONDITIONAL = tuple(getattr(ast, name) for name in (
     "If", "For", "AsyncFor", "While", "With", "AsyncWith", "Try", "TryStar", "Match", "IfExp", "BoolOp",
-    "comprehension", "Lambda", "FunctionDef", "AsyncFunctionDef", "ClassDef") if hasattr(ast, name))
+    "ListComp", "SetComp", "DictComp", "GeneratorExp", "Assert", "Lambda", "FunctionDef",
+    "AsyncFunctionDef", "ClassDef") if hasattr(ast, name))
 _LOG_METHODS = ("log", "log_dict")
+
+
+def _fixed_dict(call: ast.Call) -> bool:
+    """Whether a `log_dict` call logs a dict literal without `**` (the same names every time)."""
+    return len(call.args) >= 1 and isinstance(call.args[0], ast.Dict) and None not in call.args[0].keys
 
 
 class _SelfUses:
     """What one method does with `self`.
 
     Attributes:
-        calls: The `self.<name>(...)` calls, each with whether it sits under a condition or loop.
+        calls: The `self.<name>(...)` calls, each with whether it sits under a condition or loop
+            (a `log_dict` of anything but a dict literal counts as conditional: its names may vary).
+        call_roots: Names `<name>` of calls `self.<name>.<...>(...)` (a sub-cell's, say).
         hidden: Whether code elsewhere may log for it, out of sight: `self.log` not called on the
             spot, `self` handed to a function, or `super()`.
         early_return: A return under a condition (what follows it may not run).
@@ -164,6 +176,7 @@ class _SelfUses:
 
     def __init__(self):
         self.calls: List[Tuple[str, bool]] = []
+        self.call_roots: List[str] = []
         self.hidden = False
         self.early_return = False
 
@@ -179,9 +192,17 @@ def _self_uses(function) -> Optional[_SelfUses]:
         return None
     me = definition.args.args[0].arg
     nodes = list(ast.walk(definition))
-    call_targets = {id(node.func) for node in nodes if isinstance(node, ast.Call)}
+    calls = {id(node.func): node for node in nodes if isinstance(node, ast.Call)}
+    call_targets = set(calls)
     attribute_bases = {id(node.value) for node in nodes if isinstance(node, ast.Attribute)}
     uses = _SelfUses()
+    for node in nodes:  # self.<name>.<...>(...): the root <name>
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            root = node.func.value
+            while isinstance(root, ast.Attribute) and not (isinstance(root.value, ast.Name) and root.value.id == me):
+                root = root.value
+            if isinstance(root, ast.Attribute):
+                uses.call_roots.append(root.attr)
 
     def walk(node, conditional: bool) -> None:
         for child in ast.iter_child_nodes(node):
@@ -189,14 +210,16 @@ def _self_uses(function) -> Optional[_SelfUses]:
                 uses.early_return = True
             if isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name) and child.value.id == me:
                 if id(child) in call_targets:
-                    uses.calls.append((child.attr, conditional))
+                    varies = child.attr == "log_dict" and not _fixed_dict(calls[id(child)])
+                    uses.calls.append((child.attr, conditional or varies))
                 elif child.attr in _LOG_METHODS:
                     uses.hidden = True
             elif isinstance(child, ast.Name) and child.id == me and id(child) not in attribute_bases | call_targets:
                 uses.hidden = True  # `self` passed on: `self(x)` and `self.attr` stay in sight
             elif isinstance(child, ast.Name) and child.id == "super" and id(child) in call_targets:
                 uses.hidden = True
-            walk(child, conditional or isinstance(child, _CONDITIONAL))
+            chained = isinstance(child, ast.Compare) and len(child.ops) > 1  # `a < b < c` may stop early
+            walk(child, conditional or chained or isinstance(child, _CONDITIONAL))
 
     walk(definition, False)
     return uses
@@ -217,8 +240,10 @@ def logs_unconditionally(module, stop_at, hook: str = "training_step") -> bool:
         hook: The step hook to start from.
 
     Returns:
-        True only when sure. False also for a method without readable source, one set on the
-        instance, `self.log` used other than called, `self` handed to a function, `super()`.
+        True only when sure. False also for a method without readable source, a decorated one,
+        one set on the instance, `self.log` used other than called, `self` handed to a function,
+        `super()`, a call of anything on `self` but its methods, sub-cells, Parameters and
+        primitives (a `functools.partial`, a helper object holding the module, ...).
     """
     skipped = set(stop_at.__mro__)
     methods: Dict[str, object] = {}
@@ -228,9 +253,9 @@ def logs_unconditionally(module, stop_at, hook: str = "training_step") -> bool:
         for name, value in vars(klass).items():
             if isinstance(value, (staticmethod, classmethod)):
                 value = value.__func__
-            if name not in methods and inspect.isfunction(value):
-                methods[name] = inspect.unwrap(value)
-    if hook not in methods:
+            if name not in methods:
+                methods[name] = value
+    if not inspect.isfunction(methods.get(hook)):
         return False
     parsed: Dict[str, _SelfUses] = {}
     pending = [hook] + (["construct"] if "construct" in methods else [])
@@ -238,14 +263,20 @@ def logs_unconditionally(module, stop_at, hook: str = "training_step") -> bool:
         name = pending.pop()
         if name in parsed:
             continue
-        own = module.__dict__.get(name)
-        if own is not None and getattr(own, "__wrapped_method__", None) is None:
-            return False  # a function set on the instance
-        uses = _self_uses(methods[name])
+        function = methods[name]
+        if _set_on_instance(module, name) or not inspect.isfunction(function) or hasattr(function, "__wrapped__"):
+            return False  # no source of its own to read: set on the instance, decorated, a callable object, ...
+        uses = _self_uses(function)
         if uses is None or uses.hidden:
             return False
+        if not all(_cannot_log(module, stop_at, root) for root in uses.call_roots):
+            return False
+        for called, _ in uses.calls:
+            if called in methods:
+                pending.append(called)
+            elif called not in _LOG_METHODS and not _cannot_log(module, stop_at, called):
+                return False
         parsed[name] = uses
-        pending += [called for called, _ in uses.calls if called in methods and called not in parsed]
     logging = set(_LOG_METHODS)
     grown = True
     while grown:  # methods that log, directly or through methods they call
@@ -257,3 +288,27 @@ def logs_unconditionally(module, stop_at, hook: str = "training_step") -> bool:
         if any(logs_here) or (logs_here and uses.early_return):
             return False
     return True
+
+
+def _cannot_log(module, stop_at, name: str) -> bool:
+    """Whether calling `self.<name>` (or something under it) runs no code that could log for the module.
+
+    True for sub-cells, Parameters and MindSpore primitives held by the module, and for
+    methods of `stop_at` (LightningCell) itself; False for anything else (a function or
+    `functools.partial` set in `__init__`, a helper object that may hold the module).
+    """
+    if name in getattr(module, "_cells", {}) or name in getattr(module, "_params", {}):
+        return True
+    try:
+        value = inspect.getattr_static(module, name)
+    except AttributeError:
+        return False
+    if isinstance(value, (nn.Cell, Tensor, Primitive)):
+        return True
+    return not _set_on_instance(module, name) and any(name in vars(klass) for klass in stop_at.__mro__)
+
+
+def _set_on_instance(module, name: str) -> bool:
+    """Whether the user set `name` on the instance (lightms's own shadows while a run is on do not count)."""
+    own = module.__dict__.get(name)
+    return own is not None and getattr(own, "__wrapped_method__", None) is None
