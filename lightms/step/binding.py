@@ -264,7 +264,7 @@ def logs_unconditionally(module, stop_at, hook: str = "training_step") -> bool:
         if name in parsed:
             continue
         function = methods[name]
-        if _set_on_instance(module, name) or not inspect.isfunction(function) or hasattr(function, "__wrapped__"):
+        if set_on_instance(module, name) or not inspect.isfunction(function) or hasattr(function, "__wrapped__"):
             return False  # no source of its own to read: set on the instance, decorated, a callable object, ...
         uses = _self_uses(function)
         if uses is None or uses.hidden:
@@ -305,10 +305,10 @@ def _cannot_log(module, stop_at, name: str) -> bool:
         return False
     if isinstance(value, (nn.Cell, Tensor, Primitive)):
         return True
-    return not _set_on_instance(module, name) and any(name in vars(klass) for klass in stop_at.__mro__)
+    return not set_on_instance(module, name) and any(name in vars(klass) for klass in stop_at.__mro__)
 
 
-def _set_on_instance(module, name: str) -> bool:
-    """Whether the user set `name` on the instance (lightms's own shadows while a run is on do not count)."""
+def set_on_instance(module, name: str) -> bool:
+    """Whether the user set a function for `name` on the module instance (not lightms's run-time shadow)."""
     own = module.__dict__.get(name)
     return own is not None and getattr(own, "__wrapped_method__", None) is None

@@ -10,6 +10,7 @@ from typing import Any, List, Tuple
 
 from lightms.callbacks.callback import Callback
 from lightms.module.cell import LightningCell
+from lightms.step.binding import set_on_instance
 from lightms.trainer.metrics import stage_of_hook
 
 
@@ -33,12 +34,6 @@ class HookReceivers:
 def overrides(callback: Callback, hook: str) -> bool:
     """Whether `callback` does something in `hook` (a subclass method or a function set on the instance)."""
     return getattr(getattr(callback, hook), "__func__", None) is not getattr(Callback, hook)
-
-
-def set_on_instance(model: LightningCell, hook: str) -> bool:
-    """Whether the user set a function for `hook` on the module instance (not lightms's run-time shadow)."""
-    own = model.__dict__.get(hook)
-    return own is not None and getattr(own, "__wrapped_method__", None) is None
 
 
 def receivers_of(callbacks: List[Callback], model: LightningCell, hook: str) -> HookReceivers:
