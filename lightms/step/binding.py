@@ -118,6 +118,20 @@ def reads_argument(function: Callable, position: int) -> bool:
                for instruction in dis.get_instructions(code))
 
 
+def _class_attributes(cls, stop_at) -> Iterator[Tuple[str, object]]:
+    """(name, value) of what the classes in `cls`'s MRO other than `stop_at` and its bases define.
+
+    Subclasses of `stop_at` and mixins alike, most derived first; static and class methods
+    as their functions.
+    """
+    skipped = set(stop_at.__mro__)
+    for klass in cls.__mro__:
+        if klass in skipped:
+            continue
+        for name, value in vars(klass).items():
+            yield name, value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+
+
 def reads_attribute(cls, stop_at, attribute: str) -> bool:
     """Whether code defined on `cls` or its bases mentions `attribute` (e.g. `self.global_step`).
 
@@ -127,25 +141,17 @@ def reads_attribute(cls, stop_at, attribute: str) -> bool:
     that is callable but has no code to read (a callable object, a C function) counts as a
     mention: the answer is True when it cannot tell.
     """
-    skipped = set(stop_at.__mro__)
-    for klass in cls.__mro__:
-        if klass in skipped:
-            continue
-        for value in vars(klass).values():
-            if isinstance(value, (staticmethod, classmethod)):
-                value = value.__func__
-            functions = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [value]
-            for function in functions:
-                if function is None or isinstance(function, type):
-                    continue
-                if not callable(function):
-                    continue
-                unwrapped = inspect.unwrap(function)
-                for candidate in (function,) if unwrapped is function else (function, unwrapped):
-                    code = getattr(candidate, "__code__", None)
-                    if code is None or any(attribute in c.co_names or attribute in c.co_varnames
-                                           for c in _code_objects(code)):
-                        return True
+    for _, value in _class_attributes(cls, stop_at):
+        functions = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [value]
+        for function in functions:
+            if function is None or isinstance(function, type) or not callable(function):
+                continue
+            unwrapped = inspect.unwrap(function)
+            for candidate in (function,) if unwrapped is function else (function, unwrapped):
+                code = getattr(candidate, "__code__", None)
+                if code is None or any(attribute in c.co_names or attribute in c.co_varnames
+                                       for c in _code_objects(code)):
+                    return True
     return False
 
 
@@ -192,9 +198,8 @@ def _self_uses(function) -> Optional[_SelfUses]:
         return None
     me = definition.args.args[0].arg
     nodes = list(ast.walk(definition))
-    calls = {id(node.func): node for node in nodes if isinstance(node, ast.Call)}
-    call_targets = set(calls)
-    attribute_bases = {id(node.value) for node in nodes if isinstance(node, ast.Attribute)}
+    calls = {id(node.func): node for node in nodes if isinstance(node, ast.Call)}  # by the id of what is called
+    in_sight = set(calls) | {id(node.value) for node in nodes if isinstance(node, ast.Attribute)}
     uses = _SelfUses()
     for node in nodes:  # self.<name>.<...>(...): the root <name>
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
@@ -209,14 +214,14 @@ def _self_uses(function) -> Optional[_SelfUses]:
             if isinstance(child, ast.Return) and conditional:
                 uses.early_return = True
             if isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name) and child.value.id == me:
-                if id(child) in call_targets:
+                if id(child) in calls:
                     varies = child.attr == "log_dict" and not _fixed_dict(calls[id(child)])
                     uses.calls.append((child.attr, conditional or varies))
                 elif child.attr in _LOG_METHODS:
                     uses.hidden = True
-            elif isinstance(child, ast.Name) and child.id == me and id(child) not in attribute_bases | call_targets:
+            elif isinstance(child, ast.Name) and child.id == me and id(child) not in in_sight:
                 uses.hidden = True  # `self` passed on: `self(x)` and `self.attr` stay in sight
-            elif isinstance(child, ast.Name) and child.id == "super" and id(child) in call_targets:
+            elif isinstance(child, ast.Name) and child.id == "super" and id(child) in calls:
                 uses.hidden = True
             chained = isinstance(child, ast.Compare) and len(child.ops) > 1  # `a < b < c` may stop early
             walk(child, conditional or chained or isinstance(child, _CONDITIONAL))
@@ -245,16 +250,9 @@ def logs_unconditionally(module, stop_at, hook: str = "training_step") -> bool:
         `super()`, a call of anything on `self` but its methods, sub-cells, Parameters and
         primitives (a `functools.partial`, a helper object holding the module, ...).
     """
-    skipped = set(stop_at.__mro__)
     methods: Dict[str, object] = {}
-    for klass in type(module).__mro__:
-        if klass in skipped:
-            continue
-        for name, value in vars(klass).items():
-            if isinstance(value, (staticmethod, classmethod)):
-                value = value.__func__
-            if name not in methods:
-                methods[name] = value
+    for name, value in _class_attributes(type(module), stop_at):
+        methods.setdefault(name, value)  # the most derived definition
     if not inspect.isfunction(methods.get(hook)):
         return False
     parsed: Dict[str, _SelfUses] = {}

@@ -282,9 +282,10 @@ class TrainingLoop:
             self.sink_batches = range(first.index, first.index + 1)
         if self._train_step is None:
             self._train_step = self._build_train_step(first)
-        metrics.device["train"].set_batch_size(first.size)
+        logs = metrics.device["train"]
+        logs.set_batch_size(first.size)
         self._counters.expect(first.index)
-        with inside_step(model, "training_step", metrics.device["train"]):
+        with inside_step(model, "training_step", logs):
             if sinking:
                 loss = self._train_step.sink_step(*chunk.device_inputs(self._stacked_length(chunk), self._sink_plans))
             elif chunk.sizes[0]:
@@ -292,7 +293,6 @@ class TrainingLoop:
             else:
                 loss = self._train_step.window_step(first.data)
         self._counters.advanced(len(chunk.batches))
-        logs = metrics.device["train"]
         if not logs.written:
             logs.written = True  # the step values exist from now on
         state.batches_done = last.index + 1
