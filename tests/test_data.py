@@ -212,3 +212,23 @@ def test_every_form_of_a_later_batch_converts_to_its_values():
     batches[-1][0][0, 0] = 123.0  # a C-contiguous batch is shared, not copied
     assert got[-1].data[0].asnumpy()[0, 0] == 123.0
     assert [b.is_last for b in got] == [False] * 4 + [True]
+
+
+def test_a_fast_path_batch_makes_its_tensors_once_when_read_and_keeps_its_structure():
+    # The usual (x, y) batch's Tensors are made on first read (a sunk chunk never reads them),
+    # share the arrays' memory, and rebuild the batch's container around other leaves.
+    x, y = make_data(24)
+    for container in (tuple, list):
+        batches = [container((x[i:i + 8], y[i:i + 8])) for i in (0, 8, 16)]
+        later = list(DataSource(batches, "train_dataloaders").batches())[1]
+        assert later.structured(["a", "b"]) == container(["a", "b"])
+        data = later.data
+        assert type(data) is container and later.data is data
+        batches[1][0][0, 0] = -7.0  # shared, not copied
+        assert data[0].asnumpy()[0, 0] == -7.0
+        np.testing.assert_array_equal(data[1].asnumpy(), y[8:16])
+    as_dicts = [{"x": x[i:i + 8], "y": y[i:i + 8]} for i in (0, 8)]
+    later = list(DataSource(as_dicts, "train_dataloaders").batches())[1]
+    assert later.structured([1, 2]) == {"x": 1, "y": 2}
+    single = list(DataSource([x[:8], x[8:16]], "train_dataloaders").batches())[1]
+    assert single.structured(["only"]) == "only"

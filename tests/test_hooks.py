@@ -38,3 +38,48 @@ def test_hooks_added_during_a_run_are_called_from_then_on():
     x, y = make_data(32)
     quiet_trainer(max_epochs=2, callbacks=[Adder()]).fit(fresh_model(), batches_of(x, y, 16))
     assert calls == ["late", "module instance"] * 2  # order 0 runs before the module
+
+
+def test_the_training_batch_hooks_build_no_batch_when_no_receiver_reads_it(monkeypatch):
+    # A sunk chunk's list of batches costs host time per chunk; it is built only when some
+    # receiver's code reads `batch`, and then every receiver gets it.
+    from lightms.callbacks import TQDMProgressBar
+    from lightms.trainer.hooks import receivers_of
+    from lightms.trainer.sinking import Chunk
+
+    class Reads(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append(len(batch))
+
+    class IgnoresIt(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(batch_idx)
+
+    class ForwardsAll(Callback):
+        def on_train_batch_end(self, *args):
+            pass
+
+    model = fresh_model()
+    start, end = "on_train_batch_start", "on_train_batch_end"
+    assert not receivers_of([IgnoresIt(), TQDMProgressBar()], model, start).reads_batch
+    assert not receivers_of([IgnoresIt(), TQDMProgressBar()], model, end).reads_batch
+    assert receivers_of([Reads()], model, end).reads_batch
+    assert receivers_of([ForwardsAll()], model, end).reads_batch  # cannot tell: counts as a read
+    function_set = Callback()
+    function_set.on_train_batch_end = lambda trainer, module, outputs, batch, batch_idx: batch
+    assert receivers_of([function_set], model, end).reads_batch
+    function_set.on_train_batch_end = lambda trainer, module, outputs, batch, batch_idx: batch_idx
+    assert not receivers_of([function_set], model, end).reads_batch
+    model.on_train_batch_start = lambda batch, batch_idx: batch  # on the module instance
+    assert receivers_of([], model, start).reads_batch
+    assert receivers_of([], model, "on_train_epoch_end").reads_batch  # other hooks: always
+
+    built, seen = [], []
+    make = Chunk.hook_batches
+    monkeypatch.setattr(Chunk, "hook_batches", lambda self: built.append(1) or make(self))
+    x, y = make_data(48)
+    quiet_trainer(max_epochs=1, sink_size=4, callbacks=[IgnoresIt()]).fit(fresh_model(), batches_of(x, y, 8))
+    assert built == [] and seen == [0, 4]
+    quiet_trainer(max_epochs=1, sink_size=4, callbacks=[IgnoresIt(), Reads()]).fit(fresh_model(),
+                                                                                  batches_of(x, y, 8))
+    assert len(built) == 2 and seen == [0, 4, 0, 4, 4, 2]  # chunks of 4 and 2 batches

@@ -8,7 +8,7 @@ dtypes and per-sample shapes; only the leading (batch) dimension may differ.
 """
 
 import warnings
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
@@ -17,12 +17,11 @@ from mindspore import Tensor
 from mindspore import dataset as msds
 
 
-class Batch(NamedTuple):
+class Batch:
     """One batch ready for a step.
 
     Attributes:
         index: Position in the epoch (0-based).
-        data: The batch with every leaf a Tensor.
         shapes: Its leaves' shapes, in order (batches of one sunk chunk share them).
         is_last: Whether it is the last batch of this pass over the data.
         leaves: Its leaves as they came, in the same order: the numpy array a Tensor of
@@ -30,16 +29,49 @@ class Batch(NamedTuple):
             a Tensor back with `asnumpy()` cost about 8 us a leaf between steps).
     """
 
-    index: int
-    data: Any
-    shapes: Tuple[Tuple[int, ...], ...]
-    is_last: bool
-    leaves: Tuple = ()
+    __slots__ = ("index", "shapes", "is_last", "leaves", "_data", "_container")
+
+    def __init__(self, index: int, data: Any, shapes: Tuple[Tuple[int, ...], ...], is_last: bool,
+                 leaves: Tuple = (), container: Optional[type] = None):
+        """
+        Args:
+            data: The batch with every leaf a Tensor, or None: made from `leaves` when first
+                read, in a `container` (a tuple or list) of Tensors sharing their memory.
+        """
+        self.index = index
+        self.shapes = shapes
+        self.is_last = is_last
+        self.leaves = leaves
+        self._data = data
+        self._container = container
+
+    @property
+    def data(self) -> Any:
+        """The batch with every leaf a Tensor.
+
+        Made on first use by the fast path (`_FlatArrays`): a sunk chunk copies the leaves
+        into its stacked buffers and never reads it, and two Tensors per batch cost about
+        0.5% of a sunk LeNet epoch.
+        """
+        if self._data is None:
+            self._data = self._container([Tensor.from_numpy(leaf) for leaf in self.leaves])
+        return self._data
 
     @property
     def size(self) -> int:
         """Its leading dimension (the number of samples)."""
         return self.shapes[0][0]
+
+    def structured(self, leaves: list) -> Any:
+        """`leaves`, one per leaf of this batch and in its order, in its structure (a dict, tuple, list or leaf)."""
+        if self._data is None:
+            return self._container(leaves)
+        data = self._data
+        if isinstance(data, dict):
+            return dict(zip(data, leaves))
+        if isinstance(data, (tuple, list)):
+            return type(data)(leaves)
+        return leaves[0]
 
 
 def _to_tensors(batch, where: Callable[[], str], signature: list, copy: bool = False):
@@ -123,9 +155,8 @@ class _FlatArrays:
             if (type(leaf) is not np.ndarray or (leaf.dtype is not dtype and leaf.dtype != dtype)
                     or leaf.ndim != ndim or leaf.shape[1:] != tail or not leaf.flags.c_contiguous):
                 return None
-        # no copy: the Tensors share the arrays' memory, as in `_to_tensors`
-        return Batch(index, self.kind([Tensor.from_numpy(leaf) for leaf in raw]), tuple(leaf.shape for leaf in raw),
-                     is_last, tuple(raw))
+        # Its Tensors are made when first read, sharing the arrays' memory as in `_to_tensors`.
+        return Batch(index, None, tuple(leaf.shape for leaf in raw), is_last, tuple(raw), self.kind)
 
 
 def _structure_key(signature: list) -> Tuple:
@@ -301,7 +332,8 @@ class DataSource:
             # Copied before the next read, which may refill the memory it came in.
             batch = self._prepare(index, current, False, copy=True)
             upcoming = sentinel if count is not None and index + 1 >= count else next(iterator, sentinel)
-            yield batch._replace(is_last=upcoming is sentinel)
+            batch.is_last = upcoming is sentinel
+            yield batch
             current = upcoming
             index += 1
 

@@ -258,6 +258,14 @@ class TrainingLoop:
         receivers = hook_receivers(self, "needs_host_at_step")
         return any(cb.needs_host_at_step(self, step) for cb in receivers.before + receivers.after)
 
+    def _hook_batches(self, chunk: Chunk):
+        """The `batch` the training batch hooks get (`Chunk.hook_batches`), or None when no receiver's code
+        reads it (which no hook can observe)."""
+        if hook_receivers(self, "on_train_batch_start").reads_batch or \
+                hook_receivers(self, "on_train_batch_end").reads_batch:
+            return chunk.hook_batches()
+        return None
+
     def _run_chunk(self, chunk: Chunk) -> bool:
         """Trains on a chunk's micro-batches (one host call when sinking) and does what follows its steps.
 
@@ -269,7 +277,7 @@ class TrainingLoop:
         sinking = self._sink_length > 1
         state.batch_idx = first.index
         self.sink_batches = range(first.index, last.index + 1)
-        data = chunk.hook_batches()
+        data = self._hook_batches(chunk)
         end_epoch = False
         if self._call("on_train_batch_start", data, first.index) == -1:
             if not state.window:
@@ -278,7 +286,7 @@ class TrainingLoop:
             warnings.warn("on_train_batch_start returned -1 inside an accumulation window; lightms "
                           "finishes the window, then ends the epoch.", stacklevel=3)
             chunk.cut_after_first()
-            last, end_epoch, data = first, True, chunk.hook_batches()
+            last, end_epoch, data = first, True, self._hook_batches(chunk)
             self.sink_batches = range(first.index, first.index + 1)
         if self._train_step is None:
             self._train_step = self._build_train_step(first)

@@ -41,15 +41,6 @@ def check_sinkable(data, where: str) -> None:
                 f"of Tensors; this batch nests a {type(leaf).__name__}. Flatten the batch or use sink_size=1.")
 
 
-def _shaped_like(first, leaves: list):
-    """`leaves` in the flat structure of the batch `first` (a dict, tuple, list or single leaf)."""
-    if isinstance(first, dict):
-        return dict(zip(first, leaves))
-    if isinstance(first, (tuple, list)):
-        return type(first)(leaves)
-    return leaves[0]
-
-
 class StackBuffers:
     """The stacked numpy buffers of sunk chunks, reused once nothing else holds them.
 
@@ -163,8 +154,8 @@ class Chunk:
         trains on, even when the loader refilled its arrays since)."""
         if not self.length:
             return self.batches[0].data
-        first = self.batches[0].data
-        return [_shaped_like(first, [Tensor.from_numpy(buffer[row]) for buffer in self.buffers])
+        first = self.batches[0]
+        return [first.structured([Tensor.from_numpy(buffer[row]) for buffer in self.buffers])
                 for row in range(len(self.batches))]
 
     def cut_after_first(self) -> None:
@@ -187,10 +178,8 @@ class Chunk:
             sizes = np.array(self.sizes + [0] * (length - len(self.batches)), np.float32)
             tensors = plans[plan] = (Tensor(sizes), Tensor(len(self.batches), ms.int32))
         # A leading slice is still contiguous: the Tensors share the buffers, no copy.
-        stacked = [Tensor.from_numpy(buffer[:length]) for buffer in self.buffers]
-        first = self.batches[0].data
-        stacked = _shaped_like(first, stacked)
-        return (ms.mutable(stacked) if isinstance(first, (dict, tuple, list)) else stacked,) + tensors
+        stacked = self.batches[0].structured([Tensor.from_numpy(buffer[:length]) for buffer in self.buffers])
+        return (ms.mutable(stacked) if isinstance(stacked, (dict, tuple, list)) else stacked,) + tensors
 
 
 # A sunk chunk is stacked on the host; "epoch" stops short of stacking more than this.
