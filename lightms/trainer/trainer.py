@@ -65,7 +65,8 @@ class Trainer(TrainingLoop):
             `on_train_batch_start(batch, batch_idx)` gets the list of the chunk's batches and
             its first index, `on_train_batch_end(outputs, batch, batch_idx)` its last index
             (`trainer.sink_batches` is the range of indices the chunk covers, and `outputs`
-            the last micro-batch's loss). Step values logged inside a chunk still reach the
+            the last micro-batch's loss; `batch` is None when no receiver's code reads it,
+            which spares building the list). Step values logged inside a chunk still reach the
             loggers at every step `log_every_n_steps` selects. A chunk ends early after any
             optimizer step the host must see: `max_steps`, validation, a checkpoint
             callback's `every_n_train_steps`, a host-side scheduler with interval "step",
