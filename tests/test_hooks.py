@@ -72,6 +72,16 @@ def test_the_training_batch_hooks_build_no_batch_when_no_receiver_reads_it(monke
     assert not receivers_of([function_set], model, end).reads_batch
     model.on_train_batch_start = lambda batch, batch_idx: batch  # on the module instance
     assert receivers_of([], model, start).reads_batch
+
+    class ModuleReads(type(model)):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            seen.append(len(batch))
+
+        def on_train_batch_start(self, batch, batch_idx):
+            seen.append(batch_idx)
+
+    assert receivers_of([], fresh_model(cls=ModuleReads), end).reads_batch
+    assert not receivers_of([], fresh_model(cls=ModuleReads), start).reads_batch
     assert receivers_of([], model, "on_train_epoch_end").reads_batch  # other hooks: always
 
     built, seen = [], []
@@ -83,3 +93,20 @@ def test_the_training_batch_hooks_build_no_batch_when_no_receiver_reads_it(monke
     quiet_trainer(max_epochs=1, sink_size=4, callbacks=[IgnoresIt(), Reads()]).fit(fresh_model(),
                                                                                   batches_of(x, y, 8))
     assert len(built) == 2 and seen == [0, 4, 0, 4, 4, 2]  # chunks of 4 and 2 batches
+    seen.clear()  # the module's own hooks, seen through the run's graph-callable shadows of its methods
+    quiet_trainer(max_epochs=1, sink_size=4).fit(fresh_model(cls=ModuleReads), batches_of(x, y, 8))
+    assert len(built) == 4 and seen == [0, 4, 4, 2]
+
+    class ModuleIgnores(type(model)):
+        def on_train_batch_start(self, batch, batch_idx):
+            seen.append(batch_idx)
+
+    class SetsAHookLater(Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:
+                module.on_train_batch_end = lambda outputs, batch, batch_idx: seen.append(len(batch))
+
+    seen.clear()
+    quiet_trainer(max_epochs=2, sink_size=4, callbacks=[SetsAHookLater()]).fit(fresh_model(cls=ModuleIgnores),
+                                                                              batches_of(x, y, 8))
+    assert len(built) == 6 and seen == [0, 4, 0, 4, 4, 2]  # lists built in the second epoch only

@@ -25,6 +25,8 @@ class HookReceivers:
         callback_count: len(trainer.callbacks) when this was worked out (a callback added later rebuilds it).
         reads_batch: For the training batch hooks, whether any receiver's code reads its `batch`
             argument (True when it cannot tell; always True for other hooks).
+        instance_hook: What the module instance held under the hook's name when this was worked
+            out (a function set on it later rebuilds it).
     """
 
     before: Tuple[Callback, ...]
@@ -32,6 +34,7 @@ class HookReceivers:
     after: Tuple[Callback, ...]
     callback_count: int
     reads_batch: bool = True
+    instance_hook: Any = None
 
 
 # Where `batch` is among the arguments a hook gets after (trainer, module), for hooks whose batch costs
@@ -49,6 +52,14 @@ def _reads_positional(function, position: int) -> bool:
     return reads_argument(function, position)
 
 
+def _module_reads(model: LightningCell, hook: str, position: int) -> bool:
+    """Whether the module's `hook` reads its argument at `position`: a function the user set on the
+    instance, else the class's method (not the run's graph-callable shadow, which takes *args)."""
+    if set_on_instance(model, hook):
+        return _reads_positional(model.__dict__[hook], position)
+    return reads_argument(getattr(type(model), hook), position + 1)
+
+
 def overrides(callback: Callback, hook: str) -> bool:
     """Whether `callback` does something in `hook` (a subclass method or a function set on the instance)."""
     return getattr(getattr(callback, hook), "__func__", None) is not getattr(Callback, hook)
@@ -60,16 +71,18 @@ def receivers_of(callbacks: List[Callback], model: LightningCell, hook: str) -> 
     module_class = getattr(type(model), hook, None) not in (None, getattr(LightningCell, hook, None))
     position = BATCH_ARGUMENT.get(hook)
     reads_batch = position is None or any(_reads_positional(getattr(cb, hook), position + 2) for cb in active) or (
-        (module_class or set_on_instance(model, hook)) and _reads_positional(getattr(model, hook), position))
+        (module_class or set_on_instance(model, hook)) and _module_reads(model, hook, position))
     return HookReceivers(tuple(cb for cb in active if cb.order < Callback.MODULE_ORDER), module_class,
                          tuple(cb for cb in active if cb.order >= Callback.MODULE_ORDER), len(callbacks),
-                         reads_batch)
+                         reads_batch, model.__dict__.get(hook))
 
 
 def hook_receivers(trainer, hook: str) -> HookReceivers:
-    """Who receives `hook` in this run, worked out once (again when a callback was added since)."""
+    """Who receives `hook` in this run, worked out once (again when a callback was added or a function set
+    on the module instance since)."""
     receivers = trainer._hook_receivers.get(hook)
-    if receivers is None or receivers.callback_count != len(trainer.callbacks):
+    if (receivers is None or receivers.callback_count != len(trainer.callbacks)
+            or receivers.instance_hook is not trainer.model.__dict__.get(hook)):
         receivers = trainer._hook_receivers[hook] = receivers_of(trainer.callbacks, trainer.model, hook)
     return receivers
 
