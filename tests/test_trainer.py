@@ -245,3 +245,31 @@ def test_should_stop_ends_fit_after_the_current_step():
     trainer = quiet_trainer(max_epochs=5, callbacks=[StopAt()])
     trainer.fit(fresh_model(), batches_of(x, y, 4))
     assert trainer.global_step == 2
+
+
+class ProgressBarLoss(TinyRegressor):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = ((self(x) - y) ** 2).mean()
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+
+@pytest.mark.parametrize("sink_size", [1, 3])
+def test_the_progress_bar_reads_the_device_only_when_a_name_is_shown_on_it(sink_size, capsys):
+    # A bar that redraws after every batch reads the step values at each redraw when a name has
+    # prog_bar=True, and never when none has: it then listens to nothing.
+    from lightms.callbacks import TQDMProgressBar
+
+    def syncs(cls, bar):
+        x, y = make_data(12 * 4)
+        trainer = quiet_trainer(max_epochs=1, sink_size=sink_size, enable_progress_bar=bar,
+                                callbacks=[TQDMProgressBar(mininterval=0.0)] if bar else [])
+        trainer.fit(fresh_model(cls=cls), batches_of(x, y, 4))
+        return trainer.host_sync_count, trainer.progress_bar_metrics
+
+    without_bar, _ = syncs(TinyRegressor, bar=False)
+    assert syncs(TinyRegressor, bar=True) == (without_bar, {})
+    shown_syncs, shown = syncs(ProgressBarLoss, bar=True)
+    assert shown_syncs >= without_bar + 12 // sink_size - 1 and set(shown) == {"loss"}
+    assert "loss=" in capsys.readouterr().out

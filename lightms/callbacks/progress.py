@@ -13,8 +13,8 @@ class TQDMProgressBar(Callback):
     """Shows a tqdm bar for training, validation, test and predict.
 
     Logged values live on the device; the bar reads them only when it redraws
-    (at most every `mininterval` seconds and at epoch ends), so most steps pay no
-    device-to-host copy.
+    (at most every `mininterval` seconds and at epoch ends), and only when some
+    name was logged with `prog_bar=True`, so most steps pay no device-to-host copy.
 
     Args:
         refresh_rate: Advance the bar every this many batches; 0 disables the bar.

@@ -61,6 +61,11 @@ class MetricStore:
         if stage == "train":
             self._step_read = None
 
+    def has_progress_bar_names(self) -> bool:
+        """Whether any name logged so far in this run has prog_bar=True (in a step or a hook)."""
+        return any(opt.prog_bar for buffers in self.device.values() for opt in buffers.options) or any(
+            opt.prog_bar for logs in self.host.values() for opt in logs.options.values())
+
     def _options(self, stage: str, name: str) -> LogOptions:
         host = self.host[stage].options
         return host[name] if name in host else self.device[stage].options[self.device[stage].index[name]]

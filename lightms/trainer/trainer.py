@@ -270,8 +270,9 @@ class Trainer(TrainingLoop):
 
     @property
     def progress_bar_metrics(self) -> Dict[str, float]:
-        """The `prog_bar=True` values (reads the device if a step is unread)."""
-        self._read_step_values()
+        """The `prog_bar=True` values (reads the device if a step is unread and some name has prog_bar=True)."""
+        if self._metrics.has_progress_bar_names():  # else the bar listens to nothing: no host sync
+            self._read_step_values()
         return self._metrics.progress_bar_metrics
 
     @property
