@@ -50,8 +50,8 @@ class Batch:
         """The batch with every leaf a Tensor.
 
         Made on first use by the fast path (`_FlatArrays`): a sunk chunk copies the leaves
-        into its stacked buffers and never reads it, and two Tensors per batch cost about
-        0.5% of a sunk LeNet epoch.
+        into its stacked buffers and never reads it, and making an `(x, y)` batch's two
+        Tensors cost about 7 us between steps.
         """
         if self._data is None:
             self._data = self._container([Tensor.from_numpy(leaf) for leaf in self.leaves])
