@@ -214,15 +214,20 @@ def test_every_form_of_a_later_batch_converts_to_its_values():
     assert [b.is_last for b in got] == [False] * 4 + [True]
 
 
-def test_a_fast_path_batch_makes_its_tensors_once_when_read_and_keeps_its_structure():
+def test_a_fast_path_batch_makes_its_tensors_once_when_read_and_keeps_its_structure(monkeypatch):
     # The usual (x, y) batch's Tensors are made on first read (a sunk chunk never reads them),
     # share the arrays' memory, and rebuild the batch's container around other leaves.
+    made = []
+    from_numpy = Tensor.from_numpy
+    monkeypatch.setattr(Tensor, "from_numpy", staticmethod(lambda array: made.append(1) or from_numpy(array)))
     x, y = make_data(24)
     for container in (tuple, list):
         batches = [container((x[i:i + 8], y[i:i + 8])) for i in (0, 8, 16)]
         later = list(DataSource(batches, "train_dataloaders").batches())[1]
         assert later.structured(["a", "b"]) == container(["a", "b"])
+        made.clear()
         data = later.data
+        assert len(made) == 2  # made now, when read
         assert type(data) is container and later.data is data
         batches[1][0][0, 0] = -7.0  # shared, not copied
         assert data[0].asnumpy()[0, 0] == -7.0

@@ -82,6 +82,19 @@ def test_the_training_batch_hooks_build_no_batch_when_no_receiver_reads_it(monke
 
     assert receivers_of([], fresh_model(cls=ModuleReads), end).reads_batch
     assert not receivers_of([], fresh_model(cls=ModuleReads), start).reads_batch
+
+    class StaticReads(type(model)):
+        @staticmethod
+        def on_train_batch_end(outputs, batch, batch_idx):
+            return batch
+
+    class FrameReader(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            import sys
+            return sys._getframe().f_locals["batch"]
+
+    assert receivers_of([], fresh_model(cls=StaticReads), end).reads_batch
+    assert receivers_of([FrameReader()], model, end).reads_batch
     assert receivers_of([], model, "on_train_epoch_end").reads_batch  # other hooks: always
 
     built, seen = [], []
@@ -110,3 +123,13 @@ def test_the_training_batch_hooks_build_no_batch_when_no_receiver_reads_it(monke
     quiet_trainer(max_epochs=2, sink_size=4, callbacks=[SetsAHookLater()]).fit(fresh_model(cls=ModuleIgnores),
                                                                               batches_of(x, y, 8))
     assert len(built) == 6 and seen == [0, 4, 0, 4, 4, 2]  # lists built in the second epoch only
+
+    class AddsAReaderAtTheStart(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 4:
+                trainer.callbacks.append(Reads())
+
+    seen.clear()
+    quiet_trainer(max_epochs=1, sink_size=4, callbacks=[AddsAReaderAtTheStart()]).fit(fresh_model(),
+                                                                                      batches_of(x, y, 8))
+    assert len(built) == 7 and seen == [2]  # the reader added before the second chunk's end gets its list

@@ -111,7 +111,8 @@ def reads_argument(function: Callable, position: int) -> bool:
     update costs a kernel launch on the device.
     """
     code = getattr(function, "__code__", None)
-    if code is None or position >= code.co_argcount or {"locals", "vars", "eval", "exec"} & set(code.co_names):
+    unsure = {"locals", "vars", "eval", "exec", "_getframe", "currentframe", "f_locals"}  # frame introspection
+    if code is None or position >= code.co_argcount or unsure & set(code.co_names):
         return True
     name = code.co_varnames[position]
     return any(instruction.argval == name and instruction.opname.startswith(("LOAD_", "DELETE_"))

@@ -5,6 +5,7 @@ costs in a tight loop (measured on the CPU backend), so who receives each hook i
 worked out once per run and hook, not on every call.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, List, Tuple
 
@@ -26,7 +27,8 @@ class HookReceivers:
         reads_batch: For the training batch hooks, whether any receiver's code reads its `batch`
             argument (True when it cannot tell; always True for other hooks).
         instance_hook: What the module instance held under the hook's name when this was worked
-            out (a function set on it later rebuilds it).
+            out (a function set on it later rebuilds it; one set on a callback instance during a
+            run is not seen, as a callback is asked only for what it overrode when this was built).
     """
 
     before: Tuple[Callback, ...]
@@ -57,6 +59,9 @@ def _module_reads(model: LightningCell, hook: str, position: int) -> bool:
     instance, else the class's method (not the run's graph-callable shadow, which takes *args)."""
     if set_on_instance(model, hook):
         return _reads_positional(model.__dict__[hook], position)
+    method = inspect.getattr_static(type(model), hook)
+    if isinstance(method, staticmethod):
+        return reads_argument(method.__func__, position)
     return reads_argument(getattr(type(model), hook), position + 1)
 
 

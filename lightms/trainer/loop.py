@@ -258,11 +258,10 @@ class TrainingLoop:
         receivers = hook_receivers(self, "needs_host_at_step")
         return any(cb.needs_host_at_step(self, step) for cb in receivers.before + receivers.after)
 
-    def _hook_batches(self, chunk: Chunk):
-        """The `batch` the training batch hooks get (`Chunk.hook_batches`), or None when no receiver's code
-        reads it (which no hook can observe)."""
-        if hook_receivers(self, "on_train_batch_start").reads_batch or \
-                hook_receivers(self, "on_train_batch_end").reads_batch:
+    def _hook_batches(self, chunk: Chunk, hooks=("on_train_batch_start", "on_train_batch_end")):
+        """The `batch` the training batch hooks get (`Chunk.hook_batches`); under sinking None when no
+        receiver's code of `hooks` reads it (which no hook can observe)."""
+        if not chunk.length or any(hook_receivers(self, hook).reads_batch for hook in hooks):
             return chunk.hook_batches()
         return None
 
@@ -318,6 +317,8 @@ class TrainingLoop:
                 self._step_schedulers("step", step)
         if chunk.steps and self.detect_anomaly:
             self._check_nonfinite()
+        if data is None:  # a receiver added since on_train_batch_start may read it
+            data = self._hook_batches(chunk, ("on_train_batch_end",))
         self._call("on_train_batch_end", {"loss": loss}, data, last.index)
         if not steps_taken:
             return end_epoch
