@@ -5,7 +5,6 @@ costs in a tight loop (measured on the CPU backend), so who receives each hook i
 worked out once per run and hook, not on every call.
 """
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, List, Tuple
 
@@ -35,8 +34,8 @@ class HookReceivers:
     module_class: bool
     after: Tuple[Callback, ...]
     callback_count: int
-    reads_batch: bool = True
-    instance_hook: Any = None
+    reads_batch: bool
+    instance_hook: Any
 
 
 # Where `batch` is among the arguments a hook gets after (trainer, module), for hooks whose batch costs
@@ -45,24 +44,18 @@ BATCH_ARGUMENT = {"on_train_batch_start": 0, "on_train_batch_end": 1}
 
 
 def _reads_positional(function, position: int) -> bool:
-    """Whether `function` (a bound method, or a function set on an instance) reads its argument at `position`.
+    """Whether `function`, as got from a callback or the module, reads its argument at `position`.
 
-    True when it cannot tell (no code to read, `*args`, `locals()`).
+    A bound method's code (and that of the run's graph-callable shadow of a module method,
+    `binding.graph_callable_methods`) has self first; a function set on an instance, or a
+    static method, has not. True when it cannot tell (no code to read, `*args`, `locals()`).
     """
-    if hasattr(function, "__func__"):  # a bound method: its code's first argument is self
+    shadowed = getattr(function, "__wrapped_method__", None)
+    if shadowed is not None:
+        return reads_argument(shadowed, position + 1)
+    if hasattr(function, "__func__"):
         return reads_argument(function.__func__, position + 1)
     return reads_argument(function, position)
-
-
-def _module_reads(model: LightningCell, hook: str, position: int) -> bool:
-    """Whether the module's `hook` reads its argument at `position`: a function the user set on the
-    instance, else the class's method (not the run's graph-callable shadow, which takes *args)."""
-    if set_on_instance(model, hook):
-        return _reads_positional(model.__dict__[hook], position)
-    method = inspect.getattr_static(type(model), hook)
-    if isinstance(method, staticmethod):
-        return reads_argument(method.__func__, position)
-    return reads_argument(getattr(type(model), hook), position + 1)
 
 
 def overrides(callback: Callback, hook: str) -> bool:
@@ -76,7 +69,7 @@ def receivers_of(callbacks: List[Callback], model: LightningCell, hook: str) -> 
     module_class = getattr(type(model), hook, None) not in (None, getattr(LightningCell, hook, None))
     position = BATCH_ARGUMENT.get(hook)
     reads_batch = position is None or any(_reads_positional(getattr(cb, hook), position + 2) for cb in active) or (
-        (module_class or set_on_instance(model, hook)) and _module_reads(model, hook, position))
+        (module_class or set_on_instance(model, hook)) and _reads_positional(getattr(model, hook), position))
     return HookReceivers(tuple(cb for cb in active if cb.order < Callback.MODULE_ORDER), module_class,
                          tuple(cb for cb in active if cb.order >= Callback.MODULE_ORDER), len(callbacks),
                          reads_batch, model.__dict__.get(hook))
