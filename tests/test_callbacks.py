@@ -121,3 +121,28 @@ def test_lambda_callback_and_model_summary(capsys):
     with pytest.raises(ValueError, match="unknown hooks"):
         LambdaCallback(on_epoch_finish=print)
 
+
+
+@pytest.mark.parametrize("leave", [False, True])
+def test_progress_bar_keeps_one_training_bar_per_fit_unless_leave(leave, monkeypatch, capsys):
+    import tqdm.auto
+
+    import lightms.callbacks.progress as progress
+
+    opened = []
+
+    class CountingTqdm(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            opened.append(kwargs.get("desc"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(progress, "tqdm", CountingTqdm)
+    x, y = make_data(24)
+    bar = progress.TQDMProgressBar(mininterval=3600.0, leave=leave)
+    quiet_trainer(max_epochs=3, enable_progress_bar=True, callbacks=[bar]).fit(fresh_model(), batches_of(x, y, 4))
+    # Lightning's default: one bar, reset and renamed each epoch; leave=True: a bar per epoch
+    assert opened == (["Epoch 0", "Epoch 1", "Epoch 2"] if leave else ["Epoch 0"])
+    out = capsys.readouterr().out
+    for epoch in range(3):  # each epoch ends drawn complete, under its own name
+        assert f"Epoch {epoch}: 100%" in out and "6/6" in out
+    assert out.count("Epoch 1:   0%") == 1 and bar._bars == {}  # closed at the end of the fit

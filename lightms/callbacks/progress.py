@@ -16,9 +16,14 @@ class TQDMProgressBar(Callback):
     (at most every `mininterval` seconds and at epoch ends), and only when some
     name was logged with `prog_bar=True`, so most steps pay no device-to-host copy.
 
+    As in Lightning, one training bar serves the whole fit: each epoch resets it and
+    names the epoch, so the terminal keeps one line, the last epoch's; `leave=True`
+    leaves every epoch's finished bar instead.
+
     Args:
         refresh_rate: Advance the bar every this many batches; 0 disables the bar.
         mininterval: Fewest seconds between two reads of the logged values.
+        leave: Leave each epoch's finished training bar in the terminal (a new bar per epoch).
 
     Raises:
         ValueError: If refresh_rate is negative.
@@ -26,11 +31,12 @@ class TQDMProgressBar(Callback):
 
     order = 1000  # after callbacks that log, so the bar shows their values
 
-    def __init__(self, refresh_rate: int = 1, mininterval: float = 0.1):
+    def __init__(self, refresh_rate: int = 1, mininterval: float = 0.1, leave: bool = False):
         if isinstance(refresh_rate, bool) or not isinstance(refresh_rate, int) or refresh_rate < 0:
             raise ValueError(f"TQDMProgressBar(refresh_rate=...) must be an int >= 0, got {refresh_rate!r}.")
         self.refresh_rate = refresh_rate
         self.mininterval = mininterval
+        self.leave = leave
         self._bars = {}
         self._done = {}  # bar key -> batches done, also those not yet shown
         self._last_read = 0.0
@@ -58,14 +64,20 @@ class TQDMProgressBar(Callback):
             self._last_read = now
             bar.set_postfix(self._format(trainer.progress_bar_metrics), refresh=False)
 
+    def _show_done(self, key: str, trainer=None):
+        """Brings a bar up to the batches done and, given the trainer, the logged values; returns it or None."""
+        bar = self._bars.get(key)
+        if bar is not None:
+            bar.update(self._done.pop(key, bar.n) - bar.n)  # batches since the last redraw
+            if trainer is not None:
+                bar.set_postfix(self._format(trainer.progress_bar_metrics), refresh=False)
+        return bar
+
     def _close(self, key: str, trainer=None) -> None:
-        bar = self._bars.pop(key, None)
-        if bar is None:
-            return
-        bar.update(self._done.pop(key, bar.n) - bar.n)  # batches since the last redraw
-        if trainer is not None:
-            bar.set_postfix(self._format(trainer.progress_bar_metrics), refresh=False)
-        bar.close()
+        bar = self._show_done(key, trainer)
+        if bar is not None:
+            del self._bars[key]
+            bar.close()
 
     @staticmethod
     def _format(metrics):
@@ -73,13 +85,24 @@ class TQDMProgressBar(Callback):
 
     # ---- training -------------------------------------------------------------
     def on_train_epoch_start(self, trainer, module):
-        self._open("train", trainer.num_training_batches, f"Epoch {trainer.current_epoch}", 0, True)
+        description = f"Epoch {trainer.current_epoch}"
+        bar = self._bars.get("train")
+        if bar is None:
+            self._open("train", trainer.num_training_batches, description, 0, True)
+        else:  # the fit's bar, kept from the last epoch (leave=False)
+            bar.set_description(description, refresh=False)
+            bar.reset(total=trainer.num_training_batches)  # redraws: 0/total under the new name
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self._advance("train", trainer, batch_idx)
 
     def on_train_epoch_end(self, trainer, module):
-        self._close("train", trainer)
+        if self.leave:
+            self._close("train", trainer)
+        else:
+            bar = self._show_done("train", trainer)
+            if bar is not None:
+                bar.refresh()
 
     def on_train_end(self, trainer, module):
         self._close("train")
