@@ -289,6 +289,86 @@ def logs_unconditionally(module, stop_at, hook: str = "training_step") -> bool:
     return True
 
 
+# Where a dict can gain or lose keys at run time (a Python condition is folded by the graph compiler).
+_BRANCHES = tuple(getattr(ast, name) for name in ("If", "IfExp", "While", "BoolOp", "Try", "TryStar", "Match")
+                  if hasattr(ast, name))
+_DICT_CHANGES = ("update", "setdefault", "pop", "popitem", "clear")
+
+
+def _log_dicts_changed_in_branches(function) -> List[Tuple[str, int]]:
+    """(variable, line in its file) of each `self.log_dict(variable)` in `function` whose dict is
+    changed under a condition: a key set or deleted, `update`/`pop`/..., or the name bound again."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    definition = tree.body[0] if tree.body else None
+    if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)) or not definition.args.args:
+        return []
+    me, offset = definition.args.args[0].arg, function.__code__.co_firstlineno - 1
+    changed, logged = set(), []
+
+    def walk(node, branch: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if branch and isinstance(child, ast.Subscript) and isinstance(child.value, ast.Name) \
+                    and isinstance(child.ctx, (ast.Store, ast.Del)):
+                changed.add(child.value.id)  # d[key] = ..., del d[key]
+            elif branch and isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+                changed.add(child.id)  # d = {...} again
+            elif isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute) \
+                    and isinstance(child.func.value, ast.Name):
+                owner, method = child.func.value.id, child.func.attr
+                if branch and method in _DICT_CHANGES:
+                    changed.add(owner)
+                if owner == me and method == "log_dict" and child.args and isinstance(child.args[0], ast.Name):
+                    logged.append((child.args[0].id, child.lineno + offset))
+            walk(child, branch or isinstance(child, _BRANCHES))
+
+    walk(definition, False)
+    return [(variable, line) for variable, line in logged if variable in changed]
+
+
+def explain_graph_failure(module, stop_at, hook: str, error: Exception) -> Optional[Exception]:
+    """A clearer error for a step graph that failed to compile or run, when the user's code shows why.
+
+    The one mistake recognised: a `self.log_dict(d)`, in `hook` or a method it reaches, of a
+    dict whose keys change under a condition. Eagerly that works (the dry run passes);
+    MindSpore's graph compiler cannot type such a dict, and fails with an unrelated message
+    (a dtype error while compiling, or "'Tensor' object has no attribute 'items'" when running).
+
+    Args:
+        module: The LightningCell instance.
+        stop_at: LightningCell: its own methods are not read.
+        hook: The step hook the graph runs.
+        error: What MindSpore raised.
+
+    Returns:
+        A TypeError naming the hook, the method, the variable and the line; None when no such
+        `log_dict` is reached.
+    """
+    methods: Dict[str, object] = {}
+    for name, value in _class_attributes(type(module), stop_at):
+        methods.setdefault(name, value)
+    pending, seen = [hook, "construct"], set()
+    while pending:
+        name = pending.pop()
+        function = methods.get(name)
+        if name in seen or not inspect.isfunction(function):
+            continue
+        seen.add(name)
+        for variable, line in _log_dicts_changed_in_branches(function):
+            said = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            return TypeError(
+                f"{type(module).__name__}.{hook} failed as a compiled graph: {name} calls self.log_dict({variable}) "
+                f"(line {line} of {inspect.getsourcefile(function)}) with a dict whose keys change under a "
+                f"condition. MindSpore's graph compiler cannot follow a dict whose keys depend on a Tensor value. "
+                f"Log such a value with self.log(name, value) inside the condition, or give the dict the same "
+                f"keys on every step. (MindSpore said: {said})")
+        uses = _self_uses(function)
+        pending.extend(called for called, _ in (uses.calls if uses is not None else []))
+    return None
+
+
 def _cannot_log(module, stop_at, name: str) -> bool:
     """Whether calling `self.<name>` (or something under it) runs no code that could log for the module.
 

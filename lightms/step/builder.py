@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 from lightms._mindspore import mindspore as ms
 from lightms.module.cell import LightningCell
 from lightms.module.logging import DeviceLogBuffers, HostLogs, is_metric
-from lightms.step.binding import logs_unconditionally
+from lightms.step.binding import explain_graph_failure, logs_unconditionally
 from lightms.step.dry_run import check_training_output, dry_run
 from lightms.step.eval_step import EvalStep
 from lightms.step.graph import batch_passing
@@ -46,8 +46,14 @@ def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Opt
     logs.logged_once = recorder.logged_once and logs_unconditionally(module, LightningCell)
     step = TrainStep(module, optimizer, logs, counters, accumulate, transforms, compile, loss_scaler,
                      sink_length if sink_length > 1 else 0, autocast, step_history,
-                     passing=batch_passing(batch.data, compile))
+                     passing=batch_passing(batch.data, compile),
+                     explain_failure=_failure_explainer(module, "training_step"))
     return step, logs
+
+
+def _failure_explainer(module, hook: str):
+    """What a step graph of `hook` calls when it fails to compile (`binding.explain_graph_failure`)."""
+    return lambda error: explain_graph_failure(module, LightningCell, hook, error)
 
 
 def module_metrics(module) -> list:
@@ -78,7 +84,9 @@ def build_eval_step(module, stage: str, hook: str, batch, host_logs: HostLogs, c
         if options.on_step and stage != "predict":
             warnings.warn(f"self.log({options.name!r}, on_step=True) in {hook}: lightms reports {stage} values "
                           "per epoch; the step value is not sent to the loggers.", stacklevel=3)
-    return EvalStep(getattr(module, hook), logs, compile, autocast, batch_passing(batch.data, compile)), logs, logs
+    step = EvalStep(getattr(module, hook), logs, compile, autocast, batch_passing(batch.data, compile),
+                    _failure_explainer(module, hook))
+    return step, logs, logs
 
 
 __all__ = ["build_eval_step", "build_train_step", "gradient_pipeline", "module_metrics"]

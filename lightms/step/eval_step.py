@@ -14,12 +14,14 @@ class EvalStep:
         compile: Run as a compiled whole graph (True) or eagerly (False).
         autocast: Wraps the hook for mixed precision (`Precision.autocast`), or None.
         passing: How the step gets its batch (`graph.batch_passing`).
+        explain_failure: Turns a compile error into a clearer one, or None (`graph.GraphFunction`).
 
     Attributes:
         compiled: Whether the step runs as a graph (its batch_idx is then a Tensor).
     """
 
-    def __init__(self, hook, logs, compile: bool, autocast: Optional[Callable], passing: BatchPassing):
+    def __init__(self, hook, logs, compile: bool, autocast: Optional[Callable], passing: BatchPassing,
+                 explain_failure: Optional[Callable] = None):
         run_hook = hook if autocast is None else autocast(hook)
         self._pack = passing.pack
         unpack = passing.unpack
@@ -33,7 +35,7 @@ class EvalStep:
             return output
 
         self.compiled = compile
-        self._step = compile_function(step, compile)
+        self._step = compile_function(step, compile, explain_failure)
 
     def __call__(self, batch, batch_idx):
         """Returns what the hook returned for this batch."""

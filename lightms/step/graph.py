@@ -4,7 +4,7 @@ import ctypes
 import ctypes.util
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from lightms._mindspore import mindspore as ms
 from mindspore import Tensor, nn
@@ -43,14 +43,30 @@ class GraphFunction(nn.Cell):
     about 8 ms per call on this project's CPU: a 784-512-512-10 MLP step took 12 ms
     that way and 3-4 ms as a Cell, with identical losses. After each compilation the
     compiler's freed memory goes back to the system (`release_freed_memory`).
+
+    Args:
+        fn: The step function.
+        explain_failure: Given what MindSpore raised when compiling or running the graph, returns
+            a clearer error to raise instead, or None to let MindSpore's propagate.
     """
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, explain_failure: Optional[Callable[[Exception], Optional[Exception]]] = None):
         super().__init__(auto_prefix=False)
         self.fn = fn
+        self.explain_failure = explain_failure
 
     def construct(self, *inputs):
         return self.fn(*inputs)
+
+    def compile_and_run(self, *args, **kwargs):
+        """Compiles (once per input signature) and runs the graph; see `explain_failure`."""
+        try:
+            return nn.Cell.compile_and_run(self, *args, **kwargs)
+        except Exception as error:  # MindSpore's, from compiling or from running Python it fell back to
+            clearer = self.explain_failure(error) if self.explain_failure is not None else None
+            if clearer is None:
+                raise
+            raise clearer from None  # the user's mistake, named, instead of MindSpore's C++ trace
 
     def compile(self, *args, **kwargs):
         """Compiles the graph for these inputs unless MindSpore has it already (called on every run)."""
@@ -60,9 +76,10 @@ class GraphFunction(nn.Cell):
             release_freed_memory()
 
 
-def compile_function(fn: Callable, compile: bool) -> Callable:
-    """Returns `fn` compiled as a whole graph, or `fn` itself when `compile` is False."""
-    return GraphFunction(fn).compile_and_run if compile else fn
+def compile_function(fn: Callable, compile: bool,
+                     explain_failure: Optional[Callable[[Exception], Optional[Exception]]] = None) -> Callable:
+    """Returns `fn` compiled as a whole graph (see `GraphFunction`), or `fn` itself when `compile` is False."""
+    return GraphFunction(fn, explain_failure).compile_and_run if compile else fn
 
 
 @dataclass(frozen=True)

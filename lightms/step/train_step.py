@@ -149,11 +149,13 @@ class TrainStep:
         step_history: Keep each sunk optimizer step's logged values for the loggers (False: no logger).
         autocast: Wraps the forward function for mixed precision (`Precision.autocast`), or None.
         passing: How `window_step` and `optimizer_step` get their batch (`graph.batch_passing`).
+        explain_failure: Turns a compile error into a clearer one, or None (`graph.GraphFunction`).
     """
 
     def __init__(self, module, optimizer, logs, counters: LoopCounters, accumulate: int,
                  transforms: GradientPipeline, compile: bool, loss_scaler=None, sink_length: int = 0,
-                 autocast: Optional[Callable] = None, step_history: bool = True, *, passing: BatchPassing):
+                 autocast: Optional[Callable] = None, step_history: bool = True, *, passing: BatchPassing,
+                 explain_failure: Optional[Callable] = None):
         self.accumulate = accumulate
         # Log-window kernels each step can skip (`DeviceLogBuffers`): with one micro-batch per window,
         # with one window per graph call, and with records that just overwrite their value.
@@ -285,8 +287,9 @@ class TrainStep:
                 loss = ops.depend(loss, logs.step_from_history(count - 1))
             return loss
 
-        self._window_step = compile_function(window_step, compile) if accumulate > 1 else None
-        self._optimizer_step = compile_function(window_optimizer_step if accumulate > 1 else optimizer_step, compile)
+        self._window_step = compile_function(window_step, compile, explain_failure) if accumulate > 1 else None
+        self._optimizer_step = compile_function(window_optimizer_step if accumulate > 1 else optimizer_step, compile,
+                                               explain_failure)
         # The window sizes a window step can have, made once: a fresh Tensor per call costs host time.
         self._window_sizes = {size: Tensor(float(size), ms.float32) for size in range(1, accumulate + 1)} \
             if accumulate > 1 else {}
@@ -294,7 +297,7 @@ class TrainStep:
         if sink_length:
             if step_history:
                 logs.keep_step_history(sink_length)
-            self._sink_step = compile_function(sink_step, compile)
+            self._sink_step = compile_function(sink_step, compile, explain_failure)
 
     def window_step(self, batch):
         """Runs forward and backward of a micro-batch that does not end its window; returns the loss.
