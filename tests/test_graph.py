@@ -125,3 +125,33 @@ def test_each_batch_form_compiles_once_and_trains_and_validates_like_hand_writte
     val_loss = np.mean([float(((reference(Tensor(bx)) - Tensor(by)) ** 2).mean().asnumpy())
                         for bx, by in batches_of(val_x, val_y, 8)])
     assert trainer.callback_metrics["val_loss"] == pytest.approx(val_loss, abs=1e-6)
+
+
+def broken(x):
+    return ops.mul(x, "two")  # MindSpore's compiler refuses a string operand
+
+
+def test_only_a_new_graph_failure_is_shown_to_explain_failure(monkeypatch):
+    from mindspore import nn
+
+    shown = []
+
+    def explain(error):
+        shown.append(error)
+        return TypeError("named by lightms")
+
+    ones = Tensor(np.ones((2, 3), np.float32))
+    run = graph.compile_function(broken, True, explain)
+    with pytest.raises(TypeError, match="named by lightms"):  # compiling fails: explained
+        run(ones)
+    assert len(shown) == 1 and "named by lightms" not in str(shown[0])
+    run = graph.compile_function(double, True, explain)
+    run(ones)  # compiles and runs once
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(nn.Cell, "compile_and_run", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):  # a graph that ran before: MindSpore's own
+        run(ones)
+    assert len(shown) == 1

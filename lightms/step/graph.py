@@ -46,33 +46,47 @@ class GraphFunction(nn.Cell):
 
     Args:
         fn: The step function.
-        explain_failure: Given what MindSpore raised when compiling or running the graph, returns
-            a clearer error to raise instead, or None to let MindSpore's propagate.
+        explain_failure: Given what MindSpore raised when compiling a graph or in its first run,
+            returns a clearer error to raise instead, or None to let MindSpore's propagate.
     """
 
     def __init__(self, fn: Callable, explain_failure: Optional[Callable[[Exception], Optional[Exception]]] = None):
         super().__init__(auto_prefix=False)
         self.fn = fn
         self.explain_failure = explain_failure
+        self._new_graph = False  # compiled in this call, or its compilation failed: not yet run once
 
     def construct(self, *inputs):
         return self.fn(*inputs)
 
     def compile_and_run(self, *args, **kwargs):
-        """Compiles (once per input signature) and runs the graph; see `explain_failure`."""
+        """Compiles (once per input signature) and runs the graph.
+
+        A failure while compiling or in a new graph's first run is shown to `explain_failure`;
+        a failure of a graph that ran before is MindSpore's own (out of memory, say) and
+        propagates as it is.
+        """
         try:
-            return nn.Cell.compile_and_run(self, *args, **kwargs)
+            output = nn.Cell.compile_and_run(self, *args, **kwargs)
         except Exception as error:  # MindSpore's, from compiling or from running Python it fell back to
-            clearer = self.explain_failure(error) if self.explain_failure is not None else None
+            clearer = self.explain_failure(error) if self._new_graph and self.explain_failure else None
             if clearer is None:
                 raise
-            raise clearer from None  # the user's mistake, named, instead of MindSpore's C++ trace
+            raise clearer from None  # the user's mistake first; the clearer error carries MindSpore's text
+        if self._new_graph:
+            self._new_graph = False
+        return output
 
     def compile(self, *args, **kwargs):
         """Compiles the graph for these inputs unless MindSpore has it already (called on every run)."""
         graphs_before = len(self.compile_cache)
-        super().compile(*args, **kwargs)
+        try:
+            super().compile(*args, **kwargs)
+        except Exception:
+            self._new_graph = True
+            raise
         if len(self.compile_cache) != graphs_before:
+            self._new_graph = True
             release_freed_memory()
 
 
