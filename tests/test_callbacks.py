@@ -133,16 +133,34 @@ def test_progress_bar_keeps_one_training_bar_per_fit_unless_leave(leave, monkeyp
 
     class CountingTqdm(tqdm.auto.tqdm):
         def __init__(self, *args, **kwargs):
-            opened.append(kwargs.get("desc"))
+            opened.append((kwargs.get("desc"), kwargs.get("leave")))
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(progress, "tqdm", CountingTqdm)
     x, y = make_data(24)
     bar = progress.TQDMProgressBar(mininterval=3600.0, leave=leave)
-    quiet_trainer(max_epochs=3, enable_progress_bar=True, callbacks=[bar]).fit(fresh_model(), batches_of(x, y, 4))
-    # Lightning's default: one bar, reset and renamed each epoch; leave=True: a bar per epoch
-    assert opened == (["Epoch 0", "Epoch 1", "Epoch 2"] if leave else ["Epoch 0"])
-    out = capsys.readouterr().out
+    quiet_trainer(max_epochs=3, enable_progress_bar=True, num_sanity_val_steps=1, callbacks=[bar]).fit(
+        fresh_model(), batches_of(x, y, 4), batches_of(x, y, 12))
+    # Lightning's default: one bar, reset and renamed each epoch; leave=True: a bar per epoch. The
+    # sanity check's and the nested validation bars are not left on screen.
+    training = [("Epoch 0", True), ("Epoch 1", True), ("Epoch 2", True)] if leave else [("Epoch 0", True)]
+    assert [item for item in opened if item[0].startswith("Epoch")] == training
+    assert opened[0] == ("Sanity checking", False) and opened.count(("Validation", False)) == 3
+    segments = capsys.readouterr().out.split("\r")
     for epoch in range(3):  # each epoch ends drawn complete, under its own name
-        assert f"Epoch {epoch}: 100%" in out and "6/6" in out
-    assert out.count("Epoch 1:   0%") == 1 and bar._bars == {}  # closed at the end of the fit
+        assert any(f"Epoch {epoch}: 100%" in segment and "6/6" in segment for segment in segments)
+    assert sum("Epoch 1:   0%" in segment for segment in segments) == 1 and bar._bars == {}
+
+
+@pytest.mark.parametrize("sink_size, redrawn", [(1, [0, 3, 6, 7]), (4, [0, 4, 7])])
+def test_progress_bar_redraws_when_a_multiple_of_refresh_rate_passes_and_ends_complete(sink_size, redrawn, capsys):
+    import re
+
+    from lightms.callbacks import TQDMProgressBar
+
+    x, y = make_data(28)  # 7 batches: under sink_size=4 the batch hooks see batches 4 and 7
+    bar = TQDMProgressBar(refresh_rate=3, mininterval=0.0)
+    quiet_trainer(max_epochs=1, enable_progress_bar=True, sink_size=sink_size, callbacks=[bar]).fit(
+        fresh_model(), batches_of(x, y, 4))
+    shown = [int(n) for n in re.findall(r"Epoch 0: +\d+%\|[^|]*\| (\d)/7", capsys.readouterr().out)]
+    assert sorted(set(shown)) == redrawn and shown[-1] == 7

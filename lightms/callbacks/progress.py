@@ -26,7 +26,7 @@ class TQDMProgressBar(Callback):
         leave: Leave each epoch's finished training bar in the terminal (a new bar per epoch).
 
     Raises:
-        ValueError: If refresh_rate is negative.
+        ValueError: If refresh_rate is not an int >= 0, or leave not a bool.
     """
 
     order = 1000  # after callbacks that log, so the bar shows their values
@@ -34,6 +34,8 @@ class TQDMProgressBar(Callback):
     def __init__(self, refresh_rate: int = 1, mininterval: float = 0.1, leave: bool = False):
         if isinstance(refresh_rate, bool) or not isinstance(refresh_rate, int) or refresh_rate < 0:
             raise ValueError(f"TQDMProgressBar(refresh_rate=...) must be an int >= 0, got {refresh_rate!r}.")
+        if not isinstance(leave, bool):
+            raise ValueError(f"TQDMProgressBar(leave=...) must be True or False, got {leave!r}.")
         self.refresh_rate = refresh_rate
         self.mininterval = mininterval
         self.leave = leave
@@ -50,9 +52,12 @@ class TQDMProgressBar(Callback):
 
     def _advance(self, key: str, trainer, batch_idx: int) -> None:
         bar = self._bars.get(key)
-        if bar is None or (batch_idx + 1) % self.refresh_rate:
+        if bar is None:
             return
-        self._done[key] = batch_idx + 1
+        done, before = batch_idx + 1, self._done.get(key, bar.n)
+        self._done[key] = done  # shown at the latest when the bar closes or the epoch ends
+        if done // self.refresh_rate == before // self.refresh_rate:
+            return  # no multiple of refresh_rate passed (a sunk chunk's hook may pass one without landing on it)
         # tqdm is told only when it may redraw: between two compiled steps every Python call costs
         # about ten times its isolated time, and tqdm would skip the redraw anyway.
         now = time.monotonic()
@@ -110,7 +115,8 @@ class TQDMProgressBar(Callback):
     # ---- evaluation -------------------------------------------------------------
     def _eval_start(self, key, trainer, desc):
         nested = "train" in self._bars
-        self._open(key, trainer.num_eval_batches, desc, 1 if nested else 0, not nested)
+        # Left on screen only when it is the run's only bar (validate, test, predict), as in Lightning.
+        self._open(key, trainer.num_eval_batches, desc, 1 if nested else 0, not nested and not trainer.sanity_checking)
 
     def on_validation_epoch_start(self, trainer, module):
         self._eval_start("eval", trainer, "Sanity checking" if trainer.sanity_checking else "Validation")
