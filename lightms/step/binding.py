@@ -188,8 +188,8 @@ class _SelfUses:
         self.early_return = False
 
 
-def _self_uses(function) -> Optional[_SelfUses]:
-    """Reads a method's source (None when there is none to read)."""
+def _method_source(function) -> Optional[Tuple[ast.AST, str]]:
+    """(the parsed `def`, the name of its first argument: `self`) of a method, or None without source."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
@@ -197,7 +197,15 @@ def _self_uses(function) -> Optional[_SelfUses]:
     definition = tree.body[0] if tree.body else None
     if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)) or not definition.args.args:
         return None
-    me = definition.args.args[0].arg
+    return definition, definition.args.args[0].arg
+
+
+def _self_uses(function) -> Optional[_SelfUses]:
+    """Reads a method's source (None when there is none to read)."""
+    source = _method_source(function)
+    if source is None:
+        return None
+    definition, me = source
     nodes = list(ast.walk(definition))
     calls = {id(node.func): node for node in nodes if isinstance(node, ast.Call)}  # by the id of what is called
     in_sight = set(calls) | {id(node.value) for node in nodes if isinstance(node, ast.Attribute)}
@@ -323,15 +331,9 @@ class _DictLogReading:
     def read(cls, function) -> "_DictLogReading":
         reading = cls()
         function = inspect.unwrap(function)  # the source, line and file of what the user wrote
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
-        except (OSError, TypeError, SyntaxError):
-            return reading
-        definition = tree.body[0] if tree.body else None
-        if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)) or not definition.args.args:
-            return reading
-        me, offset = definition.args.args[0].arg, function.__code__.co_firstlineno - 1
-        reading._walk(definition, me, offset, False)
+        source = _method_source(function)
+        if source is not None:
+            reading._walk(*source, function.__code__.co_firstlineno - 1, False)
         return reading
 
     def _walk(self, node, me: str, offset: int, branch: bool) -> None:
