@@ -52,7 +52,7 @@ def build_train_step(module, batch, optimizer, counters: LoopCounters, logs: Opt
 
 
 def _failure_explainer(module, hook: str):
-    """What a step graph of `hook` calls when it fails to compile (`binding.explain_graph_failure`)."""
+    """What a new step graph of `hook` calls when it fails (`binding.explain_graph_failure`)."""
     return lambda error: explain_graph_failure(module, LightningCell, hook, error)
 
 

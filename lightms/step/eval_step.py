@@ -14,7 +14,7 @@ class EvalStep:
         compile: Run as a compiled whole graph (True) or eagerly (False).
         autocast: Wraps the hook for mixed precision (`Precision.autocast`), or None.
         passing: How the step gets its batch (`graph.batch_passing`).
-        explain_failure: Turns a compile error into a clearer one, or None (`graph.GraphFunction`).
+        explain_failure: Turns a new graph's failure into a clearer error, or None (`graph.GraphFunction`).
 
     Attributes:
         compiled: Whether the step runs as a graph (its batch_idx is then a Tensor).

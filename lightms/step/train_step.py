@@ -149,7 +149,7 @@ class TrainStep:
         step_history: Keep each sunk optimizer step's logged values for the loggers (False: no logger).
         autocast: Wraps the forward function for mixed precision (`Precision.autocast`), or None.
         passing: How `window_step` and `optimizer_step` get their batch (`graph.batch_passing`).
-        explain_failure: Turns a compile error into a clearer one, or None (`graph.GraphFunction`).
+        explain_failure: Turns a new graph's failure into a clearer error, or None (`graph.GraphFunction`).
     """
 
     def __init__(self, module, optimizer, logs, counters: LoopCounters, accumulate: int,
