@@ -133,6 +133,14 @@ def _class_attributes(cls, stop_at) -> Iterator[Tuple[str, object]]:
             yield name, value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
 
 
+def _user_methods(cls, stop_at) -> Dict[str, object]:
+    """Name -> the most derived definition, of what `_class_attributes` yields."""
+    methods: Dict[str, object] = {}
+    for name, value in _class_attributes(cls, stop_at):
+        methods.setdefault(name, value)
+    return methods
+
+
 def reads_attribute(cls, stop_at, attribute: str) -> bool:
     """Whether code defined on `cls` or its bases mentions `attribute` (e.g. `self.global_step`).
 
@@ -259,9 +267,7 @@ def logs_unconditionally(module, stop_at, hook: str = "training_step") -> bool:
         `super()`, a call of anything on `self` but its methods, sub-cells, Parameters and
         primitives (a `functools.partial`, a helper object holding the module, ...).
     """
-    methods: Dict[str, object] = {}
-    for name, value in _class_attributes(type(module), stop_at):
-        methods.setdefault(name, value)  # the most derived definition
+    methods = _user_methods(type(module), stop_at)
     if not inspect.isfunction(methods.get(hook)):
         return False
     parsed: Dict[str, _SelfUses] = {}
@@ -382,9 +388,7 @@ def explain_graph_failure(module, stop_at, hook: str, error: Exception) -> Optio
         A TypeError naming the hook, the method, the variable and the line, then MindSpore's
         message; None when no such `log_dict` is reached.
     """
-    methods: Dict[str, object] = {}
-    for name, value in _class_attributes(type(module), stop_at):
-        methods.setdefault(name, value)
+    methods = _user_methods(type(module), stop_at)
     pending, seen = [hook], set()
     while pending:
         name = pending.pop(0)  # the hook first, then what it reaches, nearest first
