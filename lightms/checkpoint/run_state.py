@@ -14,8 +14,8 @@ import numpy as np
 
 from lightms._mindspore import mindspore as ms  # noqa: F401
 
-from lightms.checkpoint.io import (OPTIMIZER_PREFIX, assign_parameters, optimizer_state, read_checkpoint,
-                                   split_saved)
+from lightms.checkpoint.io import (OPTIMIZER_PREFIX, assign_checked, check_parameters, optimizer_state,
+                                   read_checkpoint, split_saved)
 from lightms.module.logging import DeviceLogBuffers, LogOptions
 
 ACCUMULATOR_GROUP = "accumulator"
@@ -56,17 +56,18 @@ def collect_run_state(trainer, weights_only: bool) -> Tuple[List, Dict]:
                        (f"lightms.{LOSS_SCALE_GROUP}.counter", scaler.counter)]
     state = trainer.state
     epoch_done = state.epoch_done
+    mid_epoch = not epoch_done and state.batches_done > 0
     meta["loop"] = {
         "epoch": state.current_epoch + 1 if epoch_done else state.current_epoch,
         "global_step": state.global_step,
-        "batches_done": 0 if epoch_done else state.batches_done,
+        "batches_done": state.batches_done if mid_epoch else 0,
     }
     step = trainer._train_step
     if state.window and step is not None and step.accumulators is not None:
         parameters += [(f"lightms.{ACCUMULATOR_GROUP}.{p.name}", p) for p in step.accumulators]
         meta["window"] = state.window
     logs = trainer._metrics.device.get("train")
-    if logs is not None and not epoch_done:
+    if logs is not None and mid_epoch:
         meta["train_logs"] = {"options": [dataclasses.asdict(o) for o in logs.options], "epoch": logs.epoch_state()}
     meta["callbacks"] = {cb.state_key: _json_safe(cb.state_dict()) for cb in trainer.callbacks}
     return parameters, meta
@@ -79,8 +80,9 @@ def restore_run_state(trainer, path: str) -> Dict:
         The checkpoint's meta dict (after the module's `on_load_checkpoint` saw it).
 
     Raises:
-        ValueError: If the checkpoint does not fit the model or optimizer, holds weights only, or was written
-            inside an accumulation window that the Trainer's `accumulate` cannot finish.
+        ValueError: If the checkpoint does not fit the model or optimizer, holds weights only, holds NaN or
+            infinite weights or optimizer state, or was written inside an accumulation window that the
+            Trainer's `accumulate` cannot finish. Nothing is restored then.
     """
     saved, meta = read_checkpoint(path)
     if not meta or meta.get("weights_only", True) or "loop" not in meta:
@@ -94,17 +96,19 @@ def restore_run_state(trainer, path: str) -> Dict:
             f"than {window} (the value the run had), or from a checkpoint written at the end of a window.")
     groups = split_saved(saved)
     model = trainer.model
-    assign_parameters({p.name: p for p in model.get_parameters()}, groups["model"], "model", path)
     names = {p.name for p in model.get_parameters()}
+    # Everything is checked before anything is copied: a refused checkpoint leaves the run as it was.
+    pairs = check_parameters({p.name: p for p in model.get_parameters()}, groups["model"], "model", path, "model")
     state_params = {p.name: p for opt in trainer.optimizers for p in optimizer_state(opt, names)}
-    assign_parameters(state_params, groups["optimizer"], "optimizer", path)
+    pairs += check_parameters(state_params, groups["optimizer"], "optimizer", path, "all")
     for index, config in enumerate(trainer._optimizer_config.schedulers):
-        assign_parameters(config.state_parameters(), groups.get(f"{SCHEDULER_GROUP}{index}", {}),
-                          f"learning-rate scheduler {index} ({type(config.scheduler).__name__})", path)
+        pairs += check_parameters(config.state_parameters(), groups.get(f"{SCHEDULER_GROUP}{index}", {}),
+                                  f"learning-rate scheduler {index} ({type(config.scheduler).__name__})", path)
     scaler = trainer._loss_scaler
     if scaler is not None and LOSS_SCALE_GROUP in groups:  # a float32 checkpoint starts at the initial scale
-        assign_parameters({"scale_value": scaler.scale_value, "counter": scaler.counter}, groups[LOSS_SCALE_GROUP],
-                          "loss scaler", path)
+        pairs += check_parameters({"scale_value": scaler.scale_value, "counter": scaler.counter},
+                                  groups[LOSS_SCALE_GROUP], "loss scaler", path, "all")
+    assign_checked(pairs)
     loop = meta["loop"]
     trainer.state.current_epoch = loop["epoch"]
     trainer.state.global_step = loop["global_step"]

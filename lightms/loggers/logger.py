@@ -52,15 +52,34 @@ def next_version(root: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def write_hparams_yaml(path: str, params: Dict[str, Any]) -> None:
-    """Writes `params` as YAML (each value as JSON, which YAML reads)."""
+def write_hparams_yaml(path: str, params: Dict[str, Any]) -> str:
+    """Writes `params` as YAML (each value as JSON, which YAML reads), never over another run's file.
+
+    A run logging into an existing version folder (an explicit `version`) whose `hparams.yaml`
+    holds other values writes `hparams-v1.yaml` (or -v2, ...) beside it.
+
+    Returns:
+        The path written (or found holding the same text).
+    """
+    lines = []
+    for key, value in params.items():
+        try:
+            text = json.dumps(value)
+        except TypeError:
+            text = json.dumps(repr(value))
+        lines.append(f"{key}: {text}\n")
+    content = "".join(lines)
+    stem, extension = os.path.splitext(path)
+    version = 0
+    while os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            if handle.read() == content:
+                return path
+        version += 1
+        path = f"{stem}-v{version}{extension}"
     with open(path, "w", encoding="utf-8") as handle:
-        for key, value in params.items():
-            try:
-                text = json.dumps(value)
-            except TypeError:
-                text = json.dumps(repr(value))
-            handle.write(f"{key}: {text}\n")
+        handle.write(content)
+    return path
 
 
 class FolderLogger(Logger):

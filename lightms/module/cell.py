@@ -186,7 +186,8 @@ class LightningCell(nn.Cell):
             The module, with its weights loaded.
 
         Raises:
-            ValueError: If the checkpoint is corrupt or its parameters do not fit the module.
+            ValueError: If the checkpoint is corrupt, its parameters do not fit the module, or its
+                weights are NaN or infinite (a diverged run).
             TypeError: If the saved hyperparameters do not fit `__init__`.
         """
         from lightms.checkpoint.io import assign_parameters, read_checkpoint, split_saved
@@ -199,6 +200,7 @@ class LightningCell(nn.Cell):
         except TypeError as error:
             raise TypeError(f"{cls.__name__}.load_from_checkpoint: the checkpoint's hyperparameters "
                             f"{sorted(hparams)} do not fit {cls.__name__}.__init__ ({error}).") from None
-        assign_parameters({p.name: p for p in module.get_parameters()}, split_saved(saved)["model"], "model", path)
+        assign_parameters({p.name: p for p in module.get_parameters()}, split_saved(saved)["model"], "model", path,
+                          finite="model")
         return module
 

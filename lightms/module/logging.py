@@ -429,7 +429,8 @@ class HostLogs:
         self.options: Dict[str, LogOptions] = {}
         self._step: Dict[str, float] = {}
         self._epoch: Dict[str, List[float]] = {}  # name -> [reduced value, weight]
-        self._metrics: Dict[str, object] = {}
+        self._metrics: Dict[str, object] = {}  # logged Metrics not yet evaluated
+        self._evaluated: Dict[str, float] = {}  # logged Metrics' values, once evaluated this epoch
         self.current_batch_size = 1
 
     def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
@@ -463,17 +464,22 @@ class HostLogs:
         return out
 
     def read_epoch(self) -> Dict[str, float]:
-        """Returns the epoch reduction of every name logged this epoch; logged Metrics are evaluated and cleared."""
+        """Returns the epoch reduction of every name logged this epoch, and the value of each logged Metric.
+
+        A Metric is evaluated (then cleared) the first time it is read after being logged; reading
+        again returns the same values, plus what was logged since.
+        """
+        for name, metric in self._metrics.items():
+            self._evaluated[name] = float(np.asarray(metric.eval()))
+            metric.clear()
+        self._metrics = {}
         values = {
             name: acc[0] / acc[1] if self.options[name].reduce_fx == "mean" else acc[0]
             for name, acc in self._epoch.items()
         }
-        for name, metric in self._metrics.items():
-            values[name] = float(np.asarray(metric.eval()))
-            metric.clear()
-        self._metrics = {}
+        values.update(self._evaluated)
         return values
 
     def reset(self) -> None:
         """Forgets everything (start of an epoch)."""
-        self._step, self._epoch, self._metrics = {}, {}, {}
+        self._step, self._epoch, self._metrics, self._evaluated = {}, {}, {}, {}

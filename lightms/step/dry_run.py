@@ -7,7 +7,7 @@ graph compiler sees the code.
 
 from typing import Any, Tuple
 
-from lightms._mindspore import mindspore as ms
+from lightms._mindspore import mindspore as ms  # noqa: F401  (quiets MindSpore first)
 from mindspore import Tensor, ops
 
 from lightms.module.logging import LogRecorder
@@ -57,6 +57,6 @@ def check_training_output(output, where: str) -> None:
     if output.size != 1:
         raise ValueError(f"{where} must return a scalar loss, got a tensor of shape {tuple(output.shape)}; "
                          "reduce it (for example with .mean()).")
-    if not ms.dtype_to_nptype(output.dtype).__name__.startswith(("float", "bfloat")):
+    if not output.is_floating_point():
         raise TypeError(f"{where} returned a loss of dtype {output.dtype}; a floating-point loss is needed "
                         "to differentiate.")

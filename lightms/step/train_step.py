@@ -23,8 +23,6 @@ do not advance, and the scale drops.
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
-
 from lightms._mindspore import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
@@ -217,8 +215,7 @@ class TrainStep:
         self.accumulators = None
         if accumulate > 1:
             self.accumulators = ParameterTuple(
-                Parameter(Tensor(np.zeros(p.shape, ms.dtype_to_nptype(p.dtype))), name=f"lightms_accum.{p.name}",
-                          requires_grad=False)
+                Parameter(ops.zeros(p.shape, p.dtype), name=f"lightms_accum.{p.name}", requires_grad=False)
                 for p in weights
             )
         accumulators = self.accumulators

@@ -14,6 +14,7 @@ import numpy as np
 
 from lightms._mindspore import mindspore  # noqa: F401  (quiets MindSpore's logs before it loads)
 from mindspore import Tensor
+from mindspore.common import dtype as mstype
 from mindspore import dataset as msds
 
 
@@ -74,7 +75,18 @@ class Batch:
         return leaves[0]
 
 
-def _to_tensors(batch, where: Callable[[], str], signature: list, copy: bool = False):
+def _leaf_name(path: Tuple) -> str:
+    """A leaf's place in a batch, as the user would index it: `[0]`, `["image"]`, or "the batch itself"."""
+    return "".join(f"[{key!r}]" for key in path) if path else "the batch itself"
+
+
+def _refuse_non_numeric(dtype_name: str, kind: str, where: Callable[[], str], path: Tuple) -> None:
+    raise TypeError(
+        f"{where()}, leaf {_leaf_name(path)}: a {kind} of {dtype_name} cannot go into a compiled step (MindSpore "
+        "computes on numbers only). Encode it as numbers in the data pipeline (token ids, labels), or drop the field.")
+
+
+def _to_tensors(batch, where: Callable[[], str], signature: list, copy: bool = False, path: Tuple = ()):
     """Returns `batch` with every leaf a Tensor, appending what describes its structure to `signature`.
 
     A leaf's entry is ("leaf", MindSpore dtype, shape, the leaf as it came: a numpy array or a Tensor).
@@ -83,14 +95,19 @@ def _to_tensors(batch, where: Callable[[], str], signature: list, copy: bool = F
     about ten times what it costs in a tight loop (measured on the CPU backend, most
     likely cold caches), so conversion, the structure check's key and the size share
     one walk.
-    `where()` names the batch in errors. With `copy`, numpy leaves are copied, not shared.
+    `where()` names the batch in errors, `path` the leaf. With `copy`, numpy leaves are copied, not shared.
+
+    Raises:
+        TypeError: For a leaf of strings, bytes or Python objects, naming the batch and the leaf.
     """
     if isinstance(batch, np.ndarray):
+        if batch.dtype.kind in "USOV":  # str, bytes, object, void: MindSpore would fail inside its compiler
+            _refuse_non_numeric(f"dtype {batch.dtype}", "numpy array", where, path)
         if batch.dtype == np.float64:
             batch = batch.astype(np.float32)  # MindSpore layers are float32; float64 input is a numpy default
         elif copy:
             batch = np.array(batch)
-        if batch.flags.c_contiguous and batch.dtype != object:
+        if batch.flags.c_contiguous:
             tensor = Tensor.from_numpy(batch)  # no copy: 1 us instead of 36 us for an MLP batch
             source = batch  # the memory the Tensor shares
         else:
@@ -99,6 +116,8 @@ def _to_tensors(batch, where: Callable[[], str], signature: list, copy: bool = F
         signature.append(("leaf", tensor.dtype, batch.shape, source))
         return tensor
     if isinstance(batch, Tensor):
+        if batch.dtype == mstype.string:
+            _refuse_non_numeric("strings", "Tensor", where, path)
         signature.append(("leaf", batch.dtype, batch.shape, batch))
         return batch
     if isinstance(batch, (dict, tuple, list)):
@@ -106,17 +125,17 @@ def _to_tensors(batch, where: Callable[[], str], signature: list, copy: bool = F
             raise ValueError(f"{where()}: a batch is an empty {type(batch).__name__}.")
         if isinstance(batch, dict):
             signature.append(("dict", tuple(batch)))
-            return {key: _to_tensors(value, where, signature, copy) for key, value in batch.items()}
+            return {key: _to_tensors(value, where, signature, copy, path + (key,)) for key, value in batch.items()}
         if hasattr(batch, "_fields"):
             raise TypeError(
                 f"{where()}: a batch is a namedtuple ({type(batch).__name__}); lightms takes tuples, lists and "
                 "dicts (rebuilding a namedtuple inside a compiled step failed in MindSpore 2.10), so yield a tuple "
                 "or a dict instead.")
         signature.append(("sequence", type(batch), len(batch)))
-        return type(batch)(_to_tensors(value, where, signature, copy) for value in batch)
+        return type(batch)(_to_tensors(value, where, signature, copy, path + (i,)) for i, value in enumerate(batch))
     raise TypeError(
-        f"{where()}: a batch must be a tuple, list or dict of numpy arrays or MindSpore Tensors; "
-        f"found a {type(batch).__name__}."
+        f"{where()}, leaf {_leaf_name(path)}: a batch must be a tuple, list or dict of numpy arrays or MindSpore "
+        f"Tensors; found a {type(batch).__name__}."
     )
 
 

@@ -7,13 +7,14 @@ what happens between them. Host reads of device values happen only where marked
 """
 
 import math
-import os
 import sys
 import warnings
 from typing import Dict, Optional
 
+import numpy as np
+
 from lightms._mindspore import mindspore as ms
-from mindspore import Tensor
+from mindspore import Tensor, ops
 from lightms.checkpoint.io import assign_parameters
 from lightms.checkpoint.run_state import restore_run_state
 from lightms.module.logging import HostLogs
@@ -21,6 +22,7 @@ from lightms.precision.precision import warn_half_optimizer
 from lightms.step.binding import inside_step
 from lightms.step.builder import build_eval_step, build_train_step, gradient_pipeline, module_metrics
 from lightms.step.eval_step import EvalStep
+from lightms.step.graph import compile_function
 from lightms.step.train_step import TrainStep
 from lightms.trainer.data import DataSource
 from lightms.trainer.hooks import hook_receivers
@@ -101,6 +103,9 @@ class TrainingLoop:
         self._stack_buffers = StackBuffers()
         has_val = val is not None and self.limit_val_batches != 0 and getattr(type(model), "validation_step") is not None
         self._val_source = val if has_val else None
+        self._validation_runs = 0
+        self._finite_check = None  # built at the first check, over this run's trainable parameters
+        self._check_validation_can_run()
         self._warn_unsinkable_steps()
         if model.hparams:
             for lg in self.loggers:
@@ -116,33 +121,69 @@ class TrainingLoop:
         self._call("on_train_start")
         while not self._fit_done():
             self._train_epoch()
-            self.state.current_epoch += 1
+            state = self.state
+            state.current_epoch, state.batches_done, state.epoch_done = state.current_epoch + 1, 0, False
+            self._stop_if_interrupted()  # a signal during the epoch's validation or end hooks
         self._call("on_train_end")
         self._call("on_fit_end")
+        self._stop_if_interrupted()
+
+    def _check_validation_can_run(self) -> None:
+        """Refuses a validation schedule that never comes due in this fit (as Lightning does).
+
+        Raises:
+            ValueError: If an int val_check_interval exceeds the optimizer steps of the run.
+        """
+        if self._val_source is None or not isinstance(self.val_check_interval, int):
+            return
+        total = self.estimated_stepping_batches
+        if total != float("inf") and self.val_check_interval > total:
+            raise ValueError(
+                f"Trainer(val_check_interval={self.val_check_interval}) validates every that many optimizer steps, "
+                f"but this fit takes {int(total)} (max_epochs={self.max_epochs}, max_steps={self.max_steps}, "
+                f"{self.num_training_batches} batches per epoch, accumulate={self.accumulate}), so validation would "
+                "never run. Use a smaller val_check_interval, or None to validate at epoch ends.")
 
     def _check_nonfinite(self) -> None:
-        """Reads the device's sum of the run's losses (a host sync); raises or warns once if it is not finite.
+        """Checks that the run's losses and the trainable parameters are finite (one host sync); raises or warns once.
 
-        Called at epoch ends, or after every optimizer step under detect_anomaly, so the
-        first read that finds it not finite names the epoch (or step) of the first such loss.
+        The device sums the losses of the run (NaN and infinities carry through); the
+        parameters are checked too, because a NaN in the input can reach the weights while
+        the loss stays finite (MindSpore's ReLU maps NaN to 0). Called at epoch ends, or after
+        every optimizer step under detect_anomaly, so the first check that fails names the
+        epoch (or step) where it happened.
         """
         if self._counters is None:
             return
-        loss_sum = float(self._counters.loss_sum.asnumpy())
+        if self._finite_check is None:
+            self._finite_check = compile_function(_all_finite(self._counters, self.model.trainable_params()),
+                                                  self.compile)
+        finite = bool(self._finite_check().asnumpy())
         self._extra_host_reads += 1
         host = self._counters.host  # what was warned about lives with the device sum it read
-        if math.isfinite(loss_sum) or host.nonfinite_warned:
+        if finite or host.nonfinite_warned:
             return
+        loss_finite = math.isfinite(float(self._counters.loss_sum.asnumpy()))
+        broken = [p.name for p in self.model.trainable_params() if not np.isfinite(p.asnumpy()).all()]
+        what = ("the training loss was NaN or infinite" if not loss_finite else
+                f"parameters {broken} became NaN or infinite while the training loss stayed finite (a NaN or "
+                "infinity in the input data can do this: MindSpore's ReLU maps NaN to 0)")
         if self.detect_anomaly:
             logged = self._metrics.read_train_step(self.state.global_step)
             raise FloatingPointError(
-                f"Trainer(detect_anomaly=True): the training loss was NaN or infinite at optimizer step "
-                f"{self.state.global_step} (epoch {self.state.current_epoch}, batch {self.state.batch_idx}). "
+                f"Trainer(detect_anomaly=True): {what} at optimizer step {self.state.global_step} "
+                f"(epoch {self.state.current_epoch}, batch {self.state.batch_idx}). "
                 f"Values logged at that step: {logged or 'none'}.")
         host.nonfinite_warned = True
-        warnings.warn(
-            f"The training loss was NaN or infinite in epoch {self.state.current_epoch} (lightms warns once per "
-            "fit); training goes on. Trainer(detect_anomaly=True) stops at the first such step.", stacklevel=2)
+        where = f" in epoch {self.state.current_epoch}"
+        what = what[0].upper() + what[1:].replace(" became NaN or infinite", " became NaN or infinite" + where) \
+            if loss_finite else f"The training loss was NaN or infinite{where}"
+        warnings.warn(f"{what} (lightms warns once per fit); training goes on. Trainer(detect_anomaly=True) stops "
+                      "at the first such step.", stacklevel=2)
+
+    def _stop_if_interrupted(self) -> None:
+        if self._interrupt_signal is not None:
+            self._stop_for_interrupt()
 
     def _request_stop(self, signum: int) -> None:
         self._interrupt_signal = signum
@@ -152,8 +193,7 @@ class TrainingLoop:
         name = "SIGINT/SIGTERM"  # indistinguishable once MindSpore runs (see stop_requests)
         callback = self.checkpoint_callback
         if callback is not None:
-            path = os.path.join(callback.dirpath, f"interrupted-epoch={self.state.current_epoch}"
-                                                  f"-step={self.state.global_step}.ckpt")
+            path = callback.new_path(f"interrupted-epoch={self.state.current_epoch}-step={self.state.global_step}")
             self.save_checkpoint(path)
             where = f"a checkpoint that resumes exactly is at {path} (fit(..., ckpt_path=that path))"
         else:
@@ -225,10 +265,11 @@ class TrainingLoop:
         if not self.detect_anomaly:
             self._check_nonfinite()
         state.epoch_done = True
-        self._call("on_train_epoch_end")
         self._read_step_values()
-        epoch_values = metrics.read_epoch("train")
-        self._logger_write(epoch_values)
+        # Read before on_train_epoch_end, so its callbacks (checkpoints, early stopping) can monitor epoch values.
+        metrics.end_epoch("train")
+        self._call("on_train_epoch_end")
+        self._logger_write(metrics.epoch_ended())
         self._step_schedulers("epoch", state.current_epoch + 1)
 
     def _new_chunk(self) -> Chunk:
@@ -325,8 +366,7 @@ class TrainingLoop:
         self._write_step_logs(before)
         if self._val_source is not None and self._val_due_in_epoch(last, bool(chunk.sizes[-1]), state.global_step):
             self._run_validation()
-        if self._interrupt_signal is not None:
-            self._stop_for_interrupt()
+        self._stop_if_interrupted()
         return end_epoch or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps)
 
     def _stacked_length(self, chunk: Chunk) -> int:
@@ -354,6 +394,7 @@ class TrainingLoop:
 
     def _run_validation(self) -> None:
         self._eval_loop("validation", self._val_source, self.limit_val_batches)
+        self._validation_runs += 1
         self.model.set_train(True)
 
     def _eval_loop(self, stage: str, source: DataSource, limit):
@@ -385,10 +426,13 @@ class TrainingLoop:
             if stage == "predict":
                 outputs.append(output)
             self._call(f"on_{prefix}_batch_end", output, batch.data, batch.index)
+        reported = not self.sanity_checking and stage != "predict"
+        if reported:
+            metrics.end_epoch(stage)  # before the hook: its callbacks see the epoch values, as in Lightning
         self._call(f"on_{prefix}_epoch_end")
         results: Dict[str, float] = {}
-        if not self.sanity_checking and stage != "predict":
-            logged = metrics.read_epoch(stage)
+        if reported:
+            logged = metrics.epoch_ended()
             if self.state.stage == "fit":
                 self._logger_write(logged)
             results = {name: value for name, value in metrics.callback_metrics.items()
@@ -405,3 +449,13 @@ class TrainingLoop:
             names.update(opt.reported_names().values())
             names.add(opt.name)
         return names
+
+
+def _all_finite(counters, weights):
+    """A step-like function: whether the run's loss sum and `weights` are all finite (graph-parseable)."""
+    weights = tuple(weights)
+
+    def check():
+        return ops.logical_and(ops.isfinite(counters.loss_sum), ms.amp.all_finite(weights))
+
+    return check

@@ -34,6 +34,10 @@ class MetricStore:
         self._step_read: Optional[int] = None
         self._step_for_logger: Dict[str, float] = {}
         self._keep_train_buffers = False
+        # The stage whose epoch-end hooks are running (its device values were read): values its hooks log
+        # on the host are published whenever callback_metrics is read, as Lightning's are.
+        self.epoch_ending: Optional[str] = None
+        self._device_epoch: Dict[str, float] = {}
 
     @property
     def host_reads(self) -> int:
@@ -48,6 +52,7 @@ class MetricStore:
     def start_run(self) -> None:
         """Clears every device buffer kept from an earlier run of this Trainer."""
         self._keep_train_buffers = False
+        self.epoch_ending = None  # a failed run may have stopped inside epoch-end hooks
         for buffers in self.device.values():
             buffers.clear()
 
@@ -119,8 +124,26 @@ class MetricStore:
             self._step_read, self._step_for_logger = out[-1]
         return out
 
-    def read_epoch(self, stage: str) -> Dict[str, float]:
-        """Reads a stage's epoch values; returns those bound for loggers."""
-        values = dict(self.device[stage].read_epoch()) if stage in self.device else {}
-        values.update(self.host[stage].read_epoch())
-        return self._publish(stage, values, "epoch")
+    def end_epoch(self, stage: str) -> Dict[str, float]:
+        """Reads a stage's epoch values before its epoch-end hooks run; returns those bound for loggers.
+
+        Until `epoch_ended` is called, `refresh_epoch` publishes what the hooks log on the host.
+        """
+        self._device_epoch = dict(self.device[stage].read_epoch()) if stage in self.device else {}
+        self.epoch_ending = stage
+        return self.refresh_epoch()
+
+    def refresh_epoch(self) -> Dict[str, float]:
+        """Publishes the ending epoch's values again with what host hooks logged since; returns those bound for
+        loggers (no host sync)."""
+        if self.epoch_ending is None:
+            return {}
+        values = dict(self._device_epoch)
+        values.update(self.host[self.epoch_ending].read_epoch())
+        return self._publish(self.epoch_ending, values, "epoch")
+
+    def epoch_ended(self) -> Dict[str, float]:
+        """Ends the epoch-end hooks of the stage `end_epoch` started; returns its values bound for loggers."""
+        values = self.refresh_epoch()
+        self.epoch_ending = None
+        return values

@@ -4,6 +4,7 @@ The loop itself (epochs, batches, validation scheduling) is in `lightms/trainer/
 """
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -211,6 +212,7 @@ class Trainer(TrainingLoop):
         self._hook_receivers: Dict[str, HookReceivers] = {}
         self._extra_host_reads = 0
         self._interrupt_signal: Optional[int] = None
+        self._validation_runs = 0  # validations (not sanity checks) in the current or last fit
         self.interrupted = False
         self._pending_accumulators = None
         self._loss_scaler = None  # the running fit's mindspore.amp loss scaler, if any
@@ -259,8 +261,12 @@ class Trainer(TrainingLoop):
 
     @property
     def callback_metrics(self) -> Dict[str, float]:
-        """The latest logged values as Python floats (reads the device if a step is unread)."""
+        """The latest logged values as Python floats (reads the device if a step is unread).
+
+        In epoch-end hooks they include the epoch's values, and what earlier hooks logged there.
+        """
         self._read_step_values()
+        self._metrics.refresh_epoch()
         return self._metrics.callback_metrics
 
     @property
@@ -320,6 +326,10 @@ class Trainer(TrainingLoop):
         try:
             with stop_requests(self._request_stop):
                 self._run("fit", model, datamodule, lambda: self._fit(train, val))
+                if self._interrupt_signal is not None:  # arrived in teardown: fit is done, its checkpoints too
+                    print(f"lightms: SIGINT/SIGTERM received after training ended (step {self.global_step}); "
+                          "exiting.", file=sys.stderr)
+                    raise Interrupted(self._interrupt_signal)
         except Interrupted as interruption:
             self.interrupted = True
             raise SystemExit(128 + interruption.signum) from None
@@ -370,13 +380,37 @@ class Trainer(TrainingLoop):
             callback = self.checkpoint_callback
             if callback is None:
                 raise ValueError(f'ckpt_path="{ckpt_path}" needs a ModelCheckpoint callback in the Trainer.')
-            path = callback.find_checkpoint(ckpt_path)
+            path = callback.find_checkpoint(ckpt_path, self)
             if path is None:
-                raise ValueError(f'ckpt_path="{ckpt_path}": no such checkpoint under {callback.dirpath}.')
+                where = ("this Trainer's ModelCheckpoint has no best checkpoint yet (it knows one once it saved, "
+                         "or resumed, with a monitor)" if ckpt_path == "best" else f"looked in {callback.searched(self)}")
+                raise ValueError(f'ckpt_path="{ckpt_path}": no such checkpoint; {where}.')
             return path
         if not isinstance(ckpt_path, (str, os.PathLike)):
             raise TypeError(f"ckpt_path must be a path, 'last' or 'best', got {ckpt_path!r}.")
         return os.fspath(ckpt_path)
+
+    @property
+    def validation_has_run(self) -> bool:
+        """Whether validation (not the sanity check) has run in the current or last fit."""
+        return self._validation_runs > 0
+
+    def describe_missing_metric(self, name: str) -> str:
+        """Says why `name` is not in `callback_metrics` as far as the trainer can tell, for error messages.
+
+        Returns:
+            The names available, and, when validation has not run yet in this fit, why.
+        """
+        text = f"Available: {sorted(self.callback_metrics)}."
+        if self.state.stage == "fit" and not self.validation_has_run:
+            if self._val_source is None:
+                text += " This fit does not validate (no val_dataloaders, or limit_val_batches=0)."
+            else:
+                when = (f"every {self.val_check_interval} optimizer steps (now at step {self.global_step})"
+                        if isinstance(self.val_check_interval, int) else
+                        f"every {self.check_val_every_n_epoch} epoch(s) (now in epoch {self.current_epoch})")
+                text += f" Validation has not run yet in this fit: it runs {when}."
+        return text
 
     # ---- run scaffolding ------------------------------------------------------------------
     def _check_model(self, model) -> None:
