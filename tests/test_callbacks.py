@@ -1,5 +1,7 @@
 """Callbacks: hook order, EarlyStopping, LearningRateMonitor, Timer, LambdaCallback, ModelSummary."""
 
+import os
+
 import numpy as np
 import pytest
 from mindspore import nn
@@ -164,3 +166,88 @@ def test_progress_bar_redraws_when_a_multiple_of_refresh_rate_passes_and_ends_co
         fresh_model(), batches_of(x, y, 4))
     shown = [int(n) for n in re.findall(r"Epoch 0: +\d+%\|[^|]*\| (\d)/7", capsys.readouterr().out)]
     assert sorted(set(shown)) == redrawn and shown[-1] == 7
+
+
+class EpochLoss(TinyRegressor):
+    """Logs its training loss per step and per epoch, as `train_loss_step` / `train_loss_epoch` (and `train_loss`)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = ((self(x) - y) ** 2).mean()
+        self.log("train_loss", loss, on_epoch=True)
+        return loss
+
+
+class EpochEndSeen(Callback):
+    """Records trainer.callback_metrics[name] in on_train_epoch_end and each loss the steps returned."""
+
+    order = 300
+
+    def __init__(self, name):
+        self.name, self.seen, self.losses = name, [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"].asnumpy()))
+
+    def on_train_epoch_end(self, trainer, module):
+        self.seen.append(trainer.callback_metrics[self.name])
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_an_epoch_level_training_metric_can_be_monitored(tmp_path, validate):
+    from lightms.callbacks import ModelCheckpoint
+
+    x, y = make_data(32)
+    batches = batches_of(x, y, 8)
+    seen = EpochEndSeen("train_loss")
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), monitor="train_loss", save_top_k=1)
+    stopper = EarlyStopping("train_loss", patience=1, min_delta=10.0)  # no epoch improves by 10: stop after 2
+    trainer = quiet_trainer(max_epochs=5, enable_checkpointing=True, callbacks=[checkpoint, stopper, seen])
+    trainer.fit(fresh_model(cls=EpochLoss), batches, batches if validate else None)
+    assert trainer.current_epoch == 2 and stopper.stopped_epoch == 1
+    epoch_means = np.array(seen.losses).reshape(2, 4).mean(axis=1)  # equal batch sizes: the plain mean
+    np.testing.assert_allclose(seen.seen, epoch_means, rtol=1e-5)
+    assert checkpoint.best_model_score == pytest.approx(epoch_means.min(), rel=1e-5)
+    assert stopper.best_score == pytest.approx(epoch_means[0], rel=1e-5)
+
+
+def test_epoch_end_hooks_see_the_epochs_values_and_what_earlier_hooks_logged():
+    seen = {}
+
+    class Scored(TinyRegressor):
+        def on_validation_epoch_end(self):
+            seen["module"] = dict(self.trainer.callback_metrics)
+            self.log("doubled", 2 * self.trainer.callback_metrics["val_loss"])
+
+    class Reader(Callback):
+        order = 300
+
+        def on_validation_epoch_end(self, trainer, module):
+            if not trainer.sanity_checking:
+                seen["callback"] = dict(trainer.callback_metrics)
+
+    x, y = make_data(16)
+    quiet_trainer(max_epochs=1, callbacks=[Reader()]).fit(fresh_model(cls=Scored), batches_of(x, y, 8),
+                                                           batches_of(x, y, 8))
+    assert "val_loss" in seen["module"]
+    assert seen["callback"]["doubled"] == pytest.approx(2 * seen["callback"]["val_loss"], rel=1e-6)
+
+
+def test_missing_validation_metrics_say_why():
+    from lightms.callbacks import ModelCheckpoint
+
+    x, y = make_data(32)
+    batches = batches_of(x, y, 8)  # 4 steps an epoch
+    with pytest.raises(ValueError, match=r"val_check_interval=9\) validates every that many optimizer steps, but "
+                                         "this fit takes 8"):
+        quiet_trainer(max_epochs=2, val_check_interval=9, check_val_every_n_epoch=None).fit(
+            fresh_model(), batches, batches)
+    checkpoint = ModelCheckpoint(monitor="val_loss", save_top_k=1)
+    trainer = quiet_trainer(max_epochs=2, val_check_interval=6, check_val_every_n_epoch=None,
+                            enable_checkpointing=True, callbacks=[checkpoint])
+    with pytest.warns(UserWarning, match=r"skips its top-k saves .* Validation has not run yet in this fit: it runs "
+                                         r"every 6 optimizer steps \(now at step 4\)"):
+        trainer.fit(fresh_model(), batches, batches)
+    assert [os.path.basename(p) for p in checkpoint.best_k_models] == ["epoch=1-step=8.ckpt"]
+    with pytest.raises(KeyError, match="This fit does not validate"):
+        quiet_trainer(max_epochs=1, callbacks=[EarlyStopping("val_loss")]).fit(fresh_model(), batches)

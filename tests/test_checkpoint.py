@@ -161,12 +161,13 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     before = open(path, "rb").read()
 
     def crash(entries, filename, **kwargs):
-        with open(filename, "wb") as handle:
+        with open(filename[:-len(".ckpt")] + ".tmp", "wb") as handle:  # where MindSpore writes first
             handle.write(b"half a file")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(io.ms, "save_checkpoint", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="Could not write the checkpoint .*model.ckpt .No space left on device.; any "
+                                      "earlier file at that path is unchanged"):
         trainer.save_checkpoint(path)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["model.ckpt"]  # no temporary file left behind
@@ -254,3 +255,79 @@ def test_checkpoint_inside_an_accumulation_window_and_module_hooks(tmp_path):
         quiet_trainer(max_epochs=2, accumulate=2).fit(smaller, batches, ckpt_path=path)
     assert (os.path.getsize(path), os.path.getmtime(path)) == before
     assert not hasattr(smaller, "loaded_note")
+
+
+def test_a_changed_byte_is_caught_by_the_crc(tmp_path):
+    _, _, path = fitted_checkpoint(tmp_path)
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle] ^= 0xFF
+    data[middle + 1] ^= 0x0F
+    damaged = str(tmp_path / "damaged.ckpt")
+    with open(damaged, "wb") as handle:
+        handle.write(bytes(data))
+    with pytest.raises(ValueError, match="damaged.ckpt is corrupt: its contents do not match the CRC32"):
+        TinyRegressor.load_from_checkpoint(damaged)
+    x, y = make_data(16)
+    with pytest.raises(ValueError, match="do not match the CRC32"):
+        quiet_trainer(max_epochs=2).fit(fresh_model(), batches_of(x, y, 8), ckpt_path=damaged)
+    # without its CRC trailer, a lightms checkpoint is refused too
+    stripped = str(tmp_path / "stripped.ckpt")
+    with open(stripped, "wb") as handle:
+        handle.write(open(path, "rb").read()[:-17])
+    with pytest.raises(ValueError, match="written with a CRC32, which is missing"):
+        TinyRegressor.load_from_checkpoint(stripped)
+
+
+def test_checkpoints_with_nan_or_infinite_values_are_refused_naming_the_parameters(tmp_path):
+    from mindspore import Parameter, Tensor, ops
+
+    model, trainer, _ = fitted_checkpoint(tmp_path)
+    weight = model.net[2].weight.asnumpy().copy()
+    weight[0, 3] = np.nan
+    ops.assign(model.net[2].weight, Tensor(weight))
+    path = str(tmp_path / "diverged.ckpt")
+    trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match=r"NaN or infinite values in model parameters \['net.2.weight'\]"):
+        TinyRegressor.load_from_checkpoint(path)
+    x, y = make_data(16)
+    resumed = fresh_model()
+    before = parameters_of(resumed)
+    with pytest.raises(ValueError, match=r"\['net.2.weight'\]"):
+        quiet_trainer(max_epochs=2).fit(resumed, batches_of(x, y, 8), ckpt_path=path)
+    for name, value in before.items():  # nothing was copied in
+        np.testing.assert_array_equal(parameters_of(resumed)[name], value)
+
+    class Masked(TinyRegressor):  # a buffer may hold -inf on purpose (an attention mask); NaN never
+        def __init__(self, lr=0.1):
+            super().__init__(lr)
+            self.mask = Parameter(Tensor(np.array([0.0, -np.inf], np.float32)), requires_grad=False)
+
+    from lightms.checkpoint import write_checkpoint
+
+    masked = Masked()
+    write_checkpoint(str(tmp_path / "masked.ckpt"), [(p.name, p) for p in masked.get_parameters()], {})
+    assert Masked.load_from_checkpoint(str(tmp_path / "masked.ckpt")).mask.asnumpy()[1] == -np.inf
+    ops.assign(masked.mask, Tensor(np.array([np.nan, 0.0], np.float32)))
+    write_checkpoint(str(tmp_path / "nan-mask.ckpt"), [(p.name, p) for p in masked.get_parameters()], {})
+    with pytest.raises(ValueError, match=r"\['mask'\]"):
+        Masked.load_from_checkpoint(str(tmp_path / "nan-mask.ckpt"))
+
+
+def test_a_checkpoint_renamed_to_another_extension_loads(tmp_path):
+    import shutil
+
+    model, _, path = fitted_checkpoint(tmp_path, lr=0.05)
+    renamed = str(tmp_path / "model.backup")
+    shutil.copyfile(path, renamed)
+    rebuilt = TinyRegressor.load_from_checkpoint(renamed)
+    assert rebuilt.hparams.lr == 0.05
+    np.testing.assert_array_equal(rebuilt.net[0].weight.asnumpy(), model.net[0].weight.asnumpy())
+    x, y = make_data(16)
+    trainer = quiet_trainer(max_epochs=2)
+    trainer.fit(fresh_model(), batches_of(x, y, 8), ckpt_path=renamed)
+    assert trainer.global_step == 4
+    not_a_checkpoint = tmp_path / "notes.txt"
+    not_a_checkpoint.write_text("hello")
+    with pytest.raises(ValueError, match="notes.txt is truncated or corrupt"):
+        TinyRegressor.load_from_checkpoint(str(not_a_checkpoint))

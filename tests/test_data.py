@@ -237,3 +237,16 @@ def test_a_fast_path_batch_makes_its_tensors_once_when_read_and_keeps_its_struct
     assert later.structured([1, 2]) == {"x": 1, "y": 2}
     single = list(DataSource([x[:8], x[8:16]], "train_dataloaders").batches())[1]
     assert single.structured(["only"]) == "only"
+
+
+def test_strings_and_bytes_are_refused_at_the_data_boundary_naming_the_batch_and_leaf():
+    x, y = make_data(16)
+    names = np.array(["a"] * 8)
+    with pytest.raises(TypeError, match=r"train_dataloaders, batch 0, leaf \[1\]: a numpy array of dtype <U1"):
+        quiet_trainer(max_epochs=1).fit(fresh_model(), [(x[:8], names)])
+    later = batches_of(x, y, 8) + [(x[:8], np.array([b"label"] * 8))]
+    with pytest.raises(TypeError, match=r"batch 2, leaf \[1\]: a numpy array of dtype \|S5"):
+        quiet_trainer(max_epochs=1).fit(fresh_model(), later)
+    keyed = [{"x": x[:8], "y": y[:8], "id": np.array([object()] * 8)}]
+    with pytest.raises(TypeError, match=r"batch 0, leaf \['id'\]: a numpy array of dtype object"):
+        quiet_trainer(max_epochs=1).fit(fresh_model(), keyed)

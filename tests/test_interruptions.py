@@ -6,6 +6,8 @@ import signal
 import numpy as np
 import pytest
 
+from mindspore import nn
+
 from lightms.callbacks import Callback, ModelCheckpoint
 from conftest import (AdamRegressor, RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, parameters_of,
                       quiet_trainer)
@@ -137,3 +139,88 @@ def test_detect_anomaly_stops_at_the_step():
     trainer = quiet_trainer(max_epochs=1, detect_anomaly=True)
     with pytest.raises(FloatingPointError, match="at optimizer step 3 \\(epoch 0, batch 2\\).*'loss': inf"):
         trainer.fit(fresh_model(cls=PoisonedBatch), _poisoned_data())
+
+
+class SignalIn(Callback):
+    """Sends `signum` to this process once, in `hook`, after `after` optimizer steps (validation: not the sanity check)."""
+
+    def __init__(self, hook, after, signum=signal.SIGTERM):
+        self.hook, self.after, self.signum, self.sent = hook, after, signum, False
+
+    def _maybe(self, trainer):
+        if not self.sent and not trainer.sanity_checking and trainer.global_step >= self.after:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_end(self, trainer, module, *args):
+        if self.hook == "validation":
+            self._maybe(trainer)
+
+    def on_train_end(self, trainer, module):
+        if self.hook == "on_train_end":
+            self._maybe(trainer)
+
+
+@pytest.mark.parametrize("hook", ["validation", "on_train_end"])
+def test_a_signal_after_the_last_training_step_still_stops_fit_with_a_checkpoint(tmp_path, hook, capsys):
+    x, y = make_data(32)
+    batches = batches_of(x, y, 8)
+    straight = fresh_model(cls=AdamRegressor)
+    quiet_trainer(max_epochs=2).fit(straight, batches, batches)
+    victim = quiet_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[
+        ModelCheckpoint(dirpath=str(tmp_path)), SignalIn(hook, after=8)])
+    with pytest.raises(SystemExit) as exit_info:
+        victim.fit(fresh_model(cls=AdamRegressor), batches, batches)
+    assert exit_info.value.code == 128 + signal.SIGTERM and victim.interrupted
+    path = str(tmp_path / "interrupted-epoch=2-step=8.ckpt")  # after epoch 1: the loop stands at epoch 2
+    assert path in capsys.readouterr().err
+    resumed = fresh_model(cls=AdamRegressor)
+    trainer = quiet_trainer(max_epochs=2)
+    trainer.fit(resumed, batches, batches, ckpt_path=path)  # nothing left to train
+    assert trainer.global_step == 8 and trainer.current_epoch == 2
+    for name, value in parameters_of(straight).items():
+        np.testing.assert_allclose(parameters_of(resumed)[name], value, atol=1e-6, rtol=0)
+
+
+def test_a_second_run_interrupted_at_the_same_step_does_not_overwrite_the_first_ones_checkpoint(tmp_path):
+    x, y = make_data(32)
+    written = []
+    for _ in range(2):
+        victim = quiet_trainer(max_epochs=2, enable_checkpointing=True,
+                               callbacks=[ModelCheckpoint(dirpath=str(tmp_path)), SignalAt(3, signal.SIGTERM)])
+        with pytest.raises(SystemExit):
+            victim.fit(fresh_model(cls=AdamRegressor), batches_of(x, y, 8))
+        written.append(sorted(os.listdir(tmp_path)))
+    first = open(tmp_path / "interrupted-epoch=0-step=3.ckpt", "rb").read()
+    assert written == [["interrupted-epoch=0-step=3.ckpt"],
+                       ["interrupted-epoch=0-step=3-v1.ckpt", "interrupted-epoch=0-step=3.ckpt"]]
+    assert open(tmp_path / "interrupted-epoch=0-step=3.ckpt", "rb").read() == first
+
+
+class ReluRegressor(TinyRegressor):
+    """TinyRegressor with a ReLU: MindSpore's ReLU maps NaN to 0, so a NaN input leaves the loss finite."""
+
+    def __init__(self, lr=0.1):
+        super().__init__(lr)
+        self.net = nn.SequentialCell(nn.Dense(6, 8), nn.ReLU(), nn.Dense(8, 1))
+
+
+def _nan_input_data():
+    x, y = make_data(32)
+    x = x.copy()
+    x[9, 2] = np.nan  # batch 1 of 4
+    return batches_of(x, y, 8)
+
+
+def test_a_nan_input_that_leaves_the_loss_finite_is_caught_by_the_parameter_check():
+    losses = LossesSeen()
+    with pytest.warns(UserWarning, match=r"Parameters \['net.0.weight'\] became NaN or infinite in epoch 0 while the "
+                                         "training loss stayed finite"):
+        trainer = quiet_trainer(max_epochs=1, callbacks=[losses])
+        trainer.fit(fresh_model(cls=ReluRegressor), _nan_input_data())
+    assert np.isfinite(losses.losses).all()  # what the loss-only check saw
+    assert np.isnan(trainer.model.net[0].weight.asnumpy()).any()
+    with pytest.raises(FloatingPointError, match=r"parameters \['net.0.weight'\] became NaN or infinite while the "
+                                                 r"training loss stayed finite .* at optimizer step 2 \(epoch 0, "
+                                                 r"batch 1\)"):
+        quiet_trainer(max_epochs=1, detect_anomaly=True).fit(fresh_model(cls=ReluRegressor), _nan_input_data())

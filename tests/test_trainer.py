@@ -1,5 +1,7 @@
 """The fit loop: step counting, validation schedule, hooks, recompilation and host syncs."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -273,3 +275,24 @@ def test_the_progress_bar_reads_the_device_only_when_a_name_is_shown_on_it(sink_
     shown_syncs, shown = syncs(ProgressBarLoss, bar=True)
     assert shown_syncs >= without_bar + 12 // sink_size - 1 and set(shown) == {"loss"}
     assert "loss=" in capsys.readouterr().out
+
+
+def test_importing_mindspore_first_leaves_a_fit_quiet(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "fit.py"
+    script.write_text(
+        "import mindspore\n"  # before lightms: GLOG_v is MindSpore's default, so its warnings print
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from conftest import TinyRegressor, batches_of, fresh_model, make_data, quiet_trainer\n"
+        "x, y = make_data(32)\n"
+        "quiet_trainer(max_epochs=1, accumulate=2).fit(fresh_model(), batches_of(x, y, 8))\n"
+        "quiet_trainer(max_epochs=1, sink_size=2).fit(fresh_model(), batches_of(x, y, 8))\n"
+        "print('done')\n")
+    environment = {key: value for key, value in os.environ.items() if key != "GLOG_v"}  # lightms set it here
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env=environment)
+    assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr
+    assert "WARNING" not in run.stderr, run.stderr

@@ -1,6 +1,7 @@
 """`EarlyStopping`: stop fit when a monitored value stops improving."""
 
 import math
+import warnings
 from typing import Optional
 
 from lightms.callbacks.callback import Callback
@@ -9,8 +10,10 @@ from lightms.callbacks.callback import Callback
 class EarlyStopping(Callback):
     """Stops training when `monitor` has not improved by `min_delta` for `patience` checks.
 
-    The check runs after each validation (or at each training epoch end when the run
-    has no validation). A value of 0.0 is a value like any other.
+    As in Lightning, the check runs at each training epoch end when the run validates
+    exactly there (every epoch, at its end) or not at all, so that it sees validation
+    and training epoch values alike; otherwise after each validation. A value of 0.0
+    is a value like any other.
 
     Args:
         monitor: Name in `trainer.callback_metrics`.
@@ -21,6 +24,8 @@ class EarlyStopping(Callback):
         check_finite: Stop when the value is NaN or infinite.
         stopping_threshold: Stop as soon as the value is at least this good.
         divergence_threshold: Stop as soon as the value is this bad or worse.
+        check_on_train_epoch_end: Check at training epoch ends (True) or after validations (False);
+            None chooses as described above.
 
     Raises:
         ValueError: For a bad mode, a negative patience, or a negative min_delta.
@@ -30,7 +35,7 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor: str, min_delta: float = 0.0, patience: int = 3, mode: str = "min",
                  strict: bool = True, check_finite: bool = True, stopping_threshold: Optional[float] = None,
-                 divergence_threshold: Optional[float] = None):
+                 divergence_threshold: Optional[float] = None, check_on_train_epoch_end: Optional[bool] = None):
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping(mode=...) must be 'min' or 'max', got {mode!r}.")
         if not isinstance(patience, int) or patience < 0:
@@ -45,6 +50,7 @@ class EarlyStopping(Callback):
         self.check_finite = check_finite
         self.stopping_threshold = stopping_threshold
         self.divergence_threshold = divergence_threshold
+        self.check_on_train_epoch_end = check_on_train_epoch_end
         self.wait_count = 0
         self.stopped_epoch = 0
         self.best_score = math.inf if mode == "min" else -math.inf
@@ -72,25 +78,29 @@ class EarlyStopping(Callback):
     def _at_least(self, value: float, threshold: float) -> bool:
         return value <= threshold if self.mode == "min" else value >= threshold
 
+    def _on_epoch_end(self, trainer) -> bool:
+        if self.check_on_train_epoch_end is not None:
+            return self.check_on_train_epoch_end
+        return not trainer.has_validation or (
+            trainer.val_check_interval in (None, 1.0) and trainer.check_val_every_n_epoch == 1)
+
     def on_validation_end(self, trainer, module):
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and not self._on_epoch_end(trainer):
             self._check(trainer)
 
     def on_train_epoch_end(self, trainer, module):
-        if not trainer.has_validation:
+        if self._on_epoch_end(trainer):
             self._check(trainer)
 
     def _check(self, trainer) -> None:
         metrics = trainer.callback_metrics
         if self.monitor not in metrics:
-            message = (f"EarlyStopping(monitor={self.monitor!r}) found no such logged value; "
-                       f"available: {sorted(metrics)}")
+            message = (f"EarlyStopping(monitor={self.monitor!r}) found no such logged value. "
+                       + trainer.describe_missing_metric(self.monitor))
             if self.strict:
                 raise KeyError(message)
             if not self._warned:
-                import warnings
-
-                warnings.warn(message + ". Early stopping is skipped.", stacklevel=2)
+                warnings.warn(message + " Early stopping is skipped.", stacklevel=2)
                 self._warned = True
             return
         value = float(metrics[self.monitor])
