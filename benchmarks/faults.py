@@ -38,9 +38,9 @@ EPOCHS = 4
 # Each configuration trains 4 epochs of 12 batches; a checkpoint after every optimizer step (every chunk when sunk).
 # "large" makes each checkpoint about 10 MB, so that kills often land inside a write.
 CONFIGS = {
-    "accumulate": {"trainer": {"accumulate": 2}, "every": 1, "width": 16},  # 24 steps, windows of 2 micro-batches
-    "sinking": {"trainer": {"sink_size": 3}, "every": 3, "width": 16},  # 48 steps in chunks of 3
-    "large": {"trainer": {}, "every": 1, "width": 100_000},  # 48 steps, 10 MB checkpoints
+    "accumulate": {"trainer": {"accumulate": 2}, "every": 1, "width": 16, "steps": 24},  # windows of 2 micro-batches
+    "sinking": {"trainer": {"sink_size": 3}, "every": 3, "width": 16, "steps": 48},  # chunks of 3
+    "large": {"trainer": {}, "every": 1, "width": 100_000, "steps": 48},  # 10 MB checkpoints
 }
 STARTED = "started"  # written by the child after its first checkpoint (compiling is over)
 
@@ -250,7 +250,8 @@ def kill_trial(folder, config, rng, counts, signum=signal.SIGKILL, signal_at=Non
     """Starts a child on `folder` (resuming what is there), kills it at a random moment, checks the folder.
 
     A fraction `early` of the kills land in the first 3 s (importing, compiling, restoring); the
-    others within `train_seconds` after the first chunk trained.
+    others within the training left after the child's first checkpoint (`train_seconds` for a whole
+    run, scaled by the steps left after the newest checkpoint).
 
     Returns:
         Whether the child ran to the end (no kill landed).
@@ -267,7 +268,8 @@ def kill_trial(folder, config, rng, counts, signum=signal.SIGKILL, signal_at=Non
             started = os.path.exists(marker)
         else:
             started = wait_started(folder, child)
-            time.sleep(rng.uniform(0.0, train_seconds))
+            remaining = 1.0 - max(newest_before, 0) / CONFIGS[config]["steps"]
+            time.sleep(rng.uniform(0.0, train_seconds * remaining))
         if child.poll() is None:
             child.send_signal(signum)
             counts.add("kills" if signum == signal.SIGKILL else "sigterms")
@@ -416,23 +418,23 @@ def main(argv):
     references = {config: reference_parameters(root, config) for config in CONFIGS}
     trial = 0
 
-    def run_chain(kind, total, signum):
+    def run_chain(kind, name, total, signum):
+        """Chains of up to `--chain` kills of one run, each resumed, until `total` signals landed."""
         nonlocal trial
-        done = 0
-        while done < total:
+        while counts.values[name] < total:
             config = list(CONFIGS)[trial % len(CONFIGS)]
             reference, seconds = references[config]
             folder = os.path.join(root, f"{kind}-{trial}")
             trial += 1
-            for _ in range(min(args.chain, total - done)):
-                done += 1
-                if kill_trial(folder, config, rng, counts, signum, train_seconds=seconds):
+            for _ in range(args.chain):
+                if counts.values[name] >= total or kill_trial(folder, config, rng, counts, signum,
+                                                              train_seconds=seconds):
                     break
             check_resume(folder, config, reference, counts)
-            print(f"{time.time() - started:7.0f} s  {kind}: {done}/{total}", flush=True)
+            print(f"{time.time() - started:7.0f} s  {kind}: {counts.values[name]}/{total}", flush=True)
 
-    run_chain("kill", args.kills, signal.SIGKILL)
-    run_chain("term", args.terms, signal.SIGTERM)
+    run_chain("kill", "kills", args.kills, signal.SIGKILL)
+    run_chain("term", "sigterms", args.terms, signal.SIGTERM)
     for config in CONFIGS:  # SIGTERM where random moments rarely land
         reference, _ = references[config]
         for signal_at in ("validation:3", "on_train_end"):

@@ -1,362 +1,152 @@
-"""Reading the user's code: whether every log runs each step, and naming a graph failure a `log_dict` caused."""
+"""ModuleBinding: what a run puts on the module and takes off again; super(), modes, construct's `self`."""
 
-import functools
-import inspect
-
+import numpy as np
 import pytest
 from mindspore import nn
 
-from lightms import LightningCell
-from lightms.step.binding import explain_graph_failure
-from conftest import TinyRegressor, batches_of, fresh_model, make_data, quiet_trainer
-
-MINDSPORE_SAID = RuntimeError("Some graph error.\n\n- C++ Call Stack: (For framework developers)\nframe.cc:1")
+import lightms
+from lightms.callbacks import Callback
+from conftest import TinyRegressor, batches_of, fresh_model, make_data, parameters_of, quiet_trainer
 
 
-def line_of(function, text: str) -> int:
-    """The line, in its file, of the first source line of `function` that contains `text`."""
-    lines, first = inspect.getsourcelines(function)
-    return first + next(i for i, line in enumerate(lines) if text in line)
+class ParentStep(TinyRegressor):
+    """training_step defined in a parent; the child calls it through super()."""
 
-
-class KeyUnderIf(TinyRegressor):
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = ((self(x) - y) ** 2).mean()
-        logged = {"a": loss}
-        if loss > 0.5:
-            logged["b"] = loss * 2
-        self.log_dict(logged)
-        return loss
+        return super().training_step(batch, batch_idx) * 2.0
 
 
-class UpdateUnderIf(TinyRegressor):
+class GrandChild(ParentStep):
     def training_step(self, batch, batch_idx):
-        loss = ((self(batch[0]) - batch[1]) ** 2).mean()
-        logged = {"a": loss}
-        if loss > 0.5:
-            logged.update(b=loss)
-        self.log_dict(logged)
-        return loss
+        return super(GrandChild, self).training_step(batch, batch_idx) * 0.5  # the two-argument form
 
 
-class ReboundInElse(TinyRegressor):
-    def training_step(self, batch, batch_idx):
-        loss = ((self(batch[0]) - batch[1]) ** 2).mean()
-        if loss > 0.5:
-            logged = {"a": loss}
-        else:
-            logged = {"a": loss, "b": loss}
-        self.log_dict(logged)
-        return loss
+@pytest.mark.parametrize("compile", [True, False])
+def test_super_calls_compile_and_train_like_the_parent_scaled(compile):
+    x, y = make_data(32)
+    batches = batches_of(x, y, 8)
+    models = {}
+    for cls, lr in ((TinyRegressor, 0.1), (ParentStep, 0.05), (GrandChild, 0.1)):  # loss x2 at half the rate
+        model = fresh_model(cls=cls, lr=lr)
+        quiet_trainer(max_epochs=2, compile=compile).fit(model, batches)
+        models[cls] = parameters_of(model)
+    for cls in (ParentStep, GrandChild):
+        for name, value in models[TinyRegressor].items():
+            np.testing.assert_allclose(models[cls][name], value, atol=1e-6, rtol=0)
 
 
-class InAHelper(TinyRegressor):
-    def training_step(self, batch, batch_idx):
-        loss = ((self(batch[0]) - batch[1]) ** 2).mean()
-        self.report(loss)
-        return loss
+def test_a_subclass_can_switch_validation_off_with_none():
+    class NoValidation(TinyRegressor):
+        validation_step = None
 
-    def report(self, loss):
-        logged = {"a": loss}
-        if loss > 0.5:
-            del logged["a"]
-        self.log_dict(logged)
-
-
-def logged_twice(method):
-    @functools.wraps(method)
-    def wrapper(self, *args):
-        return method(self, *args)
-    return wrapper
+    x, y = make_data(16)
+    trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=2)
+    trainer.fit(fresh_model(cls=NoValidation), batches_of(x, y, 8), batches_of(x, y, 8))
+    assert trainer.global_step == 2 and "val_loss" not in trainer.callback_metrics
+    with pytest.raises(NotImplementedError, match="Trainer.validate needs NoValidation.validation_step"):
+        trainer.validate(fresh_model(cls=NoValidation), batches_of(x, y, 8))
 
 
-class Decorated(TinyRegressor):
-    @logged_twice
-    def training_step(self, batch, batch_idx):
-        loss = ((self(batch[0]) - batch[1]) ** 2).mean()
-        logged = {"a": loss} if loss > 0.5 else {"a": loss, "b": loss}
-        self.log_dict(dictionary=logged)
-        return loss
+def test_a_construct_whose_first_parameter_is_not_self_is_named_before_mindspore_fails():
+    class Block(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Dense(6, 1)
+
+        def construct(this, x):
+            return this.dense(x)
+
+    class UsesBlock(TinyRegressor):
+        def __init__(self, lr=0.1):
+            super().__init__(lr)
+            self.net = Block()
+
+    x, y = make_data(16)
+    with pytest.raises(TypeError, match=r"Block.construct\(this, ...\): .* rename 'this' to 'self'"):
+        quiet_trainer(max_epochs=1).fit(fresh_model(cls=UsesBlock), batches_of(x, y, 8))
 
 
-class InConstruct(TinyRegressor):
+class FrozenBatchNorm(TinyRegressor):
+    """A BatchNorm the user keeps in eval mode (a frozen backbone's), and one that trains."""
+
+    def __init__(self, lr=0.1):
+        super().__init__(lr)
+        self.frozen = nn.BatchNorm1d(6)
+        self.trained = nn.BatchNorm1d(6)
+
     def construct(self, x):
-        out = self.net(x)
-        logged = {}
-        if out.mean() > 0:
-            logged["mean"] = out.mean()
-        self.log_dict(logged)
-        return out
+        return self.net(self.trained(self.frozen(x)))
 
 
-class ConstructNotCalled(InConstruct):
-    def training_step(self, batch, batch_idx):
-        loss = ((self.net(batch[0]) - batch[1]) ** 2).mean()
-        self.log("loss", loss)
-        return loss
-
-
-class SameKeys(TinyRegressor):  # values differ by branch, keys do not; a loop over Python values unrolls
-    def training_step(self, batch, batch_idx):
-        loss = ((self(batch[0]) - batch[1]) ** 2).mean()
-        logged = {"a": loss * 2 if loss > 0.5 else loss}
-        for name in ("b", "c"):
-            logged[name] = loss
-        self.log_dict(logged)
-        return loss
-
-    def unreached(self, loss):  # training_step never calls it
-        logged = {}
-        if loss > 0:
-            logged["a"] = loss
-        self.log_dict(logged)
-
-
-@pytest.mark.parametrize("cls, method, variable", [
-    (KeyUnderIf, "training_step", "logged"), (UpdateUnderIf, "training_step", "logged"),
-    (ReboundInElse, "training_step", "logged"), (InAHelper, "report", "logged"),
-    (Decorated, "training_step", "dictionary=logged"), (InConstruct, "construct", "logged")])
-def test_a_log_dict_of_a_dict_changed_under_a_condition_is_named(cls, method, variable):
-    error = explain_graph_failure(cls(), LightningCell, "training_step", MINDSPORE_SAID)
-    line = line_of(inspect.unwrap(getattr(cls, method)), f"self.log_dict({variable})")
-    assert isinstance(error, TypeError)
-    assert str(error).startswith(f"{cls.__name__}.training_step failed as a compiled graph, most likely because "
-                                 f"{method} calls self.log_dict(logged) (line {line} of {__file__}) with a dict")
-    # MindSpore's own message follows, whole, after lightms's
-    assert str(error).endswith(f"MindSpore's error (RuntimeError): {MINDSPORE_SAID}")
-
-
-def test_no_explanation_when_the_keys_never_change_or_the_log_dict_is_not_reached():
-    assert explain_graph_failure(SameKeys(), LightningCell, "training_step", MINDSPORE_SAID) is None
-    # construct is read only when a method the hook reaches calls self(...)
-    assert explain_graph_failure(ConstructNotCalled(), LightningCell, "training_step", MINDSPORE_SAID) is None
-
-
-class ValidationKeyUnderIf(TinyRegressor):
-    def validation_step(self, batch, batch_idx):
-        loss = ((self(batch[0]) - batch[1]) ** 2).mean()
-        logged = {"val_a": loss}
-        if loss > 0.5:
-            logged["val_b"] = loss
-        self.log_dict(logged)
-
-
-class PythonFlag(TinyRegressor):
-    """Adds a key under a Python condition, which the graph compiler folds: compiles and logs."""
-
-    extra = True
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = ((self(x) - y) ** 2).mean()
-        logged = {"a": loss}
-        if self.extra:
-            logged["b"] = loss * 2
-        self.log_dict(logged, on_epoch=True)
-        return loss
-
-
-@pytest.mark.parametrize("cls, hook", [(KeyUnderIf, "training_step"), (ValidationKeyUnderIf, "validation_step")])
-def test_fit_raises_the_named_error_instead_of_mindspores(cls, hook):
-    x, y = make_data(16, seed=1)
-    with pytest.raises(TypeError) as caught:
-        quiet_trainer(max_epochs=1).fit(fresh_model(cls=cls), batches_of(x, y, 8), batches_of(x, y, 8))
-    assert str(caught.value).startswith(f"{cls.__name__}.{hook} failed as a compiled graph, most likely because "
-                                        f"{hook} calls self.log_dict")
-    assert caught.value.__cause__ is None and caught.value.__suppress_context__  # no C++ trace chained
-
-
-def test_a_dict_changed_under_a_python_condition_compiles_and_logs_every_key():
-    x, y = make_data(16, seed=1)
-    trainer = quiet_trainer(max_epochs=1)
-    trainer.fit(fresh_model(cls=PythonFlag), batches_of(x, y, 8))
-    metrics = trainer.callback_metrics
-    assert metrics["b_epoch"] == pytest.approx(2 * metrics["a_epoch"], rel=1e-6)
-
-
-# ---- logs_unconditionally: whether every self.log that training_step reaches runs on every step ----
-
-class _LogsEveryStep(LightningCell):
-    def training_step(self, batch, batch_idx):
-        self.log("loss", batch)
-        self._log_more(batch)
-        return batch
-
-    def _log_more(self, value):
-        self.log_dict({"a": value})
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):  # a host hook: its conditions do not matter
-        if batch_idx:
-            self.log("host", 1.0)
-
-
-class _LogsUnderIf(LightningCell):
-    def training_step(self, batch, batch_idx):
-        if batch_idx % 10 == 0:
-            self.log("x", batch)
-        return batch
-
-
-class _CallsALoggerUnderIf(_LogsEveryStep):
-    def training_step(self, batch, batch_idx):
-        if batch_idx % 10 == 0:
-            self._log_more(batch)
-        return batch
-
-
-class _LogsInALoop(LightningCell):
-    def training_step(self, batch, batch_idx):
-        for k in range(2):
-            self.log(f"x{k}", batch)
-        return batch
-
-
-class _ReturnsEarly(LightningCell):
-    def training_step(self, batch, batch_idx):
-        if batch_idx > 3:
-            return batch
-        self.log("x", batch)
-        return batch
-
-
-class _LogsInAnExpression(LightningCell):
-    def training_step(self, batch, batch_idx):
-        _ = self.log("x", batch) if batch_idx else None
-        return batch
-
-
-class _PassesLogAround(LightningCell):
-    def training_step(self, batch, batch_idx):
-        log = self.log
-        log("x", batch)
-        return batch
-
-
-class _MixinLogsUnderIf:
-    def shared(self, value):
-        if value is not None:
-            self.log("m", value)
-
-
-class _FromAMixin(_MixinLogsUnderIf, LightningCell):
-    def training_step(self, batch, batch_idx):
-        self.shared(batch)
-        return batch
-
-
-class _CallsSuper(_LogsUnderIf):
-    def training_step(self, batch, batch_idx):
-        return super().training_step(batch, batch_idx)
-
-
-def _log_for(module, value):
-    if value is not None:
-        module.log("x", value)
-
-
-class _PassesItself(LightningCell):
-    def training_step(self, batch, batch_idx):
-        _log_for(self, batch)
-        return self(batch)
-
-
-class _LogsADictFilledUnderIf(LightningCell):
-    def training_step(self, batch, batch_idx):
-        metrics = {"loss": batch}
-        if batch_idx % 3 == 0:
-            metrics["acc"] = batch
-        self.log_dict(metrics)
-        self.log_dict({"fixed": batch})  # a literal: the same names every time
-        return batch
-
-
-class _LogsInAComprehension(LightningCell):
-    def training_step(self, batch, batch_idx):
-        _ = [self.log(name, batch) for name in ("a", "b") if batch_idx]
-        return batch
-
-
-def _log_extra_every(n):
-    def decorate(step):
-        @functools.wraps(step)
-        def wrapper(self, batch, batch_idx):
-            if batch_idx % n == 0:
-                self.log("extra", batch)
-            return step(self, batch, batch_idx)
-        return wrapper
-    return decorate
-
-
-class _Decorated(LightningCell):
-    @_log_extra_every(10)
-    def training_step(self, batch, batch_idx):
-        self.log("loss", batch)
-        return batch
-
-
-class _LogsThroughAPartial(LightningCell):
+class ModesSeen(Callback):
     def __init__(self):
-        super().__init__()
-        self._emit = functools.partial(self.log, prog_bar=True)
+        self.seen = []
 
-    def training_step(self, batch, batch_idx):
-        self._emit("loss", batch)
-        return batch
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.seen.append(("train", module.frozen.training, module.trained.training))
 
-
-class _Tracker:
-    def __init__(self, module):
-        self.module = module
-
-    def emit(self, value, batch_idx):
-        if batch_idx % 2:
-            self.module.log("x", value)
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        self.seen.append(("val", module.frozen.training, module.trained.training))
 
 
-class _LogsThroughAHelperObject(LightningCell):
-    def __init__(self):
-        super().__init__()
-        self.tracker = _Tracker(self)
-
-    def training_step(self, batch, batch_idx):
-        self.tracker.emit(batch, batch_idx)
-        return batch
-
-
-class _UsesSubCells(LightningCell):
-    def __init__(self):
-        super().__init__()
-        self.dense = nn.Dense(2, 1)
-        self.loss_fn = nn.MSELoss()
-
-    def training_step(self, batch, batch_idx):
-        loss = self.loss_fn(self.dense(batch), batch.sum(axis=1, keepdims=True))
-        self.log_dict({"loss": loss, "scale": self.dense.weight.sum()})
-        return loss
-
-
-@pytest.mark.parametrize("cls, expected", [
-    (_LogsEveryStep, True), (_UsesSubCells, True), (_LogsUnderIf, False), (_CallsALoggerUnderIf, False),
-    (_LogsInALoop, False), (_ReturnsEarly, False), (_LogsInAnExpression, False), (_PassesLogAround, False),
-    (_FromAMixin, False), (_CallsSuper, False), (_PassesItself, False), (_LogsADictFilledUnderIf, False),
-    (_LogsInAComprehension, False), (_Decorated, False), (_LogsThroughAPartial, False),
-    (_LogsThroughAHelperObject, False)])
-def test_logs_unconditionally_reads_the_methods_training_step_reaches(cls, expected):
-    from lightms.step.binding import logs_unconditionally
-
-    assert logs_unconditionally(cls(), LightningCell) is expected
+@pytest.mark.parametrize("where", ["before fit", "on_train_start"])
+def test_sub_cells_the_user_put_in_eval_mode_stay_there_and_modes_come_back_after_fit(where):
+    x, y = make_data(32)
+    model = fresh_model(cls=FrozenBatchNorm)
+    mean_before = model.frozen.moving_mean.asnumpy().copy()
+    if where == "before fit":
+        model.set_train(True)
+        model.frozen.set_train(False)
+    else:
+        model.on_train_start = lambda: model.frozen.set_train(False)
+    before = [(name, cell.training) for name, cell in model.cells_and_names()]
+    seen = ModesSeen()
+    quiet_trainer(max_epochs=2, num_sanity_val_steps=1, callbacks=[seen]).fit(model, batches_of(x, y, 8),
+                                                                               batches_of(x, y, 16))
+    training = [modes for kind, *modes in seen.seen if kind == "train"]
+    assert training == [[False, True]] * 8  # the frozen one in eval mode at every step, also after validation
+    assert {tuple(modes) for kind, *modes in seen.seen if kind == "val"} == {(False, False)}
+    np.testing.assert_array_equal(model.frozen.moving_mean.asnumpy(), mean_before)  # its statistics never moved
+    assert not np.allclose(model.trained.moving_mean.asnumpy(), 0.0)  # the other one's did
+    assert [(name, cell.training) for name, cell in model.cells_and_names()] == before  # as before fit
 
 
-def test_logs_unconditionally_answers_false_when_it_cannot_read_the_code():
-    from lightms.step.binding import logs_unconditionally
+def test_a_fresh_module_in_mindspores_default_eval_mode_trains_in_train_mode():
+    x, y = make_data(32)
+    model = fresh_model(cls=FrozenBatchNorm)
+    assert not any(cell.training for _, cell in model.cells_and_names())  # MindSpore's default
+    seen = ModesSeen()
+    quiet_trainer(max_epochs=1, callbacks=[seen]).fit(model, batches_of(x, y, 8))
+    assert {tuple(modes) for kind, *modes in seen.seen} == {(True, True)}
+    assert not any(cell.training for _, cell in model.cells_and_names())  # and back after fit
 
-    namespace = {"LightningCell": LightningCell}
-    exec("class NoSource(LightningCell):\n"
-         "    def training_step(self, batch, batch_idx):\n"
-         "        self.log('x', batch)\n"
-         "        return batch\n", namespace)
-    assert logs_unconditionally(namespace["NoSource"](), LightningCell) is False
-    module = _LogsEveryStep()
-    module.training_step = lambda batch, batch_idx: batch  # set on the instance: not read
-    assert logs_unconditionally(module, LightningCell) is False
+
+def test_nothing_lightms_put_on_the_module_stays_after_a_run_also_when_it_raises():
+    class Fails(TinyRegressor):
+        def on_train_epoch_end(self):
+            raise RuntimeError("boom")
+
+    x, y = make_data(16)
+    for cls, expect_error in ((TinyRegressor, False), (Fails, True)):
+        model = fresh_model(cls=cls)
+        before = set(vars(model))
+        trainer = quiet_trainer(max_epochs=1)
+        if expect_error:
+            with pytest.raises(RuntimeError, match="boom"):
+                trainer.fit(model, batches_of(x, y, 8))
+        else:
+            trainer.fit(model, batches_of(x, y, 8))
+        # no shadow, construct or other lightms attribute left on the instance (set_train adds MindSpore's flags)
+        assert set(vars(model)) - before <= {"_func_graph_flags"}
+        assert model._lightms_log_target is None and model._lightms_hook is None and not model._lightms_in_step
+        assert model.trainer is trainer  # as in Lightning, the module keeps its trainer
+
+
+def test_the_plan_is_printable():
+    x, y = make_data(16)
+    trainer = quiet_trainer(max_epochs=1, accumulate=2, gradient_clip_val=0.5, sink_size=2)
+    trainer.fit(fresh_model(), batches_of(x, y, 4))
+    text = str(trainer._engine.plan)
+    assert "2 micro-batch(es) per optimizer step, 2 per host call, compiled" in text
+    assert "clip by norm 0.5 -> optimizer update" in text and "loss (mean, step)" in text
+    assert lightms.__version__

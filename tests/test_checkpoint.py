@@ -331,3 +331,18 @@ def test_a_checkpoint_renamed_to_another_extension_loads(tmp_path):
     not_a_checkpoint.write_text("hello")
     with pytest.raises(ValueError, match="notes.txt is truncated or corrupt"):
         TinyRegressor.load_from_checkpoint(str(not_a_checkpoint))
+
+
+def test_save_checkpoint_after_validate_writes_what_there_is(tmp_path):
+    x, y = make_data(16)
+    model = fresh_model(lr=0.05)
+    trainer = quiet_trainer()
+    trainer.validate(model, batches_of(x, y, 8))
+    path = str(tmp_path / "validated.ckpt")
+    trainer.save_checkpoint(path)
+    rebuilt = TinyRegressor.load_from_checkpoint(path)
+    assert rebuilt.hparams.lr == 0.05
+    for name, value in parameters_of(model).items():
+        np.testing.assert_array_equal(parameters_of(rebuilt)[name], value)
+    with pytest.raises(ValueError, match="written outside fit .* no optimizer state"):
+        quiet_trainer(max_epochs=1).fit(fresh_model(), batches_of(x, y, 8), ckpt_path=path)

@@ -50,7 +50,7 @@ def test_an_overflowing_step_is_skipped_and_halves_the_scale():
         np.testing.assert_array_equal(parameters_of(model)[name], value)
     assert trainer.global_step == 0
     assert int(trainer.optimizers[0].global_step.asnumpy()) == 0  # in-graph schedules read this counter
-    assert float(trainer._loss_scaler.scale_value.asnumpy()) == 2.0 ** 15
+    assert float(trainer._engine.loss_scaler.scale_value.asnumpy()) == 2.0 ** 15
 
 
 def test_mixed_keeps_float32_master_weights_and_true_makes_them_half():
@@ -95,7 +95,7 @@ def test_skipped_steps_do_not_step_host_schedulers_and_sinking_stays_exact():
 
     model, trainer = fit(1)
     # every skip halves the scale (2 ** 16 at the start; no growth within 2000 steps)
-    skipped = 16 - int(np.log2(float(trainer._loss_scaler.scale_value.asnumpy())))
+    skipped = 16 - int(np.log2(float(trainer._engine.loss_scaler.scale_value.asnumpy())))
     assert skipped >= 1 and trainer.global_step == 3 - skipped
     lr = float(np.asarray(trainer.optimizers[0].param_groups[0]["lr"].asnumpy()))
     assert lr == pytest.approx(0.1 * 0.5 ** trainer.global_step)  # stepped once per real update only
@@ -112,17 +112,17 @@ def test_loss_scaler_state_is_checkpointed_and_restored(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path))
     trainer = quiet_trainer(max_epochs=1, precision="16-mixed", callbacks=[checkpoint], enable_checkpointing=True)
     trainer.fit(fresh_model(cls=AdamRegressor), batches)
-    scale = float(trainer._loss_scaler.scale_value.asnumpy())
+    scale = float(trainer._engine.loss_scaler.scale_value.asnumpy())
     assert scale <= 2.0 ** 15 and trainer.global_step == 4 - (16 - int(np.log2(scale)))
     saved = ms.load_checkpoint(checkpoint.last_model_path)
     assert float(saved["lightms.loss_scale.scale_value"].asnumpy()) == scale
-    counter = int(trainer._loss_scaler.counter.asnumpy())  # finite steps since the last skip
+    counter = int(trainer._engine.loss_scaler.counter.asnumpy())  # finite steps since the last skip
     assert 1 <= counter <= trainer.global_step
     assert int(saved["lightms.loss_scale.counter"].asnumpy()) == counter
-    resumed = quiet_trainer(max_epochs=1, precision="16-mixed")  # max_epochs reached: restores, trains nothing
+    resumed = quiet_trainer(max_epochs=2, precision="16-mixed")  # one more epoch, of finite batches
     resumed.fit(fresh_model(cls=AdamRegressor), batches_of(x, y, 8), ckpt_path=checkpoint.last_model_path)
-    assert float(resumed._loss_scaler.scale_value.asnumpy()) == scale
-    assert int(resumed._loss_scaler.counter.asnumpy()) == counter
+    assert float(resumed._engine.loss_scaler.scale_value.asnumpy()) == scale  # no overflow: the restored scale
+    assert int(resumed._engine.loss_scaler.counter.asnumpy()) == counter + 4  # counting on from the checkpoint
 
 
 def test_resuming_under_loss_scaling_goes_on_counting_from_the_checkpoint(tmp_path):

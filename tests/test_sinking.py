@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import lightms
+from lightms.trainer.chunks import SunkBatches
 from lightms.callbacks import Callback, ModelCheckpoint
 from lightms._mindspore import mindspore as ms
 from mindspore import nn
@@ -36,7 +37,7 @@ class ChunkRecorder(Callback):
         self.starts, self.ends, self.ranges = [], [], []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.starts.append((batch_idx, len(batch) if isinstance(batch, list) else 1))
+        self.starts.append((batch_idx, len(batch) if isinstance(batch, SunkBatches) else 1))
         self.ranges.append(trainer.sink_batches)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -196,7 +197,7 @@ def test_resume_from_a_checkpoint_written_inside_a_sunk_epoch(tmp_path):
 
 def test_hooks_get_the_chunk_and_its_first_and_last_index(monkeypatch):
     # one graph call per chunk: count the calls into compiled training graphs
-    from lightms.step.graph import GraphFunction
+    from lightms.engine.engine import GraphFunction
 
     calls = []
     run = GraphFunction.compile_and_run
@@ -255,13 +256,14 @@ def test_step_schedulers_and_anomaly_detection_say_they_end_every_chunk():
 
 
 def test_a_sink_length_that_does_not_fit_in_memory_is_shortened_loudly(monkeypatch):
-    from lightms.trainer import loop, sinking
+    from lightms.trainer import chunks
 
     x, y = make_data(100)
     per_batch = x[:8].nbytes + y[:8].nbytes
-    assert sinking.fit_in_memory(13, batches_of(x, y, 8)[0], limit=5 * per_batch) == 5
-    monkeypatch.setattr(loop, "SINK_MEMORY_LIMIT", 5 * per_batch)
-    monkeypatch.setattr(loop, "fit_in_memory", lambda length, data: sinking.fit_in_memory(length, data, 5 * per_batch))
+    assert chunks.fit_in_memory(13, batches_of(x, y, 8)[0], limit=5 * per_batch) == 5
+    fit_in_memory = chunks.fit_in_memory
+    monkeypatch.setattr(chunks, "SINK_MEMORY_LIMIT", 5 * per_batch)
+    monkeypatch.setattr(chunks, "fit_in_memory", lambda length, data: fit_in_memory(length, data, 5 * per_batch))
     with pytest.warns(UserWarning, match="lightms sinks 5 per host call"):
         model, trainer, _, recorder = fit("epoch", 1, epochs=1)
     assert recorder.ranges[:3] == [range(0, 5), range(5, 10), range(10, 12)]
@@ -314,7 +316,7 @@ def test_sinking_stacks_tensor_leaves_and_dicts_like_numpy_batches(form):
 
 
 def test_stack_buffers_are_reused_only_when_nothing_else_holds_them():
-    from lightms.trainer.sinking import StackBuffers
+    from lightms.trainer.chunks import StackBuffers
     from mindspore import Tensor
 
     pool = StackBuffers(keep=2)
@@ -343,7 +345,7 @@ def test_stack_buffers_are_reused_only_when_nothing_else_holds_them():
 
 
 def test_a_batch_a_hook_keeps_under_sinking_never_changes(monkeypatch):
-    from lightms.trainer.sinking import StackBuffers
+    from lightms.trainer.chunks import StackBuffers
 
     import weakref
 

@@ -8,6 +8,7 @@ reads the buffers only when somebody asks (a logger, the progress bar, a
 callback): steps where nobody listens cost no device-to-host copy.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -120,7 +121,6 @@ class LogRecorder:
     def __init__(self, hook: str):
         self.hook = hook
         self.options: Dict[str, LogOptions] = {}
-        self.logged_once = True  # whether each name was logged once (False: some name more than once)
 
     def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
         """`LightningCell.log` during the dry run: checks and records the call."""
@@ -153,8 +153,6 @@ class LogRecorder:
                 f"self.log({options.name!r}, ...) is called twice in {self.hook} with different "
                 f"options: {known} and {options}."
             )
-        if known is not None:
-            self.logged_once = False
         self.options[options.name] = options
 
 
@@ -168,29 +166,30 @@ class DeviceLogBuffers(nn.Cell):
     Three levels, each a (2, names) Parameter of (reduced value, weight) rows: the
     open window (the micro-batches of one optimizer step), the last closed window
     (the step value) and the epoch. Means are weighted by batch size; `sum`, `max`
-    and `min` reduce as named. Every small kernel costs every step (roughly 10-15 us
-    each on the CPU backend: lightms's 9 extra kernels measured 1.5-3% of a 4.5 ms MLP
-    step), so the hot path is short: a `self.log` of a mean or sum is one
-    multiply, one stack and one scatter-add into its own column (so a NaN or
-    infinite value stays in its column), and closing a window is at most three
-    whole-level copies and adds. With one micro-batch per window, a name without
-    `on_epoch` skips the multiply; without any `on_epoch` name, the epoch level is
-    not updated; and when the step graph runs one window per call, the window itself
-    is the step level, emptied as the next step starts (one copy instead of two).
-    When, further, no name has `on_epoch` and each is logged exactly once per step
-    (`overwrites`), a record just overwrites its value in the window, which is never
-    emptied and holds the step value (also under sinking): the default
-    `self.log("loss", loss)` at `accumulate=1` costs one kernel a step (two when sunk
-    with a logger: the step's history row).
+    and `min` reduce as named. A weight above 0 says the name was logged at that
+    level, so a name logged only on some steps is reported only at those steps.
+    Every small kernel costs every step, so the hot path is short: a `self.log` of a
+    mean or sum is a stack and a scatter-add into its own column (so a NaN or infinite
+    value stays in its column), plus a multiply by the batch size where the weight
+    matters; closing a window is at most three whole-level copies and adds.
 
     Args:
         options: What the dry run recorded, in slot order.
+        single_batch_windows: Every window holds one micro-batch (accumulate=1): a name without
+            `on_epoch` skips the batch-size multiply.
+        window_is_step: The step graph runs one window per call: the window itself is the step
+            level, emptied as the next step starts (`open_window`).
+        history_length: Under sinking with a logger, keep the step values of up to this many
+            optimizer steps of one chunk (`record_step`); 0 for none.
     """
 
-    def __init__(self, options: List[LogOptions]):
+    def __init__(self, options: List[LogOptions], single_batch_windows: bool = False, window_is_step: bool = False,
+                 history_length: int = 0):
         super().__init__(auto_prefix=False)
         self.options = list(options)
         self.index = {opt.name: i for i, opt in enumerate(self.options)}
+        self.single_batch_windows = single_batch_windows
+        self.window_is_step = window_is_step
         count = max(len(self.options), 1)  # a zero-width Parameter is awkward to update
         initial = np.zeros(count, np.float32)
         for i, opt in enumerate(self.options):
@@ -198,9 +197,8 @@ class DeviceLogBuffers(nn.Cell):
         self._initial_level = np.stack([initial, np.zeros(count, np.float32)])
         self.host_reads = 0  # device-to-host reads of these buffers, for the trainer's sync count
         self.has_extremes = any(opt.reduce_fx in ("max", "min") for opt in self.options)
-        # Per name: the (value, weight) cells of its column, and its value cell alone, for scatter updates.
+        # Per name: the (value, weight) cells of its column, for scatter updates.
         self.cells = [Tensor(np.array([[VALUE, i], [WEIGHT, i]], np.int32)) for i in range(count)]
-        self.value_cells = [Tensor(np.array([[VALUE, i]], np.int32)) for i in range(count)]
         pad = [False] * (count - len(self.options))
         eye = np.eye(count, dtype=bool)
         self.value_masks = [Tensor(np.outer([True, False], eye[i])) for i in range(count)]  # extremes only
@@ -218,31 +216,10 @@ class DeviceLogBuffers(nn.Cell):
         self._batch_size_tensors = {}
         # The epoch level is kept only if some name reports it (training_step's default is on_step only).
         self.keeps_epoch = any(opt.on_epoch for opt in self.options)
-        # Set by the train step when every window is one micro-batch (accumulate=1).
-        self.single_batch_windows = False
-        # Set when, further, the step graph runs one window per call (no sinking), or the window
-        # is never emptied (`overwrites`): the window then holds the step value between calls.
-        self.window_is_step = False
-        # Whether each name is logged exactly once per step: the dry run saw each once, and no
-        # self.log call sits under a condition (`binding.logs_unconditionally`; set by the step builder).
-        self.logged_once = True
-        # Set by the train step when windows are one micro-batch, no name has on_epoch and each is
-        # logged exactly once per step (`logged_once`): a record overwrites its value cell (one kernel)
-        # and weights are not kept, so the host reports every name once a step has run (`written`).
-        self.overwrites = False
-        self.written = False  # whether a step wrote the window since the run started (set by the trainer)
-        self.history = None  # step values of the optimizer steps of one sunk chunk (see keep_step_history)
-
-    def keep_step_history(self, length: int) -> None:
-        """Makes room for the step values of up to `length` optimizer steps of one sunk chunk.
-
-        Under sinking, many optimizer steps run in one graph call; `record_step` keeps
-        each one's (value, weight) rows so loggers get every step they ask for.
-        """
-        if self.history is None or self.history.shape[0] < length:
-            shape = (length,) + self._initial_level.shape
-            self.history = Parameter(Tensor(np.zeros(shape, np.float32)), name="lightms_log.history",
-                                     requires_grad=False)
+        self.history = None  # step values of the optimizer steps of one sunk chunk
+        if history_length:
+            self.history = Parameter(Tensor(np.zeros((history_length,) + self._initial_level.shape, np.float32)),
+                                     name="lightms_log.history", requires_grad=False)
 
     def record_step(self, slot):
         """Copies the last closed window (the step value) into history row `slot` (graph-parseable)."""
@@ -286,10 +263,9 @@ class DeviceLogBuffers(nn.Cell):
                 "so it has no slot in the compiled step. Call self.log for every name on every batch."
             )
         i = self.index[name]
-        value = ops.cast(value, ms.float32).reshape(())
-        if self.overwrites:  # the name's one record of a one-micro-batch step: its step value, whatever reduce_fx
-            ops.scatter_nd_update(self.window, self.value_cells[i], value.reshape((1,)))  # reshapes launch no kernel
-            return value
+        if not isinstance(value, Tensor) or value.dtype != ms.float32:  # decided as the graph is built
+            value = ops.cast(value, ms.float32)
+        value = value.reshape(())  # a reshape launches no kernel
         if reduce_fx in ("mean", "sum"):
             update = ops.stack([value, self.one])  # (value, weight 1)
             # A window of one micro-batch: every record of a name in it has the same weight (a name's
@@ -309,8 +285,7 @@ class DeviceLogBuffers(nn.Cell):
         """Makes the open window the step value, adds it to the epoch, and opens a new one (graph-parseable).
 
         Without `on_epoch` names nothing is added to the epoch level. When the window is the
-        step level (`window_is_step`), it stays as it is: the next step's `open_window` empties
-        it, or, when records overwrite their values (`overwrites`), nothing does.
+        step level (`window_is_step`), it stays as it is: the next step's `open_window` empties it.
 
         Args:
             history_slot: Under sinking, write the step value to this row of the history
@@ -337,8 +312,7 @@ class DeviceLogBuffers(nn.Cell):
         return ops.depend(done, ops.assign(window, self.opened))
 
     def open_window(self):
-        """Empties the window before a step's records, when it serves as the step level and records add up
-        (not with `overwrites`; graph-parseable)."""
+        """Empties the window before a step's records, when it serves as the step level (graph-parseable)."""
         return ops.assign(self.window, self.opened)
 
     # ---- host side -------------------------------------------------------
@@ -349,8 +323,6 @@ class DeviceLogBuffers(nn.Cell):
         return self._values(values, weights)
 
     def _values(self, values: np.ndarray, weights: np.ndarray) -> Dict[str, float]:
-        if self.overwrites:  # weights are not kept: every name was written at every step, once a step ran
-            weights = np.full_like(weights, 1.0 if self.written else 0.0)
         out = {}
         for i, opt in enumerate(self.options):
             if weights[i] > 0:
@@ -358,10 +330,7 @@ class DeviceLogBuffers(nn.Cell):
         return out
 
     def read_step(self) -> Dict[str, float]:
-        """Returns the last finished window's value of every name logged in it (a host sync).
-
-        With `overwrites`, every name is reported once a step of the run has written the window.
-        """
+        """Returns the last finished window's value of every name logged in it (a host sync)."""
         return self._read(self.window if self.window_is_step else self.step)
 
     def read_window(self) -> Dict[str, float]:
@@ -382,13 +351,24 @@ class DeviceLogBuffers(nn.Cell):
         self.host_reads += 1
         return [self._values(row[VALUE], row[WEIGHT]) for row in history]
 
-    def epoch_state(self) -> List[List[float]]:
-        """Returns the epoch level (reduced values, weights), for checkpoints."""
-        return self.epoch.asnumpy().tolist()
+    def state_dict(self) -> Dict:
+        """The logged names and the epoch and window levels (reduced values, weights), for checkpoints."""
+        return {"options": [dataclasses.asdict(o) for o in self.options], "epoch": self.epoch.asnumpy().tolist(),
+                "window": self.window.asnumpy().tolist()}
 
-    def load_epoch_state(self, rows: List[List[float]]) -> None:
-        """Restores what `epoch_state` returned (no compiled graph is unlinked)."""
-        ops.assign(self.epoch, Tensor(np.array(rows, np.float32)))
+    def load_state_dict(self, state: Dict) -> None:
+        """Restores what `state_dict` returned (no compiled graph is unlinked).
+
+        Raises:
+            ValueError: If the checkpoint's run logged other names or options.
+        """
+        saved = [LogOptions(**o) for o in state["options"]]
+        if saved != self.options:
+            raise ValueError(f"the checkpoint's run logged {[o.name for o in saved]} in training_step with other "
+                             f"options than this run's {[o.name for o in self.options]}; its epoch values cannot "
+                             "continue.")
+        ops.assign(self.epoch, Tensor(np.array(state["epoch"], np.float32)))
+        ops.assign(self.window, Tensor(np.array(state["window"], np.float32)))
 
     def reset(self) -> None:
         """Clears the epoch level, if kept; called by the host at the start of an epoch.
@@ -404,7 +384,6 @@ class DeviceLogBuffers(nn.Cell):
         """Clears every level; called at the start of a run (a failed run may have left a window open)."""
         for level in (self.window, self.step, self.epoch):
             ops.assign(level, self.opened)
-        self.written = False
 
 
 def is_metric(value) -> bool:

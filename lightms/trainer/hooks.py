@@ -10,7 +10,7 @@ from typing import Any, List, Tuple
 
 from lightms.callbacks.callback import Callback
 from lightms.module.cell import LightningCell
-from lightms.step.binding import reads_argument, set_on_instance
+from lightms.engine.binding import set_on_instance
 from lightms.trainer.metrics import stage_of_hook
 
 
@@ -23,8 +23,6 @@ class HookReceivers:
         module_class: Whether the module's class overrides LightningCell's no-op.
         after: Callbacks that override it, ordered after the module.
         callback_count: len(trainer.callbacks) when this was worked out (a callback added later rebuilds it).
-        reads_batch: For the training batch hooks, whether any receiver's code reads its `batch`
-            argument (True when it cannot tell; always True for other hooks).
         instance_hook: What the module instance held under the hook's name when this was worked
             out (a function set on it later rebuilds it; one set on a callback instance during a
             run is not seen, as a callback is asked only for what it overrode when this was built).
@@ -34,28 +32,7 @@ class HookReceivers:
     module_class: bool
     after: Tuple[Callback, ...]
     callback_count: int
-    reads_batch: bool
     instance_hook: Any
-
-
-# Where `batch` is among the arguments a hook gets after (trainer, module), for hooks whose batch costs
-# host time to build (a sunk chunk's list of row Tensors: about 70 us for 10 LeNet micro-batches).
-BATCH_ARGUMENT = {"on_train_batch_start": 0, "on_train_batch_end": 1}
-
-
-def _reads_positional(function, position: int) -> bool:
-    """Whether `function`, as got from a callback or the module, reads its argument at `position`.
-
-    A bound method's code (and that of the run's graph-callable shadow of a module method,
-    `binding.graph_callable_methods`) has self first; a function set on an instance, or a
-    static method, has not. True when it cannot tell (no code to read, `*args`, `locals()`).
-    """
-    shadowed = getattr(function, "__wrapped_method__", None)
-    if shadowed is not None:
-        return reads_argument(shadowed, position + 1)
-    if hasattr(function, "__func__"):
-        return reads_argument(function.__func__, position + 1)
-    return reads_argument(function, position)
 
 
 def overrides(callback: Callback, hook: str) -> bool:
@@ -67,12 +44,9 @@ def receivers_of(callbacks: List[Callback], model: LightningCell, hook: str) -> 
     """Works out who receives `hook` (callback-only hooks such as on_sanity_check_* have no module side)."""
     active = [cb for cb in callbacks if overrides(cb, hook)]
     module_class = getattr(type(model), hook, None) not in (None, getattr(LightningCell, hook, None))
-    position = BATCH_ARGUMENT.get(hook)
-    reads_batch = position is None or any(_reads_positional(getattr(cb, hook), position + 2) for cb in active) or (
-        (module_class or set_on_instance(model, hook)) and _reads_positional(getattr(model, hook), position))
     return HookReceivers(tuple(cb for cb in active if cb.order < Callback.MODULE_ORDER), module_class,
                          tuple(cb for cb in active if cb.order >= Callback.MODULE_ORDER), len(callbacks),
-                         reads_batch, model.__dict__.get(hook))
+                         model.__dict__.get(hook))
 
 
 def hook_receivers(trainer, hook: str) -> HookReceivers:
@@ -100,12 +74,12 @@ def call_hook(trainer, hook: str, *args) -> Any:
         getattr(cb, hook)(trainer, model, *args)
     returned = None
     if receivers.module_class or set_on_instance(model, hook):
-        object.__setattr__(model, "_lightms_hook", hook)
-        object.__setattr__(model, "_lightms_log_target", trainer._metrics.host[stage_of_hook(hook)])
+        binding = trainer._binding
+        binding.host_hook(hook, trainer._metrics.host[stage_of_hook(hook)])
         try:
             returned = getattr(model, hook)(*args)
         finally:
-            object.__setattr__(model, "_lightms_hook", None)
+            binding.host_hook(None, None)
     for cb in receivers.after:
         getattr(cb, hook)(trainer, model, *args)
     return returned

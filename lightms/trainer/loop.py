@@ -1,107 +1,179 @@
-"""The loop: fit epochs, training batches, validation scheduling and evaluation passes.
+"""The run: `fit`, `validate`, `test` and `predict`, and the loops between them.
 
-One readable set of plain for-loops around the compiled steps, mixed into `Trainer`:
-`Trainer` holds the arguments, the public state and the entry points; this holds
-what happens between them. Host reads of device values happen only where marked
-(logging steps, epoch ends, `detect_anomaly`).
+Mixed into `Trainer`, which holds the arguments and the public state. A fit reads
+top-down: epochs; in each, the chunks `ChunkPlanner` cuts; for each chunk the batch
+hooks, `engine.run(chunk)`, bookkeeping, schedulers, step logs, validation and stop
+checks. What the device computes is the engine's (`lightms.engine`); host reads of
+device values happen only where marked (logging steps, epoch ends, `detect_anomaly`).
 """
 
 import math
 import sys
 import warnings
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from lightms._mindspore import GraphDumpGuard
 from lightms._mindspore import mindspore as ms
-from mindspore import Tensor, ops
-from lightms.checkpoint.io import assign_parameters
+from mindspore import ops
 from lightms.checkpoint.run_state import restore_run_state
-from lightms.module.logging import HostLogs
+from lightms.engine.binding import ModuleBinding
+from lightms.engine.engine import Counters, TrainEngine, compile_function
+from lightms.engine.eval_step import EvalStep, module_metrics
+from lightms.engine.explain import explain_graph_failure
+from lightms.engine.plan import frozen_parameters, plan_training
+from lightms.module.cell import LightningCell
 from lightms.precision.precision import warn_half_optimizer
-from lightms.step.binding import inside_step
-from lightms.step.builder import build_eval_step, build_train_step, gradient_pipeline, module_metrics
-from lightms.step.eval_step import EvalStep
-from lightms.step.graph import compile_function
-from lightms.step.train_step import TrainStep
-from lightms.trainer.data import DataSource
+from lightms.trainer.chunks import Chunk, ChunkPlanner, resolve_sink_length
+from lightms.trainer.data import DataSource, eval_source, fit_sources
 from lightms.trainer.hooks import hook_receivers
-from lightms.trainer.interrupts import Interrupted
+from lightms.trainer.interrupts import Interrupted, stop_requests
 from lightms.trainer.optimizers import read_optimizer_config, step_schedulers
-from lightms.trainer.sinking import (SINK_MEMORY_LIMIT, Chunk, StackBuffers, check_sinkable, fit_in_memory,
-                                    resolve_sink_length)
+from lightms.trainer.seed import seed_everything
 
 EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
 
 
 class TrainingLoop:
-    """The loop half of `Trainer` (a mixin: it uses the Trainer's state and hooks)."""
+    """The run half of `Trainer` (a mixin: it uses the Trainer's arguments, state and hooks)."""
 
-    def _warn_unsinkable_steps(self) -> None:
-        """Says once, loudly, when the configuration makes every optimizer step end a sunk chunk."""
-        if self._sink_length == 1:
-            return
-        reasons = []
-        if self.detect_anomaly:
-            reasons.append("detect_anomaly=True checks the loss after every optimizer step")
-        if any(config.interval == "step" and config.frequency == 1 for config in self._optimizer_config.schedulers):
-            reasons.append("a host-side lr scheduler with interval 'step' steps between optimizer steps "
-                           "(an nn.LearningRateSchedule in the optimizer runs inside the graph)")
-        if isinstance(self.val_check_interval, int) and self.val_check_interval == 1 and self._val_source is not None:
-            reasons.append("val_check_interval=1 validates after every optimizer step")
-        for cb in self.callbacks:
-            if all(cb.needs_host_at_step(self, step) for step in (1, 2, 3)):
-                reasons.append(f"{type(cb).__name__} needs the host after every optimizer step")
-        if reasons:
-            warnings.warn(f"Trainer(sink_size={self.sink_size!r}): chunks end after every optimizer step because "
-                          + "; ".join(reasons) + f". Up to accumulate={self.accumulate} micro-batches are sunk "
-                          "per host call.", stacklevel=4)
+    # ---- entry points -------------------------------------------------------------------
+    def fit(self, model: LightningCell, train_dataloaders=None, val_dataloaders=None, datamodule=None,
+            ckpt_path=None) -> None:
+        """Trains `model`, validating as configured.
 
-    def _build_train_step(self, batch) -> TrainStep:
-        step, logs = build_train_step(self.model, batch, self._optimizer_config.optimizer, self._counters,
-                                      self._metrics.device.get("train"), self.accumulate,
-                                      gradient_pipeline(self.gradient_clip_val, self.gradient_clip_algorithm),
-                                      self.compile, self._sink_length, self._loss_scaler, self.precision.autocast,
-                                      step_history=bool(self.loggers))
-        self._metrics.device["train"] = logs
-        if self._pending_accumulators:  # a checkpoint written inside an accumulation window
-            assign_parameters({p.name: p for p in step.accumulators}, self._pending_accumulators,
-                              "accumulation window", str(self._ckpt_path))
-            self._pending_accumulators = None
-        return step
+        Args:
+            model: The LightningCell.
+            train_dataloaders: Training batches (a batched Dataset or an iterable).
+            val_dataloaders: Validation batches, or None.
+            datamodule: A LightningDataModule instead of the two loaders.
+            ckpt_path: Resume from this checkpoint: a path, "last" or "best" (of the
+                ModelCheckpoint callback). The run continues exactly where it stopped.
 
-    def _build_eval_step(self, stage: str, batch) -> EvalStep:
-        step, target, logs = build_eval_step(self.model, stage, EVAL_HOOKS[stage], batch, self._metrics.host[stage],
-                                             self.compile, self.precision.autocast)
-        if logs is not None:
-            self._metrics.device[stage] = logs
-        self._eval_log_targets[stage] = target
-        return step
+        Raises:
+            ValueError: If no training data is given, both loaders and a datamodule are,
+                the training data is empty, or the checkpoint does not fit.
+            SystemExit: After SIGINT/SIGTERM, once the step is finished and the checkpoint written
+                (code 128 + signal).
+        """
+        self._check_model(model)
+        self._ckpt_path = self._resolve_ckpt_path(ckpt_path)
+        train, val = fit_sources(self, datamodule, train_dataloaders, val_dataloaders)
+        if train is None:
+            raise ValueError("Trainer.fit needs training data: pass train_dataloaders or a datamodule whose "
+                             "train_dataloader() returns batches.")
+        self._interrupt_signal, self.interrupted = None, False
+        try:
+            with stop_requests(self._request_stop):
+                self._run("fit", model, lambda: self._fit(train, val))
+                if self._interrupt_signal is not None:  # arrived in teardown: fit is done, its checkpoints too
+                    print(f"lightms: SIGINT/SIGTERM received after training ended (step {self.global_step}); "
+                          "exiting.", file=sys.stderr)
+                    raise Interrupted(self._interrupt_signal)
+        except Interrupted as interruption:
+            self.interrupted = True
+            raise SystemExit(128 + interruption.signum) from None
 
-    # ---- the loops ----------------------------------------------------------------------
+    def validate(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Dict[str, float]]:
+        """Runs validation_step over the data; returns `[metrics]` as Lightning does."""
+        return self._evaluate("validate", "validation", model, dataloaders, datamodule)
+
+    def test(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Dict[str, float]]:
+        """Runs test_step over the data; returns `[metrics]` as Lightning does."""
+        return self._evaluate("test", "test", model, dataloaders, datamodule)
+
+    def predict(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Any]:
+        """Runs predict_step over the data; returns the list of per-batch outputs."""
+        self._check_model(model)
+        source = eval_source(self, "predict", datamodule, dataloaders)
+        outputs: List[Any] = []
+        self._run("predict", model, lambda: outputs.extend(self._eval_loop("predict", source,
+                                                                          self.limit_predict_batches)))
+        return outputs
+
+    # ---- scaffolding ----------------------------------------------------------------------
+    def _check_model(self, model) -> None:
+        if not isinstance(model, LightningCell):
+            raise TypeError(f"Trainer expects a lightms.LightningCell, got {type(model).__name__}.")
+
+    def _evaluate(self, entry: str, stage: str, model, dataloaders, datamodule) -> List[Dict[str, float]]:
+        self._check_model(model)
+        if not callable(getattr(model, EVAL_HOOKS[stage], None)):
+            raise NotImplementedError(f"Trainer.{entry} needs {type(model).__name__}.{EVAL_HOOKS[stage]}(batch, "
+                                      "batch_idx).")
+        source = eval_source(self, entry, datamodule, dataloaders)
+        limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
+        results: List[Dict[str, float]] = []
+        self._run(entry, model, lambda: results.append(self._eval_loop(stage, source, limit)))
+        return results
+
+    def _run(self, stage: str, model: LightningCell, body) -> None:
+        """Binds the model, runs `body` with setup/teardown around it, and always unbinds."""
+        if self.seed is not None:
+            seed_everything(self.seed)
+        self.model = model
+        self.precision.apply(model)
+        self._counters = Counters()
+        self._counters.set(self.state.current_epoch, self.state.global_step)
+        self._metrics.start_run()
+        self._engine, self._eval_steps = None, {}
+        self._hook_receivers = {}  # hook -> who receives it, for this run's model
+        self.state.stage = stage
+        status = "failed"
+        dump_guard = GraphDumpGuard()
+        binding = self._binding = ModuleBinding(model, self, LightningCell)
+        try:
+            with binding:
+                binding.use_counters(self._counters)
+                if stage == "fit":
+                    binding.start_training()  # before setup: modes the user sets from there on are kept
+                self._call("setup", stage)
+                body()
+                status = "success"
+                self._call("teardown", stage)
+        except BaseException as exception:
+            if isinstance(exception, Interrupted):
+                status = "interrupted"
+            moved = dump_guard.tidy()
+            if moved:
+                warnings.warn(f"MindSpore's compile report (rank_0/om/analyze_fail.ir) was moved out of the "
+                              f"working directory to {moved}.", stacklevel=3)
+            for cb in self.callbacks:
+                cb.on_exception(self, model, exception)
+            raise
+        finally:
+            for lg in self.loggers:
+                lg.finalize(status)
+            if self._planner is not None:
+                self._planner.release()
+            self.state.stage = None
+
+    def _explainer(self, hook: str):
+        """What a new step graph of `hook` calls when it fails (`explain.explain_graph_failure`)."""
+        return lambda error: explain_graph_failure(self.model, LightningCell, hook, error)
+
+    # ---- fit ----------------------------------------------------------------------------
     def _fit(self, train: DataSource, val: Optional[DataSource]) -> None:
-        model = self.model
-        self._optimizer_config = read_optimizer_config(model.configure_optimizers(), type(model).__name__)
-        self.optimizers = [self._optimizer_config.optimizer]
-        self._loss_scaler = self.precision.loss_scaler()
-        if self._loss_scaler is not None:  # a skipped step is counted on the device, and the host reads it
-            self._counters.global_step_read = True
-        warn_half_optimizer(self.precision, self._optimizer_config.optimizer)
+        model, state = self.model, self.state
+        config = read_optimizer_config(model.configure_optimizers(), type(model).__name__)
+        self.optimizers, self.lr_scheduler_configs = [config.optimizer], config.schedulers
+        warn_half_optimizer(self.precision, config.optimizer)
+        self._pending_engine_state = None
         if self._ckpt_path is not None:
-            restore_run_state(self, self._ckpt_path)
-            train.resume_at(self.state.current_epoch, self.state.batches_done)
-            self._counters.set(self.state.current_epoch, self.state.global_step)  # the restored values
+            self._pending_engine_state = restore_run_state(self, self._ckpt_path)
+            train.resume_at(state.current_epoch, state.batches_done)
+            self._counters.set(state.current_epoch, state.global_step)  # the restored values
         self._train_source = train
         self.num_training_batches = train.batch_count(self.limit_train_batches)
         if self.num_training_batches == 0:
             if train.length() == 0:
                 raise ValueError("train_dataloaders yielded no batches: the dataset is empty.")
             raise ValueError(f"Trainer(limit_train_batches={self.limit_train_batches}) leaves no training batches.")
-        self._sink_length = resolve_sink_length(self.sink_size, self.num_training_batches) if self.compile else 1
-        self._sink_shapes = None  # the batch shapes of the run's first chunk: chunks of them are padded
-        self._sink_plans = {}  # Chunk.device_inputs' Tensors by plan
-        self._stack_buffers = StackBuffers()
-        has_val = val is not None and self.limit_val_batches != 0 and getattr(type(model), "validation_step") is not None
+        sink_length = resolve_sink_length(self.sink_size, self.num_training_batches) if self.compile else 1
+        self._planner = ChunkPlanner(self.accumulate, sink_length, self._host_needed_after,
+                                     lambda: self.state.global_step, sink_size=self.sink_size)
+        has_val = val is not None and self.limit_val_batches != 0 and callable(getattr(model, "validation_step", None))
         self._val_source = val if has_val else None
         self._validation_runs = 0
         self._finite_check = None  # built at the first check, over this run's trainable parameters
@@ -112,21 +184,160 @@ class TrainingLoop:
                 lg.log_hyperparams(dict(model.hparams))
         self._call("on_fit_start")
         if self._val_source is not None and self.num_sanity_val_steps != 0:
-            self.state.sanity_checking = True
+            state.sanity_checking = True
             self._call("on_sanity_check_start")
             limit = None if self.num_sanity_val_steps == -1 else self.num_sanity_val_steps
             self._eval_loop("validation", self._val_source, limit)
             self._call("on_sanity_check_end")
-            self.state.sanity_checking = False
+            state.sanity_checking = False
         self._call("on_train_start")
         while not self._fit_done():
             self._train_epoch()
-            state = self.state
             state.current_epoch, state.batches_done, state.epoch_done = state.current_epoch + 1, 0, False
             self._stop_if_interrupted()  # a signal during the epoch's validation or end hooks
         self._call("on_train_end")
         self._call("on_fit_end")
         self._stop_if_interrupted()
+
+    def _train_epoch(self) -> None:
+        state, metrics = self.state, self._metrics
+        metrics.start_epoch("train")
+        self._counters.set_epoch(state.current_epoch)
+        state.epoch_done = False
+        self._call("on_train_epoch_start")
+        if self._engine is not None and self._engine.plan.frozen != frozen_parameters(self.optimizers[0]):
+            self._engine = self._build_engine(previous=self._engine)  # requires_grad changed (a fine-tuning callback)
+        batches = self._train_source.batches(self.limit_train_batches)
+        for chunk in self._planner.chunks(batches, state.window):
+            if self._run_chunk(chunk):
+                break
+        if self._val_due_at_epoch_end():
+            self._run_validation()
+        if not self.detect_anomaly:
+            self._check_nonfinite()
+        state.epoch_done = True
+        self._read_step_values()
+        # Read before on_train_epoch_end, so its callbacks (checkpoints, early stopping) can monitor epoch values.
+        metrics.end_epoch("train")
+        self._call("on_train_epoch_end")
+        self._logger_write(metrics.epoch_ended())
+        self._step_schedulers("epoch", state.current_epoch + 1)
+
+    def _build_engine(self, batch=None, previous: Optional[TrainEngine] = None) -> TrainEngine:
+        """Plans the training step on the first batch (its dry run) and builds the engine's graphs.
+
+        A rebuild (`previous`: the trainable parameters changed) keeps the plan's other parts
+        and carries the device state over.
+        """
+        optimizer = self.optimizers[0]
+        if previous is not None:
+            batch, plan = previous.example, previous.plan.with_frozen(frozen_parameters(optimizer))
+        else:
+            plan = plan_training(self.model, batch, optimizer, accumulate=self.accumulate,
+                                 sink_length=self._planner.sink_length, clip_val=self.gradient_clip_val,
+                                 clip_algorithm=self.gradient_clip_algorithm, precision=self.precision,
+                                 step_history=bool(self.loggers), compile=self.compile)
+        scaler = previous.loss_scaler if previous is not None else self.precision.loss_scaler()
+        engine = TrainEngine(self.model, optimizer, plan, self._counters, self._binding.inside, batch,
+                             self.precision.autocast, scaler, self._explainer("training_step"))
+        self._metrics.device["train"] = engine.logs
+        state = previous.state_dict(self.state.window) if previous is not None else self._pending_engine_state
+        if state is not None:
+            tensors, rest = state
+            engine.load_state_dict({name: value.asnumpy() for name, value in tensors.items()}, rest)
+        self._pending_engine_state = None
+        return engine
+
+    def _run_chunk(self, chunk: Chunk) -> bool:
+        """Trains on a chunk (one host call when sinking) and does what follows its steps.
+
+        Returns:
+            Whether the epoch must end (a hook returned -1, should_stop, max_steps).
+        """
+        state = self.state
+        first, last = chunk.batches[0], chunk.batches[-1]
+        state.batch_idx = first.index
+        self.sink_batches = range(first.index, last.index + 1)
+        end_epoch = False
+        if self._call("on_train_batch_start", chunk.hook_batches(), first.index) == -1:
+            if not state.window:
+                return True
+            # Ending now would leave gradients in the accumulators: finish the window first.
+            warnings.warn("on_train_batch_start returned -1 inside an accumulation window; lightms "
+                          "finishes the window, then ends the epoch.", stacklevel=3)
+            chunk.cut_after_first()
+            last, end_epoch = first, True
+            self.sink_batches = range(first.index, first.index + 1)
+        if self._engine is None:
+            self._engine = self._build_engine(first)
+        report = self._engine.run(chunk)
+        before = state.global_step
+        state.batches_done, state.window = last.index + 1, chunk.window
+        state.global_step += report.steps
+        if self.lr_scheduler_configs:
+            for step in range(before + 1, state.global_step + 1):
+                self._step_schedulers("step", step)
+        if chunk.steps and self.detect_anomaly:
+            self._check_nonfinite()
+        self._call("on_train_batch_end", report.outputs, chunk.hook_batches(), last.index)
+        if not report.steps:
+            return end_epoch
+        self._write_step_logs(before)
+        if self._val_source is not None and self._val_due_in_epoch(last, bool(chunk.sizes[-1]), state.global_step):
+            self._run_validation()
+        self._stop_if_interrupted()
+        return end_epoch or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps)
+
+    def _write_step_logs(self, step_before: int) -> None:
+        """Sends the step values of the optimizer steps after `step_before` that log_every_n_steps selects."""
+        every = self.log_every_n_steps
+        if not self.loggers or self.state.global_step // every == step_before // every:  # no multiple of it passed
+            return
+        steps = [s for s in range(step_before + 1, self.state.global_step + 1) if s % every == 0]
+        if self._planner.sink_length > 1:
+            for step, values in self._metrics.read_sunk_steps(steps, step_before + 1):
+                self._logger_write(values, step)
+        else:
+            self._logger_write(self._metrics.read_train_step(steps[0]))
+
+    # ---- when the host must act -------------------------------------------------------------
+    def _fit_done(self) -> bool:
+        if self.state.should_stop:
+            return True
+        if self.max_steps != -1 and self.state.global_step >= self.max_steps:
+            return True
+        return self.max_epochs != -1 and self.state.current_epoch >= self.max_epochs
+
+    def _host_needed_after(self, step: int, batch) -> bool:
+        """Whether the host must act right after optimizer step `step` (so a sunk chunk ends there)."""
+        if self.detect_anomaly or (self.max_steps != -1 and step >= self.max_steps):
+            return True
+        if self._val_source is not None and self._val_due_in_epoch(batch, True, step):
+            return True
+        if any(config.interval == "step" and config.due(step) for config in self.lr_scheduler_configs):
+            return True
+        # Asked for every batch of a chunk: only callbacks that override the default (False) are asked.
+        receivers = hook_receivers(self, "needs_host_at_step")
+        return any(cb.needs_host_at_step(self, step) for cb in receivers.before + receivers.after)
+
+    def _val_due_at_epoch_end(self) -> bool:
+        if self._val_source is None or isinstance(self.val_check_interval, int):
+            return False
+        return (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
+
+    def _val_due_in_epoch(self, batch, closed_window: bool, step: int) -> bool:
+        """Whether validation runs after `batch`, which took the run to optimizer step `step`."""
+        if self._val_source is None or not closed_window:  # never inside an accumulation window
+            return False
+        interval = self.val_check_interval
+        if isinstance(interval, int):
+            epoch_ok = self.check_val_every_n_epoch is None or \
+                (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
+            return epoch_ok and step % interval == 0
+        if interval is None or interval == 1.0 or batch.is_last or self.num_training_batches is None:
+            return False
+        every = max(1, int(self.num_training_batches * interval))
+        return (batch.index + 1) % every == 0 and self._val_due_at_epoch_end()
 
     def _check_validation_can_run(self) -> None:
         """Refuses a validation schedule that never comes due in this fit (as Lightning does).
@@ -144,6 +355,31 @@ class TrainingLoop:
                 f"{self.num_training_batches} batches per epoch, accumulate={self.accumulate}), so validation would "
                 "never run. Use a smaller val_check_interval, or None to validate at epoch ends.")
 
+    def _warn_unsinkable_steps(self) -> None:
+        """Says once, loudly, when the configuration makes every optimizer step end a sunk chunk."""
+        if self._planner.sink_length == 1:
+            return
+        reasons = []
+        if self.detect_anomaly:
+            reasons.append("detect_anomaly=True checks the loss after every optimizer step")
+        if any(config.interval == "step" and config.frequency == 1 for config in self.lr_scheduler_configs):
+            reasons.append("a host-side lr scheduler with interval 'step' steps between optimizer steps "
+                           "(an nn.LearningRateSchedule in the optimizer runs inside the graph)")
+        if isinstance(self.val_check_interval, int) and self.val_check_interval == 1 and self._val_source is not None:
+            reasons.append("val_check_interval=1 validates after every optimizer step")
+        for cb in self.callbacks:
+            if all(cb.needs_host_at_step(self, step) for step in (1, 2, 3)):
+                reasons.append(f"{type(cb).__name__} needs the host after every optimizer step")
+        if reasons:
+            warnings.warn(f"Trainer(sink_size={self.sink_size!r}): chunks end after every optimizer step because "
+                          + "; ".join(reasons) + f". Up to accumulate={self.accumulate} micro-batches are sunk "
+                          "per host call.", stacklevel=5)
+
+    def _step_schedulers(self, interval: str, count: int) -> None:
+        if self.lr_scheduler_configs:
+            step_schedulers(self.lr_scheduler_configs, interval, count, lambda: self.callback_metrics)
+
+    # ---- non-finite values and interrupts -------------------------------------------------------
     def _check_nonfinite(self) -> None:
         """Checks that the run's losses and the trainable parameters are finite (one host sync); raises or warns once.
 
@@ -153,44 +389,38 @@ class TrainingLoop:
         every optimizer step under detect_anomaly, so the first check that fails names the
         epoch (or step) where it happened.
         """
-        if self._counters is None:
-            return
+        counters = self._counters
         if self._finite_check is None:
-            self._finite_check = compile_function(_all_finite(self._counters, self.model.trainable_params()),
-                                                  self.compile)
+            self._finite_check = compile_function(_all_finite(counters, self.model.trainable_params()), self.compile)
         finite = bool(self._finite_check().asnumpy())
         self._extra_host_reads += 1
-        host = self._counters.host  # what was warned about lives with the device sum it read
-        if finite or host.nonfinite_warned:
+        if finite or counters.nonfinite_warned:
             return
-        loss_finite = math.isfinite(float(self._counters.loss_sum.asnumpy()))
+        loss_finite = math.isfinite(float(counters.loss_sum.asnumpy()))
         broken = [p.name for p in self.model.trainable_params() if not np.isfinite(p.asnumpy()).all()]
-        what = ("the training loss was NaN or infinite" if not loss_finite else
-                f"parameters {broken} became NaN or infinite while the training loss stayed finite (a NaN or "
-                "infinity in the input data can do this: MindSpore's ReLU maps NaN to 0)")
+        state = self.state
         if self.detect_anomaly:
-            logged = self._metrics.read_train_step(self.state.global_step)
+            what = ("the training loss was NaN or infinite" if not loss_finite else
+                    f"parameters {broken} became NaN or infinite while the training loss stayed finite (a NaN or "
+                    "infinity in the input data can do this: MindSpore's ReLU maps NaN to 0)")
+            logged = self._metrics.read_train_step(state.global_step)
             raise FloatingPointError(
-                f"Trainer(detect_anomaly=True): {what} at optimizer step {self.state.global_step} "
-                f"(epoch {self.state.current_epoch}, batch {self.state.batch_idx}). "
-                f"Values logged at that step: {logged or 'none'}.")
-        host.nonfinite_warned = True
-        where = f" in epoch {self.state.current_epoch}"
-        what = what[0].upper() + what[1:].replace(" became NaN or infinite", " became NaN or infinite" + where) \
-            if loss_finite else f"The training loss was NaN or infinite{where}"
+                f"Trainer(detect_anomaly=True): {what} at optimizer step {state.global_step} (epoch "
+                f"{state.current_epoch}, batch {state.batch_idx}). Values logged at that step: {logged or 'none'}.")
+        object.__setattr__(counters, "nonfinite_warned", True)
+        what = (f"The training loss was NaN or infinite in epoch {state.current_epoch}" if not loss_finite else
+                f"Parameters {broken} became NaN or infinite in epoch {state.current_epoch} while the training loss "
+                "stayed finite (a NaN or infinity in the input data can do this: MindSpore's ReLU maps NaN to 0)")
         warnings.warn(f"{what} (lightms warns once per fit); training goes on. Trainer(detect_anomaly=True) stops "
                       "at the first such step.", stacklevel=2)
-
-    def _stop_if_interrupted(self) -> None:
-        if self._interrupt_signal is not None:
-            self._stop_for_interrupt()
 
     def _request_stop(self, signum: int) -> None:
         self._interrupt_signal = signum
 
-    def _stop_for_interrupt(self) -> None:
-        """Writes a resumable checkpoint (when checkpointing is on) and ends fit."""
-        name = "SIGINT/SIGTERM"  # indistinguishable once MindSpore runs (see stop_requests)
+    def _stop_if_interrupted(self) -> None:
+        """After SIGINT/SIGTERM: writes a resumable checkpoint (when checkpointing is on) and ends fit."""
+        if self._interrupt_signal is None:
+            return
         callback = self.checkpoint_callback
         if callback is not None:
             path = callback.new_path(f"interrupted-epoch={self.state.current_epoch}-step={self.state.global_step}")
@@ -198,247 +428,56 @@ class TrainingLoop:
             where = f"a checkpoint that resumes exactly is at {path} (fit(..., ckpt_path=that path))"
         else:
             where = "checkpointing is off, so no checkpoint was written"
-        print(f"lightms: {name} received; stopped after optimizer step {self.state.global_step}; {where}.",
+        # SIGINT and SIGTERM are indistinguishable once MindSpore runs (see stop_requests).
+        print(f"lightms: SIGINT/SIGTERM received; stopped after optimizer step {self.state.global_step}; {where}.",
               file=sys.stderr)
         raise Interrupted(self._interrupt_signal)
 
-    def _step_schedulers(self, interval: str, count: int) -> None:
-        if self._optimizer_config.schedulers:
-            step_schedulers(self._optimizer_config.schedulers, interval, count, lambda: self.callback_metrics)
-
-    def _fit_done(self) -> bool:
-        if self.state.should_stop:
-            return True
-        if self.max_steps != -1 and self.state.global_step >= self.max_steps:
-            return True
-        return self.max_epochs != -1 and self.state.current_epoch >= self.max_epochs
-
-    def _val_due_at_epoch_end(self) -> bool:
-        if self._val_source is None or isinstance(self.val_check_interval, int):
-            return False
-        return (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
-
-    def _val_due_in_epoch(self, batch, closed_window: bool, step: int) -> bool:
-        """Whether validation runs after `batch`, which took the run to optimizer step `step`."""
-        if self._val_source is None or not closed_window:  # never inside an accumulation window
-            return False
-        interval = self.val_check_interval
-        if isinstance(interval, int):
-            epoch_ok = self.check_val_every_n_epoch is None or \
-                (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
-            return closed_window and epoch_ok and step % interval == 0
-        if interval is None or interval == 1.0 or batch.is_last or self.num_training_batches is None:
-            return False
-        every = max(1, int(self.num_training_batches * interval))
-        return (batch.index + 1) % every == 0 and self._val_due_at_epoch_end()
-
-    def _train_epoch(self) -> None:
-        model, state, metrics = self.model, self.state, self._metrics
-        model.set_train(True)
-        metrics.start_epoch("train")
-        self._counters.set(state.current_epoch, state.global_step, read_only=True)
-        state.epoch_done = False
-        self._call("on_train_epoch_start")
-        chunk = self._new_chunk()
-        for batch in self._train_source.batches(self.limit_train_batches):
-            if self._train_step is None and self._sink_length > 1 and not chunk.batches:
-                check_sinkable(batch.data, "train_dataloaders")
-                self._limit_sink_memory(batch)
-                chunk = self._new_chunk()
-            if not chunk.accepts(batch):  # a batch of another size: it starts a chunk of its own
-                if self._run_chunk(chunk):
-                    chunk = None
-                    break
-                chunk = self._new_chunk()
-            closes = chunk.add(batch, self.accumulate)
-            if (len(chunk.batches) < self._sink_length and not batch.is_last
-                    and not (closes and self._host_needed_after(state.global_step + chunk.steps, batch))):
-                continue
-            if self._run_chunk(chunk):
-                chunk = None
-                break
-            chunk = self._new_chunk()
-        if chunk is not None and chunk.batches:  # only when a limit or the data ended mid-chunk
-            self._run_chunk(chunk)
-        if self._val_due_at_epoch_end():
-            self._run_validation()
-        if not self.detect_anomaly:
-            self._check_nonfinite()
-        state.epoch_done = True
-        self._read_step_values()
-        # Read before on_train_epoch_end, so its callbacks (checkpoints, early stopping) can monitor epoch values.
-        metrics.end_epoch("train")
-        self._call("on_train_epoch_end")
-        self._logger_write(metrics.epoch_ended())
-        self._step_schedulers("epoch", state.current_epoch + 1)
-
-    def _new_chunk(self) -> Chunk:
-        """An empty chunk that starts at the open window; stacked buffers of the sink length when sinking."""
-        if self._sink_length == 1:
-            return Chunk(self.state.window)
-        return Chunk(self.state.window, self._sink_length, self._stack_buffers)
-
-    def _limit_sink_memory(self, batch) -> None:
-        """Shortens the sink length, loudly, if a stacked chunk of it would not fit in memory."""
-        fitting = fit_in_memory(self._sink_length, batch.data)
-        if fitting < self._sink_length:
-            warnings.warn(f"Trainer(sink_size={self.sink_size!r}): {self._sink_length} stacked batches would take more "
-                          f"than {SINK_MEMORY_LIMIT >> 20} MiB of host memory; lightms sinks {fitting} per host call "
-                          "instead.", stacklevel=4)
-            self._sink_length = fitting
-
-    def _host_needed_after(self, step: int, batch) -> bool:
-        """Whether the host must act right after optimizer step `step` (so a sunk chunk ends there)."""
-        if self.detect_anomaly or (self.max_steps != -1 and step >= self.max_steps):
-            return True
-        if self._val_source is not None and self._val_due_in_epoch(batch, True, step):
-            return True
-        if any(config.interval == "step" and config.due(step) for config in self._optimizer_config.schedulers):
-            return True
-        # Asked for every batch of a chunk: only callbacks that override the default (False) are asked.
-        receivers = hook_receivers(self, "needs_host_at_step")
-        return any(cb.needs_host_at_step(self, step) for cb in receivers.before + receivers.after)
-
-    def _hook_batches(self, chunk: Chunk, hooks=("on_train_batch_start", "on_train_batch_end")):
-        """The `batch` the training batch hooks get (`Chunk.hook_batches`); under sinking None when no
-        receiver's code of `hooks` reads it (which no hook can observe)."""
-        if not chunk.length or any(hook_receivers(self, hook).reads_batch for hook in hooks):
-            return chunk.hook_batches()
-        return None
-
-    def _run_chunk(self, chunk: Chunk) -> bool:
-        """Trains on a chunk's micro-batches (one host call when sinking) and does what follows its steps.
-
-        Returns:
-            Whether the epoch must end (a hook returned -1, should_stop, max_steps).
-        """
-        model, state, metrics = self.model, self.state, self._metrics
-        first, last = chunk.batches[0], chunk.batches[-1]
-        sinking = self._sink_length > 1
-        state.batch_idx = first.index
-        self.sink_batches = range(first.index, last.index + 1)
-        data = self._hook_batches(chunk)
-        end_epoch = False
-        if self._call("on_train_batch_start", data, first.index) == -1:
-            if not state.window:
-                return True
-            # Ending now would leave gradients in the accumulators: finish the window first.
-            warnings.warn("on_train_batch_start returned -1 inside an accumulation window; lightms "
-                          "finishes the window, then ends the epoch.", stacklevel=3)
-            chunk.cut_after_first()
-            last, end_epoch, data = first, True, self._hook_batches(chunk)
-            self.sink_batches = range(first.index, first.index + 1)
-        if self._train_step is None:
-            self._train_step = self._build_train_step(first)
-        logs = metrics.device["train"]
-        logs.set_batch_size(first.size)
-        self._counters.expect(first.index)
-        with inside_step(model, "training_step", logs):
-            if sinking:
-                loss = self._train_step.sink_step(*chunk.device_inputs(self._stacked_length(chunk), self._sink_plans))
-            elif chunk.sizes[0]:
-                loss = self._train_step.optimizer_step(first.data, chunk.sizes[0])
-            else:
-                loss = self._train_step.window_step(first.data)
-        self._counters.advanced(len(chunk.batches))
-        if not logs.written:
-            logs.written = True  # the step values exist from now on
-        state.batches_done = last.index + 1
-        state.window = chunk.window
-        before = state.global_step
-        if self._loss_scaler is not None and chunk.steps:
-            # Overflowing steps were skipped on the device: the real count decides what comes next.
-            state.global_step = int(self._counters.global_step.asnumpy())
-            self._extra_host_reads += 1
-        else:
-            state.global_step += chunk.steps
-        steps_taken = state.global_step - before
-        if self._optimizer_config.schedulers:
-            for step in range(before + 1, state.global_step + 1):
-                self._step_schedulers("step", step)
-        if chunk.steps and self.detect_anomaly:
-            self._check_nonfinite()
-        if data is None:  # a receiver added since on_train_batch_start may read it
-            data = self._hook_batches(chunk, ("on_train_batch_end",))
-        self._call("on_train_batch_end", {"loss": loss}, data, last.index)
-        if not steps_taken:
-            return end_epoch
-        self._write_step_logs(before)
-        if self._val_source is not None and self._val_due_in_epoch(last, bool(chunk.sizes[-1]), state.global_step):
-            self._run_validation()
-        self._stop_if_interrupted()
-        return end_epoch or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps)
-
-    def _stacked_length(self, chunk: Chunk) -> int:
-        """The leading axis of a chunk's stacked batches.
-
-        Chunks of the run's usual batch shapes are padded to the sink length, so that the
-        graph compiles once; a chunk of other shapes (a smaller last batch) keeps its own
-        length (one more compile, as with sink_size=1).
-        """
-        if self._sink_shapes is None:
-            self._sink_shapes = chunk.shapes
-        return self._sink_length if chunk.shapes == self._sink_shapes else len(chunk.batches)
-
-    def _write_step_logs(self, step_before: int) -> None:
-        """Sends the step values of the optimizer steps after `step_before` that log_every_n_steps selects."""
-        every = self.log_every_n_steps
-        if not self.loggers or self.state.global_step // every == step_before // every:  # no multiple of it passed
-            return
-        steps = [s for s in range(step_before + 1, self.state.global_step + 1) if s % every == 0]
-        if self._sink_length > 1:
-            for step, values in self._metrics.read_sunk_steps(steps, step_before + 1):
-                self._logger_write(values, step)
-        else:
-            self._logger_write(self._metrics.read_train_step(steps[0]))
-
+    # ---- evaluation -------------------------------------------------------------------------
     def _run_validation(self) -> None:
         self._eval_loop("validation", self._val_source, self.limit_val_batches)
         self._validation_runs += 1
-        self.model.set_train(True)
 
     def _eval_loop(self, stage: str, source: DataSource, limit):
         """Runs one pass of validation, test or predict. Returns metrics, or outputs for predict."""
-        model, metrics = self.model, self._metrics
-        model.set_train(False)
-        prefix = {"validation": "validation", "test": "test", "predict": "predict"}[stage]
-        self.num_eval_batches = source.batch_count(limit)
-        metrics.start_epoch(stage)
-        for metric in module_metrics(self.model):
-            metric.clear()  # e.g. updates of the sanity check do not count
-        self._call(f"on_{prefix}_start")  # also while sanity checking, as Lightning does
-        self._call(f"on_{prefix}_epoch_start")
-        outputs = []
-        for batch in source.batches(limit):
-            self._call(f"on_{prefix}_batch_start", batch.data, batch.index)
-            if stage not in self._eval_steps:
-                self._eval_steps[stage] = self._build_eval_step(stage, batch)
-            target = self._eval_log_targets[stage]
-            if isinstance(target, HostLogs):
-                target.current_batch_size = batch.size
-            else:
-                target.set_batch_size(batch.size)
-            with inside_step(model, EVAL_HOOKS[stage], target):
-                step = self._eval_steps[stage]
-                # A compiled step takes an int32 Tensor, so a new index does not recompile it.
-                index = Tensor(batch.index, ms.int32) if step.compiled else batch.index
-                output = step(batch.data, index)
-            if stage == "predict":
-                outputs.append(output)
-            self._call(f"on_{prefix}_batch_end", output, batch.data, batch.index)
-        reported = not self.sanity_checking and stage != "predict"
-        if reported:
-            metrics.end_epoch(stage)  # before the hook: its callbacks see the epoch values, as in Lightning
-        self._call(f"on_{prefix}_epoch_end")
-        results: Dict[str, float] = {}
-        if reported:
-            logged = metrics.epoch_ended()
-            if self.state.stage == "fit":
-                self._logger_write(logged)
-            results = {name: value for name, value in metrics.callback_metrics.items()
-                       if name in self._stage_names(stage)}
-        self._call(f"on_{prefix}_end")
+        metrics = self._metrics
+        with self._binding.evaluating():
+            self.num_eval_batches = source.batch_count(limit)
+            metrics.start_epoch(stage)
+            for metric in module_metrics(self.model):
+                metric.clear()  # e.g. updates of the sanity check do not count
+            self._call(f"on_{stage}_start")  # also while sanity checking, as Lightning does
+            self._call(f"on_{stage}_epoch_start")
+            outputs = []
+            for batch in source.batches(limit):
+                self._call(f"on_{stage}_batch_start", batch.data, batch.index)
+                if stage not in self._eval_steps:
+                    self._eval_steps[stage] = self._build_eval_step(stage, batch)
+                output = self._eval_steps[stage](batch)
+                if stage == "predict":
+                    outputs.append(output)
+                self._call(f"on_{stage}_batch_end", output, batch.data, batch.index)
+            reported = not self.sanity_checking and stage != "predict"
+            if reported:
+                metrics.end_epoch(stage)  # before the hook: its callbacks see the epoch values, as in Lightning
+            self._call(f"on_{stage}_epoch_end")
+            results: Dict[str, float] = {}
+            if reported:
+                logged = metrics.epoch_ended()
+                if self.state.stage == "fit":
+                    self._logger_write(logged)
+                results = {name: value for name, value in metrics.callback_metrics.items()
+                           if name in self._stage_names(stage)}
+            self._call(f"on_{stage}_end")
         return outputs if stage == "predict" else results
+
+    def _build_eval_step(self, stage: str, batch) -> EvalStep:
+        hook = EVAL_HOOKS[stage]
+        step = EvalStep(self.model, stage, hook, batch, self._metrics.host[stage], self._binding, self.compile,
+                        self.precision.autocast, self._explainer(hook))
+        if step.logs is not None:
+            self._metrics.device[stage] = step.logs
+        return step
 
     def _stage_names(self, stage: str) -> set:
         names = set()

@@ -1,15 +1,13 @@
-"""`Trainer`: arguments, public state and the fit / validate / test / predict entry points.
+"""`Trainer`: its arguments and public state.
 
-The loop itself (epochs, batches, validation scheduling) is in `lightms/trainer/loop.py`.
+What a run does (`fit`, `validate`, `test`, `predict` and their loops) is in
+`lightms/trainer/loop.py`; the compiled step is `lightms.engine`'s.
 """
 
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
-
-from lightms._mindspore import GraphDumpGuard
 
 from lightms.checkpoint.io import write_checkpoint
 from lightms.checkpoint.run_state import collect_run_state
@@ -17,18 +15,11 @@ from lightms.callbacks.model_checkpoint import ModelCheckpoint
 from lightms.callbacks.timer import Timer
 from lightms.loggers.logger import Logger
 from lightms.module.cell import LightningCell
-from lightms.module.datamodule import LightningDataModule
 from lightms.precision.precision import check_backend, resolve_precision
-from lightms.step.binding import graph_callable_methods, reads_attribute
-from lightms.step.eval_step import EvalStep
-from lightms.step.train_step import LoopCounters, TrainStep
 from lightms.trainer import arguments as check
-from lightms.trainer.data import DataSource, eval_source, fit_sources
-from lightms.trainer.interrupts import Interrupted, stop_requests
-from lightms.trainer.loop import EVAL_HOOKS, TrainingLoop
-from lightms.trainer.hooks import HookReceivers, call_hook
+from lightms.trainer.hooks import call_hook
+from lightms.trainer.loop import TrainingLoop
 from lightms.trainer.metrics import MetricStore
-from lightms.trainer.seed import seed_everything
 
 
 @dataclass
@@ -44,6 +35,20 @@ class LoopState:
     should_stop: bool = False
     stage: Optional[str] = None
     sanity_checking: bool = False
+
+    def state_dict(self) -> Dict[str, int]:
+        """Where a checkpoint resumes: the epoch, the optimizer steps, the batches done in the epoch.
+
+        Between epochs and inside an epoch's end hooks, that is the start of the next epoch.
+        """
+        mid_epoch = not self.epoch_done and self.batches_done > 0
+        return {"epoch": self.current_epoch + 1 if self.epoch_done else self.current_epoch,
+                "global_step": self.global_step, "batches_done": self.batches_done if mid_epoch else 0}
+
+    def load_state_dict(self, state: Dict[str, int], window: int = 0) -> None:
+        """Continues from what `state_dict` returned, inside an accumulation window of `window` micro-batches."""
+        self.current_epoch, self.global_step = state["epoch"], state["global_step"]
+        self.batches_done, self.window, self.epoch_done = state["batches_done"], window, False
 
 
 class Trainer(TrainingLoop):
@@ -199,25 +204,26 @@ class Trainer(TrainingLoop):
         self.state = LoopState()
         self.model: Optional[LightningCell] = None
         self.optimizers: List[Any] = []
+        self.lr_scheduler_configs: List[Any] = []  # the host-side schedulers of the last fit (SchedulerConfig)
         self.num_training_batches: Optional[int] = None
         self.num_eval_batches: Optional[int] = None
+        self.interrupted = False
+        self.sink_batches = range(0)
+        # What a run builds (see loop.py), kept after it for inspection and checkpoints.
         self._metrics = MetricStore()
-        self._train_source: Optional[DataSource] = None
-        self._counters: Optional[LoopCounters] = None
-        self._train_step: Optional[TrainStep] = None
-        self._eval_steps: Dict[str, EvalStep] = {}
-        self._eval_log_targets: Dict[str, Any] = {}
+        self._binding = None  # engine.binding.ModuleBinding
+        self._counters = None  # engine.engine.Counters
+        self._engine = None  # engine.engine.TrainEngine, built at the first training chunk
+        self._pending_engine_state = None  # a checkpoint's engine state, loaded once the engine is built
+        self._planner = None  # trainer.chunks.ChunkPlanner
+        self._eval_steps = {}
+        self._train_source = self._val_source = None
         self._ckpt_path: Optional[str] = None
-        self._val_source: Optional[DataSource] = None
-        self._hook_receivers: Dict[str, HookReceivers] = {}
+        self._hook_receivers = {}
         self._extra_host_reads = 0
         self._interrupt_signal: Optional[int] = None
         self._validation_runs = 0  # validations (not sanity checks) in the current or last fit
-        self.interrupted = False
-        self._pending_accumulators = None
-        self._loss_scaler = None  # the running fit's mindspore.amp loss scaler, if any
-        self._sink_length = 1  # micro-batches per host call in the running fit
-        self.sink_batches = range(0)
+        self._finite_check = None
 
     # ---- public state -------------------------------------------------------------------
     @property
@@ -297,60 +303,7 @@ class Trainer(TrainingLoop):
             return min(self.max_steps, by_epochs)
         return by_epochs
 
-    # ---- entry points -------------------------------------------------------------------
-    def fit(self, model: LightningCell, train_dataloaders=None, val_dataloaders=None,
-            datamodule: Optional[LightningDataModule] = None, ckpt_path=None) -> None:
-        """Trains `model`, validating as configured.
-
-        Args:
-            model: The LightningCell.
-            train_dataloaders: Training batches (a batched Dataset or an iterable).
-            val_dataloaders: Validation batches, or None.
-            datamodule: A LightningDataModule instead of the two loaders.
-            ckpt_path: Resume from this checkpoint: a path, "last" or "best" (of the
-                ModelCheckpoint callback). The run continues exactly where it stopped.
-
-        Raises:
-            ValueError: If no training data is given, both loaders and a datamodule are,
-                the training data is empty, or the checkpoint does not fit.
-            SystemExit: After SIGINT/SIGTERM, once the step is finished and the checkpoint written
-                (code 128 + signal).
-        """
-        self._check_model(model)
-        self._ckpt_path = self._resolve_ckpt_path(ckpt_path)
-        train, val = fit_sources(self, datamodule, train_dataloaders, val_dataloaders)
-        if train is None:
-            raise ValueError("Trainer.fit needs training data: pass train_dataloaders or a datamodule whose "
-                             "train_dataloader() returns batches.")
-        self._interrupt_signal, self.interrupted = None, False
-        try:
-            with stop_requests(self._request_stop):
-                self._run("fit", model, datamodule, lambda: self._fit(train, val))
-                if self._interrupt_signal is not None:  # arrived in teardown: fit is done, its checkpoints too
-                    print(f"lightms: SIGINT/SIGTERM received after training ended (step {self.global_step}); "
-                          "exiting.", file=sys.stderr)
-                    raise Interrupted(self._interrupt_signal)
-        except Interrupted as interruption:
-            self.interrupted = True
-            raise SystemExit(128 + interruption.signum) from None
-
-    def validate(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Dict[str, float]]:
-        """Runs validation_step over the data; returns `[metrics]` as Lightning does."""
-        return self._evaluate("validate", "validation", model, dataloaders, datamodule)
-
-    def test(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Dict[str, float]]:
-        """Runs test_step over the data; returns `[metrics]` as Lightning does."""
-        return self._evaluate("test", "test", model, dataloaders, datamodule)
-
-    def predict(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Any]:
-        """Runs predict_step over the data; returns the list of per-batch outputs."""
-        self._check_model(model)
-        source = eval_source(self, "predict", datamodule, dataloaders)
-        outputs: List[Any] = []
-        self._run("predict", model, datamodule,
-                  lambda: outputs.extend(self._eval_loop("predict", source, self.limit_predict_batches)))
-        return outputs
-
+    # ---- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, filepath, weights_only: bool = False) -> None:
         """Writes a checkpoint of the running fit (atomically) in MindSpore's `.ckpt` format.
 
@@ -363,7 +316,9 @@ class Trainer(TrainingLoop):
         """
         if self.model is None:
             raise RuntimeError("Trainer.save_checkpoint needs a model: call it during or after fit.")
-        parameters, meta = collect_run_state(self, weights_only)
+        engine = self._engine.state_dict(self.state.window) if self._engine is not None else self._pending_engine_state
+        parameters, meta = collect_run_state(self.model, weights_only, self.optimizers, self.lr_scheduler_configs,
+                                             self.state, engine, self.callbacks)
         if not weights_only:
             self.model.on_save_checkpoint(meta)
         write_checkpoint(os.fspath(filepath), parameters, meta)
@@ -411,79 +366,6 @@ class Trainer(TrainingLoop):
                         f"every {self.check_val_every_n_epoch} epoch(s) (now in epoch {self.current_epoch})")
                 text += f" Validation has not run yet in this fit: it runs {when}."
         return text
-
-    # ---- run scaffolding ------------------------------------------------------------------
-    def _check_model(self, model) -> None:
-        if not isinstance(model, LightningCell):
-            raise TypeError(f"Trainer expects a lightms.LightningCell, got {type(model).__name__}.")
-
-    def _evaluate(self, entry: str, stage: str, model, dataloaders, datamodule) -> List[Dict[str, float]]:
-        self._check_model(model)
-        if getattr(type(model), EVAL_HOOKS[stage], None) is None:
-            raise NotImplementedError(f"Trainer.{entry} needs {type(model).__name__}.{EVAL_HOOKS[stage]}(batch, batch_idx).")
-        source = eval_source(self, entry, datamodule, dataloaders)
-        limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
-        results: List[Dict[str, float]] = []
-        self._run(entry, model, datamodule, lambda: results.append(self._eval_loop(stage, source, limit)))
-        return results
-
-    def _run(self, stage: str, model: LightningCell, datamodule, body) -> None:
-        """Attaches the model, runs `body` with hooks around it, and always detaches."""
-        if self.seed is not None:
-            seed_everything(self.seed)
-        self.model = model
-        self.precision.apply(model)
-        object.__setattr__(model, "_trainer", self)
-        self._counters = LoopCounters()
-        self._counters.set(self.state.current_epoch, self.state.global_step)
-        # Only the module's own code reads the device counters inside compiled steps (see README);
-        # `reads_attribute` answers True when it cannot tell.
-        self._counters.epoch_read = reads_attribute(type(model), LightningCell, "current_epoch")
-        self._counters.global_step_read = reads_attribute(type(model), LightningCell, "global_step")
-        self._metrics.start_run()
-        object.__setattr__(model, "_lightms_counters", self._counters)
-        self._train_step, self._eval_steps, self._eval_log_targets = None, {}, {}
-        self._hook_receivers = {}  # hook -> who receives it, for this run's model
-        self.state.stage = stage
-        status = "failed"
-        dump_guard = GraphDumpGuard()
-        try:
-            with graph_callable_methods(model, LightningCell):
-                self._call("setup", stage)
-                body()
-            status = "success"
-        except BaseException as exception:
-            if isinstance(exception, Interrupted):
-                status = "interrupted"
-            moved = dump_guard.tidy()
-            if moved:
-                warnings.warn(f"MindSpore's compile report (rank_0/om/analyze_fail.ir) was moved out of the "
-                              f"working directory to {moved}.", stacklevel=2)
-            for cb in self.callbacks:
-                cb.on_exception(self, model, exception)
-            raise
-        finally:
-            try:
-                if status == "success":
-                    self._call("teardown", stage)
-            finally:
-                for lg in self.loggers:
-                    lg.finalize(status)
-                object.__setattr__(model, "_lightms_log_target", None)
-                object.__setattr__(model, "_lightms_hook", None)
-                self._restore_construct(model)
-                self._stack_buffers = None  # sunk chunks' host buffers (up to 2 x 1 GiB): not kept past the run
-                self.state.stage = None
-
-    @staticmethod
-    def _restore_construct(model) -> None:
-        """Removes the compiled forward of metric-updating eval steps, restoring what was there."""
-        if "_lightms_construct_before" in model.__dict__:
-            before = model.__dict__.pop("_lightms_construct_before")
-            if before is None:
-                model.__dict__.pop("construct", None)
-            else:
-                object.__setattr__(model, "construct", before)
 
     def _call(self, hook: str, *args) -> Any:
         """Calls `hook` on the callbacks and the module, in `order` (see `lightms.trainer.hooks`)."""

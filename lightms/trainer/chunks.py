@@ -1,16 +1,19 @@
-"""Sinking: many micro-batches per host call, planned on the host, run in one graph.
+"""Chunks: the micro-batches of one host call, and where an epoch is cut into them.
 
-A `Chunk` collects consecutive micro-batches of the same shapes, copies them
-into stacked buffers, and plans, for each, whether it ends its accumulation
-window. The loop cuts a chunk when it is
-full, at the end of the epoch, and after any optimizer step the host must see
-(validation, a checkpoint, `max_steps`, a host-side scheduler); windows may span
-chunks, since the accumulators live on the device.
+`ChunkPlanner` plays the part of Keras' `EpochIterator` with steps-per-execution: it
+reads an epoch's batches and yields `Chunk`s. A chunk collects consecutive
+micro-batches of the same shapes, plans for each whether it ends its accumulation
+window, and, when sinking, copies them into stacked buffers as they arrive. A chunk
+ends when it is full (the sink length; one micro-batch without sinking), at the end
+of the epoch, before a batch of other shapes, and after any optimizer step the host
+must see (validation, a checkpoint, `max_steps`, a host-side scheduler, a callback's
+`needs_host_at_step`). Windows may span chunks: the accumulators live on the device.
 """
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -149,14 +152,11 @@ class Chunk:
             buffer[row] = leaf
 
     def hook_batches(self):
-        """What batch-level hooks get as `batch`: the one batch's data, or when sunk the list of
-        the chunk's batches, each made of its rows of the stacked buffers (what the graph
-        trains on, even when the loader refilled its arrays since)."""
+        """What batch-level hooks get as `batch`: the one batch's data, or when sunk a `SunkBatches`
+        sequence of the chunk's batches (made of the stacked buffers' rows when read)."""
         if not self.length:
             return self.batches[0].data
-        first = self.batches[0]
-        return [first.structured([Tensor.from_numpy(buffer[row]) for buffer in self.buffers])
-                for row in range(len(self.batches))]
+        return SunkBatches(self.batches[0], self.buffers, len(self.batches))
 
     def cut_after_first(self) -> None:
         """Keeps only the first batch and makes it end its window (an epoch that stops early)."""
@@ -180,6 +180,28 @@ class Chunk:
         # A leading slice is still contiguous: the Tensors share the buffers, no copy.
         stacked = self.batches[0].structured([Tensor.from_numpy(buffer[:length]) for buffer in self.buffers])
         return (ms.mutable(stacked) if isinstance(stacked, (dict, tuple, list)) else stacked,) + tensors
+
+
+class SunkBatches(Sequence):
+    """The batches of a sunk chunk, as the batch hooks get them: each made when read, of its rows of the
+    stacked buffers (what the graph trains on, even when the loader refilled its arrays since).
+
+    Building them all costs host time for every chunk, so nothing is built until a hook reads one.
+    """
+
+    def __init__(self, first: Batch, buffers: List[np.ndarray], count: int):
+        self._first, self._buffers, self._count = first, buffers, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if not -self._count <= index < self._count:
+            raise IndexError(f"a chunk of {self._count} batches has no batch {index}")
+        row = index % self._count
+        return self._first.structured([Tensor.from_numpy(buffer[row]) for buffer in self._buffers])
 
 
 # A sunk chunk is stacked on the host; "epoch" stops short of stacking more than this.
@@ -221,4 +243,74 @@ def resolve_sink_length(sink_size: Union[int, str], batches_per_epoch: Optional[
     return int(sink_size)
 
 
-__all__ = ["Chunk", "StackBuffers", "SINK_MEMORY_LIMIT", "check_sinkable", "fit_in_memory", "resolve_sink_length"]
+class ChunkPlanner:
+    """Cuts each epoch's batches into chunks.
+
+    Args:
+        accumulate: Micro-batches per optimizer step.
+        sink_length: Micro-batches per sunk host call (1: no sinking).
+        host_needed: `(optimizer step, the batch that took the run there) -> bool`: whether the
+            host must act right after that step (a chunk ends there).
+        steps_done: Returns the run's optimizer steps so far (the host's count after the last chunk).
+        where: The data's argument name, for messages.
+        sink_size: The Trainer's `sink_size`, for messages.
+    """
+
+    def __init__(self, accumulate: int, sink_length: int, host_needed: Callable[[int, Batch], bool],
+                 steps_done: Callable[[], int], where: str = "train_dataloaders", sink_size=1):
+        self.accumulate, self.sink_length = accumulate, sink_length
+        self.host_needed, self.steps_done = host_needed, steps_done
+        self.where, self.sink_size = where, sink_size
+        self._buffers = StackBuffers() if sink_length > 1 else None
+        self._checked = sink_length == 1  # the first batch is checked for sinking once
+
+    def _new(self, window: int) -> Chunk:
+        if self.sink_length == 1:
+            return Chunk(window)
+        return Chunk(window, self.sink_length, self._buffers)
+
+    def _check_first(self, batch: Batch) -> None:
+        """Refuses an unsinkable batch; shortens the sink length, loudly, if a stacked chunk would not fit in memory."""
+        self._checked = True
+        check_sinkable(batch.data, self.where)
+        fitting = fit_in_memory(self.sink_length, batch.data)
+        if fitting < self.sink_length:
+            import warnings
+
+            warnings.warn(f"Trainer(sink_size={self.sink_size!r}): {self.sink_length} stacked batches would take more "
+                          f"than {SINK_MEMORY_LIMIT >> 20} MiB of host memory; lightms sinks {fitting} per host call "
+                          "instead.", stacklevel=5)
+            self.sink_length = fitting
+
+    def chunks(self, batches: Iterator[Batch], window: int) -> Iterator[Chunk]:
+        """The chunks of one pass over `batches`, starting inside a window of `window` micro-batches.
+
+        A chunk is yielded before the next batch is read (a loader may refill its arrays).
+        """
+        chunk = None
+        for batch in batches:
+            if not self._checked:
+                self._check_first(batch)
+            if chunk is None:
+                chunk = self._new(window)
+            elif not chunk.accepts(batch):  # a batch of another size: it starts a chunk of its own
+                window = chunk.window
+                yield chunk
+                chunk = self._new(window)
+            closes = chunk.add(batch, self.accumulate)
+            if (len(chunk.batches) < self.sink_length and not batch.is_last
+                    and not (closes and self.host_needed(self.steps_done() + chunk.steps, batch))):
+                continue
+            window = chunk.window
+            yield chunk
+            chunk = None
+        if chunk is not None and chunk.batches:  # the data or a limit ended mid-chunk
+            yield chunk
+
+    def release(self) -> None:
+        """Lets the stacked buffers go (up to 2 x 1 GiB): they are not kept past the run."""
+        self._buffers = StackBuffers() if self.sink_length > 1 else None
+
+
+__all__ = ["Chunk", "ChunkPlanner", "StackBuffers", "SunkBatches", "SINK_MEMORY_LIMIT", "check_sinkable",
+           "fit_in_memory", "resolve_sink_length"]
