@@ -59,7 +59,7 @@ class TQDMProgressBar(Callback):
         if done // self.refresh_rate == before // self.refresh_rate:
             return  # no multiple of refresh_rate passed (a sunk chunk's hook may pass one without landing on it)
         # tqdm is told only when it may redraw: between two compiled steps every Python call costs
-        # about ten times its isolated time, and tqdm would skip the redraw anyway.
+        # several times its isolated time, and tqdm would skip the redraw anyway.
         now = time.monotonic()
         if now - self._last_draw < self.mininterval:
             return

@@ -19,11 +19,13 @@ resolution needs a bound method), to the parent's method, shadowed alike.
 
 import inspect
 import types
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 from lightms._mindspore import mindspore  # noqa: F401  (quiets MindSpore's logs before it loads)
 from mindspore import nn
 from mindspore.graph._parse import parser as _ms_parser
+
+from lightms.module.cell import StepScope
 
 
 def _shadow(function, module):
@@ -191,9 +193,9 @@ class ModuleBinding:
         """Points `self.global_step` / `self.current_epoch` inside steps at these device counters."""
         object.__setattr__(self.module, "_lightms_counters", counters)
 
-    def inside(self, hook: str, log_target) -> "InsideStep":
+    def inside(self, hook: str, log_target) -> "StepScope":
         """A context for one step hook: `self.log` writes to `log_target`, the counters read the device."""
-        return InsideStep(self.module, hook, log_target)
+        return StepScope(self.module, hook, log_target)
 
     def host_hook(self, hook: str, log_target) -> None:
         """Points `self.log` at `log_target` for an `on_*` hook about to run (None after it)."""
@@ -224,37 +226,12 @@ class ModuleBinding:
         return Evaluating(self.module)
 
 
-class InsideStep:
-    """Points `self.log` at a log target and the counters at the device while a step hook runs.
-
-    A class rather than a generator-based context manager: it is entered around every
-    compiled step, where each Python call costs host time between two graph calls.
-    """
-
-    __slots__ = ("module", "hook", "log_target")
-
-    def __init__(self, module, hook: str, log_target):
-        self.module, self.hook, self.log_target = module, hook, log_target
-
-    def __enter__(self) -> None:
-        module = self.module
-        object.__setattr__(module, "_lightms_hook", self.hook)
-        object.__setattr__(module, "_lightms_log_target", self.log_target)
-        object.__setattr__(module, "_lightms_in_step", True)
-
-    def __exit__(self, *exc_info) -> None:
-        module = self.module
-        object.__setattr__(module, "_lightms_in_step", False)
-        object.__setattr__(module, "_lightms_hook", None)
-        object.__setattr__(module, "_lightms_log_target", None)
-
-
 class Evaluating:
     """Every cell in eval mode while active; each cell's mode as it was afterwards."""
 
     def __init__(self, module):
         self.module = module
-        self._modes: Dict = []
+        self._modes: List = []
 
     def __enter__(self) -> None:
         self._modes = _modes(self.module)
@@ -264,4 +241,4 @@ class Evaluating:
         _restore_modes(self._modes)
 
 
-__all__ = ["ModuleBinding", "InsideStep", "check_constructs", "set_on_instance"]
+__all__ = ["ModuleBinding", "StepScope", "check_constructs", "set_on_instance"]

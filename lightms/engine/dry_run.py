@@ -11,7 +11,7 @@ from lightms._mindspore import mindspore as ms  # noqa: F401  (quiets MindSpore 
 from mindspore import Tensor, ops
 
 from lightms.module.logging import LogRecorder
-from lightms.engine.binding import InsideStep
+from lightms.module.cell import StepScope
 
 
 def dry_run(module, hook: str, batch, batch_idx: int) -> Tuple[LogRecorder, Any]:
@@ -26,7 +26,7 @@ def dry_run(module, hook: str, batch, batch_idx: int) -> Tuple[LogRecorder, Any]
     recorder = LogRecorder(hook)
     buffers = [(p, p.asnumpy().copy()) for p in module.get_parameters() if not p.requires_grad]
     try:
-        with InsideStep(module, hook, recorder):
+        with StepScope(module, hook, recorder):
             output = getattr(module, hook)(batch, batch_idx)
     finally:
         for param, value in buffers:

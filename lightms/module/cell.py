@@ -9,6 +9,32 @@ from mindspore import nn
 
 from lightms.module.hparams import AttributeDict, collect_init_arguments
 
+class StepScope:
+    """While a step hook runs: `self.log` writes to a log target, and the counters are the device's.
+
+    The three attributes it sets are the module's own (`LightningCell.__init__`); a run's
+    `ModuleBinding` hands these scopes out. A class rather than a generator-based context
+    manager: it is entered around every compiled step, where each Python call costs host time.
+    """
+
+    __slots__ = ("module", "hook", "log_target")
+
+    def __init__(self, module, hook: str, log_target):
+        self.module, self.hook, self.log_target = module, hook, log_target
+
+    def __enter__(self) -> None:
+        module = self.module
+        object.__setattr__(module, "_lightms_hook", self.hook)
+        object.__setattr__(module, "_lightms_log_target", self.log_target)
+        object.__setattr__(module, "_lightms_in_step", True)
+
+    def __exit__(self, *exc_info) -> None:
+        module = self.module
+        object.__setattr__(module, "_lightms_in_step", False)
+        object.__setattr__(module, "_lightms_hook", None)
+        object.__setattr__(module, "_lightms_log_target", None)
+
+
 class LightningCell(nn.Cell):
     """A `mindspore.nn.Cell` organised the way a LightningModule is.
 

@@ -239,7 +239,7 @@ class DeviceLogBuffers(nn.Cell):
         if size != self._host_batch_size:
             weight = self._batch_size_tensors.get(size)
             if weight is None:
-                # Made once per size: a fresh scalar Tensor as an op input cost about 0.3 ms on the CPU backend.
+                # Made once per size: a fresh scalar Tensor as an op input costs host time.
                 weight = self._batch_size_tensors[size] = Tensor(float(size), ms.float32)
             ops.assign(self.batch_size, weight)
             self._host_batch_size = size
@@ -374,8 +374,7 @@ class DeviceLogBuffers(nn.Cell):
         """Clears the epoch level, if kept; called by the host at the start of an epoch.
 
         The steps clear the window and overwrite the step level themselves. Each host-side
-        write is an op launch (20-30 us, and several times that between steps), so an epoch
-        start writes only what it must.
+        write is an op launch, so an epoch start writes only what it must.
         """
         if self.keeps_epoch:
             ops.assign(self.epoch, self.opened)

@@ -11,6 +11,7 @@ must see (validation, a checkpoint, `max_steps`, a host-side scheduler, a callba
 """
 
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -47,10 +48,8 @@ def check_sinkable(data, where: str) -> None:
 class StackBuffers:
     """The stacked numpy buffers of sunk chunks, reused once nothing else holds them.
 
-    A fresh buffer per chunk cost more than copying into it (the page faults of new
-    memory): in one process, chunks of 10 MLP micro-batches ran at 0.78x a per-step
-    reference with fresh buffers and 0.72x with reused ones; LeNet at 1.00x and 0.99x.
-    A set is reused only when no Tensor or view made from it is alive elsewhere (MindSpore
+    A fresh buffer per chunk costs more than copying into it (the page faults of new
+    memory; `benchmarks/README.md`). A set is reused only when no Tensor or view made from it is alive elsewhere (MindSpore
     keeps the last call's inputs; a hook may keep a batch it was given), which its arrays'
     reference counts tell: a batch kept by anyone never changes.
 
@@ -170,7 +169,7 @@ class Chunk:
                 graph's input shape, so a short chunk (cut for validation, a checkpoint, the
                 end of an epoch) does not recompile it.
             plans: The (window sizes, count) Tensors of the plans seen so far in this run, by
-                plan: most chunks of a run share one, and creating two Tensors took about 60 us.
+                plan: most chunks of a run share one, and making Tensors costs host time.
         """
         plan = (tuple(self.sizes), length)
         tensors = plans.get(plan)
@@ -275,8 +274,6 @@ class ChunkPlanner:
         check_sinkable(batch.data, self.where)
         fitting = fit_in_memory(self.sink_length, batch.data)
         if fitting < self.sink_length:
-            import warnings
-
             warnings.warn(f"Trainer(sink_size={self.sink_size!r}): {self.sink_length} stacked batches would take more "
                           f"than {SINK_MEMORY_LIMIT >> 20} MiB of host memory; lightms sinks {fitting} per host call "
                           "instead.", stacklevel=5)

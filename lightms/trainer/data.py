@@ -27,7 +27,7 @@ class Batch:
         is_last: Whether it is the last batch of this pass over the data.
         leaves: Its leaves as they came, in the same order: the numpy array a Tensor of
             `data` shares memory with, or the Tensor itself. Sinking stacks these (reading
-            a Tensor back with `asnumpy()` cost about 8 us a leaf between steps).
+            a Tensor back with `asnumpy()` would cost host time between steps).
     """
 
     __slots__ = ("index", "shapes", "is_last", "leaves", "_data", "_container")
@@ -52,7 +52,7 @@ class Batch:
 
         Made on first use by the fast path (`_FlatArrays`): a sunk chunk copies the leaves
         into its stacked buffers and never reads it, and making an `(x, y)` batch's two
-        Tensors cost about 7 us between steps.
+        Tensors costs host time between steps.
         """
         if self._data is None:
             self._data = self._container([Tensor.from_numpy(leaf) for leaf in self.leaves])
@@ -92,9 +92,8 @@ def _to_tensors(batch, where: Callable[[], str], signature: list, copy: bool = F
     A leaf's entry is ("leaf", MindSpore dtype, shape, the leaf as it came: a numpy array or a Tensor).
 
     One pass over the batch: every Python operation between two compiled steps costs
-    about ten times what it costs in a tight loop (measured on the CPU backend, most
-    likely cold caches), so conversion, the structure check's key and the size share
-    one walk.
+    several times what it costs in a tight loop (`benchmarks/README.md`), so conversion,
+    the structure check's key and the size share one walk.
     `where()` names the batch in errors, `path` the leaf. With `copy`, numpy leaves are copied, not shared.
 
     Raises:
@@ -108,7 +107,7 @@ def _to_tensors(batch, where: Callable[[], str], signature: list, copy: bool = F
         elif copy:
             batch = np.array(batch)
         if batch.flags.c_contiguous:
-            tensor = Tensor.from_numpy(batch)  # no copy: 1 us instead of 36 us for an MLP batch
+            tensor = Tensor.from_numpy(batch)  # no copy
             source = batch  # the memory the Tensor shares
         else:
             tensor = source = Tensor(batch)
@@ -144,10 +143,9 @@ class _FlatArrays:
 
     Like means the same container type, length, dtypes, ranks and per-sample shapes.
 
-    Between two compiled steps each Python operation costs about ten times what it costs in
-    a tight loop (most likely cold caches): the general conversion took about 55 us there for
-    an `(x, y)` batch, much of it in checks this path makes once per run (a leaf's MindSpore
-    dtype, the structure key). `convert` returns None for anything else, and the general
+    Between two compiled steps each Python operation costs several times what it costs in
+    a tight loop, and the general conversion spends most of its time in checks this path
+    makes once per run (a leaf's MindSpore dtype, the structure key). `convert` returns None for anything else, and the general
     path converts it or names what is wrong.
 
     Args:

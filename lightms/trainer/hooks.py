@@ -1,7 +1,7 @@
 """Calling a hook on the callbacks and the module, in `order`, skipping those that keep the default.
 
-Between two compiled steps every Python operation costs about ten times what it
-costs in a tight loop (measured on the CPU backend), so who receives each hook is
+Between two compiled steps every Python operation costs several times what it
+costs in a tight loop (`benchmarks/README.md`), so who receives each hook is
 worked out once per run and hook, not on every call.
 """
 

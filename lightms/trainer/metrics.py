@@ -33,7 +33,6 @@ class MetricStore:
         self.host: Dict[str, HostLogs] = {stage: HostLogs() for stage in STAGES}
         self._step_read: Optional[int] = None
         self._step_for_logger: Dict[str, float] = {}
-        self._keep_train_buffers = False
         # The stage whose epoch-end hooks are running (its device values were read): values its hooks log
         # on the host are published whenever callback_metrics is read, as Lightning's are.
         self.epoch_ending: Optional[str] = None
@@ -44,23 +43,15 @@ class MetricStore:
         """Device-to-host reads made for logged values so far."""
         return sum(buffers.host_reads for buffers in self.device.values())
 
-    def restore_train_buffers(self, buffers: DeviceLogBuffers) -> None:
-        """Installs training buffers restored from a mid-epoch checkpoint; the next epoch start keeps them."""
-        self.device["train"] = buffers
-        self._keep_train_buffers = True
-
     def start_run(self) -> None:
         """Clears every device buffer kept from an earlier run of this Trainer."""
-        self._keep_train_buffers = False
         self.epoch_ending = None  # a failed run may have stopped inside epoch-end hooks
         for buffers in self.device.values():
             buffers.clear()
 
     def start_epoch(self, stage: str) -> None:
         """Clears a stage's accumulators (no host sync)."""
-        if stage == "train" and self._keep_train_buffers:
-            self._keep_train_buffers = False
-        elif stage in self.device:
+        if stage in self.device:
             self.device[stage].reset()
         self.host[stage].reset()
         if stage == "train":
