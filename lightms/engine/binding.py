@@ -84,8 +84,19 @@ def _analyze_super(parser, class_type_node, subclass_instance):
     return _Super(start, module)
 
 
-if _ms_parser.Parser.analyze_super is not _analyze_super:
-    _ms_parser.Parser.analyze_super = _analyze_super
+class super_support:  # noqa: N801  (used as a `with` statement)
+    """While active, MindSpore's parser resolves `super()` in lightms's shadows too (`_analyze_super`).
+
+    Entered around each compilation of a lightms graph (`engine.GraphFunction.compile`), so
+    MindSpore's own behaviour is changed for nothing else; everything but a shadow goes to
+    MindSpore's resolution anyway.
+    """
+
+    def __enter__(self) -> None:
+        _ms_parser.Parser.analyze_super = _analyze_super
+
+    def __exit__(self, *exc_info) -> None:
+        _ms_parser.Parser.analyze_super = _ORIGINAL_ANALYZE_SUPER
 
 
 def _methods_to_shadow(cls, base_class) -> List[str]:
@@ -241,4 +252,4 @@ class Evaluating:
         _restore_modes(self._modes)
 
 
-__all__ = ["ModuleBinding", "StepScope", "check_constructs", "set_on_instance"]
+__all__ = ["ModuleBinding", "StepScope", "check_constructs", "set_on_instance", "super_support"]

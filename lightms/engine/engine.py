@@ -30,6 +30,7 @@ import numpy as np
 from lightms._mindspore import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from lightms.engine.binding import super_support
 from lightms.engine.plan import StepPlan
 from lightms.module.logging import DeviceLogBuffers
 
@@ -91,7 +92,8 @@ class GraphFunction(nn.Cell):
         """Compiles the graph for these inputs unless MindSpore has it already (called on every run)."""
         graphs_before = len(self.compile_cache)
         try:
-            super().compile(*args, **kwargs)
+            with super_support():  # super() in the user's methods (binding.py)
+                super().compile(*args, **kwargs)
         except Exception:
             self._new_graph = True
             raise
