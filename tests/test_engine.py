@@ -323,7 +323,7 @@ def ms_grad(model, weights):
     return ms.grad(loss_fn, None, weights)
 
 
-# ---- whole-graph step functions: one memory release per compilation, batch passing ----
+# ---- whole-graph step functions: one memory release per compilation; each batch form ----
 
 
 def resident_mib() -> float:
@@ -363,27 +363,6 @@ def test_memory_is_released_once_per_compiled_graph(monkeypatch):
     assert len(releases) == 1
     run(Tensor(np.ones((4, 3), np.float32)))  # a new shape compiles a second graph
     assert len(releases) == 2
-
-
-def test_flat_tuples_and_lists_of_tensors_go_in_as_separate_tensors():
-    x, y = Tensor(np.ones((2, 3), np.float32)), Tensor(np.zeros((2,), np.int32))
-    passing = engine_module.batch_passing((x, y), compiled=True)
-    assert passing.pack((x, y)) == (x, y)  # no mutable wrapper: the Tensors themselves
-    assert passing.unpack(x, y) == (x, y)
-    as_list = engine_module.batch_passing([x, y], compiled=True)
-    assert as_list.unpack(*as_list.pack([x, y])) == [x, y]
-    alone = engine_module.batch_passing(x, compiled=True)
-    assert alone.pack(x) == (x,) and alone.unpack(x) is x
-
-
-def test_other_batches_go_in_as_one_mutable_input_and_eager_steps_get_the_batch_as_is():
-    x = Tensor(np.ones((2, 3), np.float32))
-    for batch in ({"x": x}, ((x, x), x)):
-        (packed,) = engine_module.batch_passing(batch, compiled=True).pack(batch)
-        assert getattr(packed, "__ms_mutable__", False) and packed == batch
-    eager = engine_module.batch_passing((x, x), compiled=False)
-    batch = (x, x)
-    assert eager.unpack(*eager.pack(batch)) is batch
 
 
 @pytest.mark.parametrize("form", ["tuple", "list", "dict", "nested"])

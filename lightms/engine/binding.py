@@ -63,7 +63,9 @@ class _Super:
         return value
 
 
-_ORIGINAL_ANALYZE_SUPER = _ms_parser.Parser.analyze_super
+# MindSpore's own (also when this module is imported again).
+_ORIGINAL_ANALYZE_SUPER = getattr(_ms_parser.Parser.analyze_super, "__lightms_original__",
+                                  _ms_parser.Parser.analyze_super)
 
 
 def _analyze_super(parser, class_type_node, subclass_instance):
@@ -84,19 +86,9 @@ def _analyze_super(parser, class_type_node, subclass_instance):
     return _Super(start, module)
 
 
-class super_support:  # noqa: N801  (used as a `with` statement)
-    """While active, MindSpore's parser resolves `super()` in lightms's shadows too (`_analyze_super`).
-
-    Entered around each compilation of a lightms graph (`engine.GraphFunction.compile`), so
-    MindSpore's own behaviour is changed for nothing else; everything but a shadow goes to
-    MindSpore's resolution anyway.
-    """
-
-    def __enter__(self) -> None:
-        _ms_parser.Parser.analyze_super = _analyze_super
-
-    def __exit__(self, *exc_info) -> None:
-        _ms_parser.Parser.analyze_super = _ORIGINAL_ANALYZE_SUPER
+# Installed when lightms loads: for everything but a lightms shadow it is MindSpore's own resolution, unchanged.
+_analyze_super.__lightms_original__ = _ORIGINAL_ANALYZE_SUPER
+_ms_parser.Parser.analyze_super = _analyze_super
 
 
 def _methods_to_shadow(cls, base_class) -> List[str]:
@@ -252,4 +244,4 @@ class Evaluating:
         _restore_modes(self._modes)
 
 
-__all__ = ["ModuleBinding", "StepScope", "check_constructs", "set_on_instance", "super_support"]
+__all__ = ["ModuleBinding", "StepScope", "check_constructs", "set_on_instance"]

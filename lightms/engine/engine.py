@@ -30,8 +30,8 @@ import numpy as np
 from lightms._mindspore import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from lightms.engine.binding import super_support
 from lightms.engine.plan import StepPlan
+from lightms.trainer.chunks import batch_passing, row, take_micro_batch
 from lightms.module.logging import DeviceLogBuffers
 
 _hyper_map = ops.HyperMap()
@@ -92,8 +92,7 @@ class GraphFunction(nn.Cell):
         """Compiles the graph for these inputs unless MindSpore has it already (called on every run)."""
         graphs_before = len(self.compile_cache)
         try:
-            with super_support():  # super() in the user's methods (binding.py)
-                super().compile(*args, **kwargs)
+            super().compile(*args, **kwargs)
         except Exception:
             self._new_graph = True
             raise
@@ -106,58 +105,6 @@ def compile_function(fn: Callable, compile: bool,
                      explain_failure: Optional[Callable[[Exception], Optional[Exception]]] = None) -> Callable:
     """`fn` compiled as a whole graph (`GraphFunction`), or `fn` itself when `compile` is False."""
     return GraphFunction(fn, explain_failure).compile_and_run if compile else fn
-
-
-@dataclass(frozen=True)
-class BatchPassing:
-    """How a step function receives a batch: as positional inputs, rebuilt into the batch inside the step.
-
-    Separate Tensor arguments of a graph are variable inputs; a tuple, list or dict argument
-    is a constant baked into the graph (recompiled for every batch) unless wrapped in
-    `mindspore.mutable`, which costs a little per call. So a Tensor, or a flat tuple or list
-    of Tensors (the usual `(x, y)`), goes in as separate Tensors; any other batch as one
-    `mutable` input; an eager step gets the batch as it is.
-
-    Attributes:
-        pack: On the host: batch -> the step's positional inputs.
-        unpack: Inside the step (graph-parseable): the positional inputs -> the batch.
-    """
-
-    pack: Callable
-    unpack: Callable
-
-
-def batch_passing(example, compiled: bool) -> BatchPassing:
-    """The BatchPassing for batches structured like `example` (a batch whose leaves are Tensors)."""
-    if not compiled or isinstance(example, Tensor):
-        return BatchPassing(_alone, _first)
-    if type(example) in (tuple, list) and all(isinstance(leaf, Tensor) for leaf in example):
-        return BatchPassing(_itself, _as_tuple if type(example) is tuple else _as_list)
-    return BatchPassing(_mutable_alone, _first)
-
-
-def _alone(batch):
-    return (batch,)
-
-
-def _itself(batch):
-    return batch
-
-
-def _mutable_alone(batch):
-    return (ms.mutable(batch),)
-
-
-def _first(*inputs):
-    return inputs[0]
-
-
-def _as_tuple(*inputs):
-    return inputs
-
-
-def _as_list(*inputs):
-    return list(inputs)
 
 
 # ---- device counters ------------------------------------------------------------------------
@@ -259,23 +206,6 @@ class StepReport:
     loss: Tensor
     outputs: Dict[str, Any]
     steps: int
-
-
-def row(stacked, i):
-    """Row `i` (a non-negative 0-d int32 Tensor) of a stacked Tensor as one Gather (graph-parseable; `stacked[i]`
-    would first map a negative index into range, three more kernels per loop iteration)."""
-    return ops.gather(stacked, i, 0)
-
-
-def take_micro_batch(batches, i):
-    """Row `i` of a chunk of stacked batches: a Tensor, or a flat tuple, list or dict of them (graph-parseable)."""
-    if isinstance(batches, dict):
-        return {key: row(value, i) for key, value in batches.items()}
-    if isinstance(batches, list):
-        return [row(value, i) for value in batches]
-    if isinstance(batches, tuple):
-        return tuple([row(value, i) for value in batches])
-    return row(batches, i)
 
 
 class TrainEngine:
@@ -535,5 +465,5 @@ class _Graphs:
         self.sink_step = sink_step
 
 
-__all__ = ["BatchPassing", "ClipGradNorm", "ClipGradValue", "Counters", "GraphFunction", "StepReport",
-           "TrainEngine", "batch_passing", "compile_function", "gradient_stages", "release_freed_memory"]
+__all__ = ["ClipGradNorm", "ClipGradValue", "Counters", "GraphFunction", "StepReport", "TrainEngine",
+           "compile_function", "gradient_stages", "release_freed_memory"]

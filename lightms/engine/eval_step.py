@@ -5,7 +5,8 @@ from typing import Callable, Optional
 
 from lightms._mindspore import mindspore as ms
 from lightms.engine.dry_run import dry_run
-from lightms.engine.engine import batch_passing, compile_function
+from lightms.engine.engine import compile_function
+from lightms.trainer.chunks import batch_passing
 from lightms.module.logging import DeviceLogBuffers, HostLogs, is_metric
 
 

@@ -1,4 +1,4 @@
-"""Chunks: the micro-batches of one host call, and where an epoch is cut into them.
+"""Chunks: the micro-batches of one host call, where an epoch is cut into them, and how a graph receives them.
 
 `ChunkPlanner` plays the part of Keras' `EpochIterator` with steps-per-execution: it
 reads an epoch's batches and yields `Chunk`s. A chunk collects consecutive
@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from lightms._mindspore import mindspore as ms
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from lightms.trainer.data import Batch
 
@@ -242,6 +242,76 @@ def resolve_sink_length(sink_size: Union[int, str], batches_per_epoch: Optional[
     return int(sink_size)
 
 
+# ---- how a graph receives batches ------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchPassing:
+    """How a step function receives a batch: as positional inputs, rebuilt into the batch inside the step.
+
+    Separate Tensor arguments of a graph are variable inputs; a tuple, list or dict argument
+    is a constant baked into the graph (recompiled for every batch) unless wrapped in
+    `mindspore.mutable`, which costs a little per call. So a Tensor, or a flat tuple or list
+    of Tensors (the usual `(x, y)`), goes in as separate Tensors; any other batch as one
+    `mutable` input; an eager step gets the batch as it is.
+
+    Attributes:
+        pack: On the host: batch -> the step's positional inputs.
+        unpack: Inside the step (graph-parseable): the positional inputs -> the batch.
+    """
+
+    pack: Callable
+    unpack: Callable
+
+
+def batch_passing(example, compiled: bool) -> BatchPassing:
+    """The BatchPassing for batches structured like `example` (a batch whose leaves are Tensors)."""
+    if not compiled or isinstance(example, Tensor):
+        return BatchPassing(_alone, _first)
+    if type(example) in (tuple, list) and all(isinstance(leaf, Tensor) for leaf in example):
+        return BatchPassing(_itself, _as_tuple if type(example) is tuple else _as_list)
+    return BatchPassing(_mutable_alone, _first)
+
+
+def _alone(batch):
+    return (batch,)
+
+
+def _itself(batch):
+    return batch
+
+
+def _mutable_alone(batch):
+    return (ms.mutable(batch),)
+
+
+def _first(*inputs):
+    return inputs[0]
+
+
+def _as_tuple(*inputs):
+    return inputs
+
+
+def _as_list(*inputs):
+    return list(inputs)
+
+
+def row(stacked, i):
+    """Row `i` (a non-negative 0-d int32 Tensor) of a stacked Tensor as one Gather (graph-parseable; `stacked[i]`
+    would first map a negative index into range, three more kernels per loop iteration)."""
+    return ops.gather(stacked, i, 0)
+
+
+def take_micro_batch(batches, i):
+    """Row `i` of a chunk of stacked batches: a Tensor, or a flat tuple, list or dict of them (graph-parseable)."""
+    if isinstance(batches, dict):
+        return {key: row(value, i) for key, value in batches.items()}
+    if isinstance(batches, list):
+        return [row(value, i) for value in batches]
+    if isinstance(batches, tuple):
+        return tuple([row(value, i) for value in batches])
+    return row(batches, i)
+
+
 class ChunkPlanner:
     """Cuts each epoch's batches into chunks.
 
@@ -309,5 +379,5 @@ class ChunkPlanner:
         self._buffers = StackBuffers() if self.sink_length > 1 else None
 
 
-__all__ = ["Chunk", "ChunkPlanner", "StackBuffers", "SunkBatches", "SINK_MEMORY_LIMIT", "check_sinkable",
-           "fit_in_memory", "resolve_sink_length"]
+__all__ = ["BatchPassing", "Chunk", "ChunkPlanner", "StackBuffers", "SunkBatches", "SINK_MEMORY_LIMIT", "batch_passing",
+           "check_sinkable", "fit_in_memory", "resolve_sink_length", "row", "take_micro_batch"]

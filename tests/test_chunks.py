@@ -1,4 +1,4 @@
-"""Sinking: Trainer(sink_size=N) equals sink_size=1 and a hand-written loop, and really sinks."""
+"""Chunks and sinking: Trainer(sink_size=N) equals sink_size=1 and a hand-written loop, really sinks; batch passing."""
 
 import os
 
@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 import lightms
+from lightms.trainer import chunks
 from lightms.trainer.chunks import SunkBatches
 from lightms.callbacks import Callback, ModelCheckpoint
 from lightms._mindspore import mindspore as ms
-from mindspore import nn
+from mindspore import Tensor, nn
 from conftest import (RecordingLogger, StepDecayRegressor, TinyRegressor, batches_of, fresh_model, make_data,
                       parameters_of, quiet_trainer, reference_sgd)
 
@@ -385,3 +386,26 @@ def test_a_batch_a_hook_keeps_under_sinking_never_changes(monkeypatch):
             assert not any(reused)  # ...as every kept chunk got new buffers
         else:
             assert reused == [False] * 2 + [True] * 6  # two sets take turns: one filled while MindSpore holds the other
+
+
+# ---- how a graph receives batches ----
+
+def test_flat_tuples_and_lists_of_tensors_go_in_as_separate_tensors():
+    x, y = Tensor(np.ones((2, 3), np.float32)), Tensor(np.zeros((2,), np.int32))
+    passing = chunks.batch_passing((x, y), compiled=True)
+    assert passing.pack((x, y)) == (x, y)  # no mutable wrapper: the Tensors themselves
+    assert passing.unpack(x, y) == (x, y)
+    as_list = chunks.batch_passing([x, y], compiled=True)
+    assert as_list.unpack(*as_list.pack([x, y])) == [x, y]
+    alone = chunks.batch_passing(x, compiled=True)
+    assert alone.pack(x) == (x,) and alone.unpack(x) is x
+
+
+def test_other_batches_go_in_as_one_mutable_input_and_eager_steps_get_the_batch_as_is():
+    x = Tensor(np.ones((2, 3), np.float32))
+    for batch in ({"x": x}, ((x, x), x)):
+        (packed,) = chunks.batch_passing(batch, compiled=True).pack(batch)
+        assert getattr(packed, "__ms_mutable__", False) and packed == batch
+    eager = chunks.batch_passing((x, x), compiled=False)
+    batch = (x, x)
+    assert eager.unpack(*eager.pack(batch)) is batch
