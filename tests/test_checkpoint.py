@@ -346,3 +346,49 @@ def test_save_checkpoint_after_validate_writes_what_there_is(tmp_path):
         np.testing.assert_array_equal(parameters_of(rebuilt)[name], value)
     with pytest.raises(ValueError, match="written outside fit .* no optimizer state"):
         quiet_trainer(max_epochs=1).fit(fresh_model(), batches_of(x, y, 8), ckpt_path=path)
+
+
+def test_an_epoch_end_checkpoint_resumes_its_epoch_schedulers(tmp_path):
+    from mindspore.experimental import optim
+
+    class EpochDecay(AdamRegressor):
+        def configure_optimizers(self):
+            opt = optim.Adam(self.trainable_params(), lr=0.05)
+            return {"optimizer": opt, "lr_scheduler": optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+    def fit(max_epochs, callbacks=(), ckpt_path=None):
+        x, y = make_data(32)
+        model = fresh_model(cls=EpochDecay)
+        trainer = quiet_trainer(max_epochs=max_epochs, enable_checkpointing=bool(callbacks), callbacks=list(callbacks))
+        trainer.fit(model, batches_of(x, y, 8), ckpt_path=ckpt_path)
+        return model, float(trainer.optimizers[0].param_groups[0]["lr"].asnumpy())
+
+    straight, straight_lr = fit(3)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path))  # saved in on_train_epoch_end, before the scheduler steps
+    fit(1, [checkpoint])
+    resumed, resumed_lr = fit(3, ckpt_path=checkpoint.last_model_path)
+    assert straight_lr == pytest.approx(0.05 * 0.5 ** 3) and resumed_lr == pytest.approx(straight_lr)
+    for name, value in parameters_of(straight).items():
+        np.testing.assert_allclose(parameters_of(resumed)[name], value, atol=1e-6, rtol=0)
+
+
+def test_a_checkpoint_after_an_epochs_last_step_keeps_its_epoch_values_apart(tmp_path):
+    class LogsEpochMean(AdamRegressor):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("xsum", x.sum(), on_step=False, on_epoch=True)
+            return ((self(x) - y) ** 2).mean()
+
+    def fit(callbacks=(), ckpt_path=None):
+        x, y = make_data(32)
+        logger = RecordingLogger()
+        trainer = quiet_trainer(max_epochs=2, logger=logger, enable_checkpointing=bool(callbacks),
+                                callbacks=list(callbacks))
+        trainer.fit(fresh_model(cls=LogsEpochMean), batches_of(x, y, 8), ckpt_path=ckpt_path)
+        return logger
+
+    straight = fit()
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=4, save_top_k=-1)  # epoch 0's last step
+    fit([checkpoint])
+    resumed = fit(ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"))  # nothing left of epoch 0 to train
+    assert_same_series(resumed.values("xsum"), straight.values("xsum"), atol=1e-4)  # epoch 0 and epoch 1, apart

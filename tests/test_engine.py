@@ -297,6 +297,10 @@ def test_parameters_frozen_after_configure_optimizers_do_not_move(sink_size):
     assert len(frozen) == 2
     for name, value in frozen.items():  # weight decay and momentum would move them: they are kept
         np.testing.assert_array_equal(all_parameters(model)[name], value)
+    slots = {p.name: p.asnumpy() for p in trainer_of(model).optimizers[0].get_parameters()
+             if p.name.split(".", 1)[-1] in frozen and p.name not in frozen}
+    assert sorted(slots) == ["accum.net.0.bias", "accum.net.0.weight", "stat.net.0.bias", "stat.net.0.weight"]
+    assert all(not value.any() or name.startswith("stat") for name, value in slots.items())  # no momentum built up
     # the others trained as if the optimizer had only them (a hand-written loop over net.2)
     reference = fresh_model()
     weights = reference.net[2].trainable_params()
@@ -312,6 +316,10 @@ def test_parameters_frozen_after_configure_optimizers_do_not_move(sink_size):
     trainer.fit(model, batches)
     assert not np.allclose(all_parameters(model)["net.0.weight"], start["net.0.weight"])
     assert trainer._engine.plan.frozen == ()
+
+
+def trainer_of(model):
+    return model.trainer
 
 
 def ms_grad(model, weights):
@@ -451,3 +459,15 @@ def test_only_a_new_graph_failure_is_shown_to_explain_failure(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):  # a graph that ran before: MindSpore's own
         run(ones)
     assert len(shown) == 1
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_sunk_extra_outputs_follow_a_smaller_last_batch_and_autocast(precision):
+    x, y = make_data(44)
+    batches = batches_of(x, y, 8)  # 5 batches of 8 and one of 4: chunks [0 1 2] [3 4] [5]
+    seen = OutputsSeen()
+    quiet_trainer(max_epochs=1, sink_size=3, precision=precision, callbacks=[seen]).fit(
+        fresh_model(cls=ReturnsMore), batches)
+    assert [o["prediction"].shape for o in seen.outputs] == [(8, 1), (8, 1), (4, 1)]
+    for outputs, index in zip(seen.outputs, [2, 4, 5]):
+        np.testing.assert_allclose(outputs["xsum"], batches[index][0].sum(), rtol=1e-2 if precision != "32-true" else 1e-5)

@@ -72,3 +72,20 @@ def test_a_sunk_chunks_batches_are_built_only_when_a_hook_reads_them(monkeypatch
     for (bx, by), (ex, ey) in zip(read, batches):
         np.testing.assert_array_equal(bx, ex)
         np.testing.assert_array_equal(by, ey)
+
+
+def test_a_sunk_chunks_batches_a_hook_keeps_never_change():
+    kept = []
+
+    class Keeps(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            kept.append(batch)  # read only after the fit, when later chunks have filled the buffers
+
+    x, y = make_data(96)
+    batches = batches_of(x, y, 8)  # 12 batches: 4 chunks of 3
+    quiet_trainer(max_epochs=1, sink_size=3, callbacks=[Keeps()]).fit(fresh_model(), batches)
+    read = [(bx.asnumpy(), by.asnumpy()) for chunk in kept for bx, by in chunk]
+    assert len(read) == 12
+    for (bx, by), (ex, ey) in zip(read, batches):
+        np.testing.assert_array_equal(bx, ex)
+        np.testing.assert_array_equal(by, ey)

@@ -146,3 +146,19 @@ def test_temporary_files_of_killed_writes_are_removed_and_others_kept(tmp_path):
         (tmp_path / name).write_bytes(b"x" * 100)
     fit(1, ModelCheckpoint(dirpath=str(tmp_path)))
     assert sorted(os.listdir(tmp_path)) == sorted([alive, "epoch=0-step=5.ckpt"] + users)
+
+
+def test_resuming_from_a_copy_elsewhere_into_the_old_folder_leaves_its_files_alone(tmp_path):
+    import shutil
+
+    folder = tmp_path / "run"
+    fit(2, ModelCheckpoint(dirpath=str(folder), save_last=True))
+    before = contents(folder)
+    (tmp_path / "backup").mkdir()
+    copy = tmp_path / "backup" / "epoch=1-step=10.ckpt"
+    shutil.copyfile(folder / "epoch=1-step=10.ckpt", copy)
+    with pytest.warns(UserWarning, match="starts its own top-k"):
+        fit(3, ModelCheckpoint(dirpath=str(folder), save_last=True), ckpt_path=str(copy))
+    now = contents(folder)
+    assert {name: now[name] for name in before} == before  # nothing of the old run deleted or overwritten
+    assert sorted(set(now) - set(before)) == ["epoch=2-step=15.ckpt", "last-v1.ckpt"]

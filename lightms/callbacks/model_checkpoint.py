@@ -100,6 +100,7 @@ class ModelCheckpoint(Callback):
         self._latest: List[str] = []  # the kept files, oldest first, when ranking by recency (save_top_k > 0)
         self._last_saved_step = -1
         self._warned_missing = False
+        self._resumed_from: Optional[str] = None  # the checkpoint the running fit resumed from
 
     @property
     def state_key(self) -> str:
@@ -111,17 +112,20 @@ class ModelCheckpoint(Callback):
                 "last_model_path": self.last_model_path, "latest": list(self._latest)}
 
     def load_state_dict(self, state_dict):
-        """Continues the saved run's bookkeeping when this callback writes into the folder it wrote to.
+        """Continues the saved run's bookkeeping when this run resumed from a checkpoint in the folder that run
+        wrote to and writes into it too.
 
         Otherwise only `best_model_path` is taken over (for reference), and this run starts its
         own top-k: the old run's files are never deleted or overwritten.
         """
         self.best_model_path = state_dict.get("best_model_path", "")
-        if not _same_folder(self.dirpath, state_dict.get("dirpath")):
-            if self.dirpath is not None and state_dict.get("dirpath"):
-                warnings.warn(f"ModelCheckpoint: the checkpoint's run wrote to {state_dict['dirpath']}, this one "
-                              f"writes to {self.dirpath}: it starts its own top-k there and leaves the old run's "
-                              "files alone (only best_model_path is taken over).", stacklevel=2)
+        saved = state_dict.get("dirpath")
+        resumed_from = os.path.dirname(os.path.abspath(self._resumed_from)) if self._resumed_from else saved
+        if not (_same_folder(self.dirpath, saved) and _same_folder(saved, resumed_from)):
+            if self.dirpath is not None and saved:
+                warnings.warn(f"ModelCheckpoint: the checkpoint's run wrote to {saved}; this one resumed from "
+                              f"{resumed_from} and writes to {self.dirpath}: it starts its own top-k there and leaves "
+                              "the old run's files alone (only best_model_path is taken over).", stacklevel=2)
             return
         self.best_model_score = state_dict.get("best_model_score")
         self.best_k_models = dict(state_dict.get("best_k_models", {}))
@@ -167,6 +171,7 @@ class ModelCheckpoint(Callback):
     # ---- hooks ---------------------------------------------------------------------------
     def setup(self, trainer, module, stage):
         if stage == "fit":
+            self._resumed_from = trainer.ckpt_path
             remove_stale_temporaries(self.resolve_dirpath(trainer))  # left by runs killed mid-write
 
     def needs_host_at_step(self, trainer, step: int) -> bool:

@@ -77,7 +77,9 @@ def write_checkpoint(path: str, parameters: Iterable[Tuple[str, Parameter]], met
         # "crc" tells a reader that a missing CRC trailer means damage, not an older writer.
         ms.save_checkpoint(entries, temporary, append_dict={META_KEY: json.dumps({**meta, "crc": True})},
                            crc_check=True)
+        _sync(temporary)  # on disk before it replaces the earlier file: a power loss leaves one of them whole
         os.replace(temporary, path)
+        _sync(folder)
     except OSError as error:
         message = (f"Could not write the checkpoint {path} ({error.strerror or error}); any earlier file at "
                    "that path is unchanged.")
@@ -86,6 +88,17 @@ def write_checkpoint(path: str, parameters: Iterable[Tuple[str, Parameter]], met
         for leftover in (temporary, mindspore_temporary):
             if os.path.exists(leftover):
                 os.remove(leftover)
+
+
+def _sync(path: str) -> None:
+    """Flushes a file's (or a folder's) contents to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some filesystems cannot sync a folder
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def remove_stale_temporaries(folder: str) -> List[str]:

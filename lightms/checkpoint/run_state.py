@@ -8,7 +8,7 @@ hyperparameters and the lightms version. Restoring puts all of it back so the ru
 continues as if never stopped.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -68,12 +68,12 @@ def collect_run_state(model, weights_only: bool, optimizers=(), schedulers=(), l
     return parameters, meta
 
 
-def restore_run_state(trainer, path: str) -> Optional[Tuple[Dict, Dict]]:
+def restore_run_state(trainer, path: str) -> Tuple[Dict, Dict]:
     """Restores `trainer`'s model, optimizer, schedulers, loop and callbacks from `path`.
 
     Returns:
         The engine's part, (name -> saved value, JSON state), for `TrainEngine.load_state_dict`
-        once the engine is built; None if the checkpoint has none.
+        once the engine is built (either may be empty).
 
     Raises:
         ValueError: If the checkpoint does not fit the model or optimizer, holds weights only or no
@@ -105,6 +105,9 @@ def restore_run_state(trainer, path: str) -> Optional[Tuple[Dict, Dict]]:
     for index, config in enumerate(trainer.lr_scheduler_configs):
         pairs += check_parameters(config.state_parameters(), groups.get(f"{SCHEDULER_GROUP}{index}", {}),
                                   f"learning-rate scheduler {index} ({type(config.scheduler).__name__})", path)
+    if window:  # the window's gradients go into the engine once it is built: checked against the optimizer now
+        check_parameters({f"lightms_accum.{p.name}": p for opt in trainer.optimizers for p in opt.parameters},
+                         groups.get("accumulator", {}), "accumulation window", path)
     assign_checked(pairs)
     trainer.state.load_state_dict(meta["loop"], window)
     by_key = meta.get("callbacks", {})

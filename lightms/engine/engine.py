@@ -301,7 +301,7 @@ class TrainEngine:
         if self.loss_scaler is not None:
             tensors["loss_scale.scale_value"] = self.loss_scaler.scale_value
             tensors["loss_scale.counter"] = self.loss_scaler.counter
-        return tensors, {"logs": self.logs.state_dict()}
+        return tensors, {"logs": self.logs.state_dict(with_window=bool(window))}
 
     def load_state_dict(self, tensors: Dict[str, np.ndarray], state: Dict) -> None:
         """Restores what `state_dict` returned (in a checkpoint: see `checkpoint.run_state`).
@@ -317,8 +317,9 @@ class TrainEngine:
         targets = self.state_dict(1)[0]
         known = {name: value for name, value in tensors.items() if name in targets}
         wanted = {name: targets[name] for name in known}
+        # An accumulator may hold an infinity (an overflowing window under loss scaling): no finite rule here.
         assign_checked(check_parameters(wanted, {name: Tensor(value) for name, value in known.items()},
-                                        "training state", "the checkpoint", "all"))
+                                        "training state", "the checkpoint"))
         logs = state.get("logs")
         if logs is None:
             return
@@ -339,7 +340,9 @@ class _Graphs:
         if not len(trained):
             raise ValueError(f"{type(module).__name__}: every parameter of the optimizer has requires_grad=False, "
                              "so there is nothing to train.")
-        kept = tuple(p for p in weights if p.name in frozen)
+        # Frozen parameters and their optimizer slots ("moment1.<name>", ...) are put back after each update.
+        kept = tuple(p for p in weights if p.name in frozen) + tuple(
+            q for q in optimizer.get_parameters() if "." in q.name and q.name.split(".", 1)[1] in frozen)
         # Where each optimizer parameter's gradient comes from: its position in `trained`, or -1 (frozen: zero).
         positions = tuple(-1 if p.name in frozen else [q.name for q in trained].index(p.name) for p in weights)
         stages = gradient_stages(plan)
@@ -372,7 +375,8 @@ class _Graphs:
             return ops.depend(loss, ops.assign_add(counters.loss_sum, loss)), extras, grads
 
         def apply(grads):
-            """The stages and the update; frozen parameters keep their values (the optimizer may move them)."""
+            """The stages and the update; frozen parameters and their optimizer state keep their values (weight
+            decay and momentum would move them)."""
             for stage in stages:
                 grads = stage(grads)
             if not kept:
@@ -427,34 +431,40 @@ class _Graphs:
         every_iteration_steps = plan.accumulate == 1 and loss_scaler is None
         direct_history = every_iteration_steps and plan.step_history
         accumulate = plan.accumulate
-        blank = tuple(ops.zeros(shape, dtype) for _, shape, dtype in plan.outputs)
+
+        def iteration(batches, window_sizes, i, loss, slot):
+            """Micro-batch `i` of a sunk chunk: (its loss, the next history row, its extra outputs)."""
+            loss, extras, grads = gradients(take_micro_batch(batches, i))
+            if accumulate == 1:
+                if direct_history:
+                    loss = ops.depend(loss, update(grads, i))
+                else:
+                    stepped = update(grads)
+                    loss = ops.depend(loss, stepped)  # keeps the update: an unused result's effects can be dropped
+                    if plan.step_history:  # a skipped (overflowing) step takes no row
+                        loss = ops.depend(loss, logs.record_step(slot))
+                        slot = slot + ops.cast(stepped, ms.int32)
+            else:
+                window_size = row(window_sizes, i)  # read once: each read is a kernel
+                if window_size > 0:
+                    stepped = window_update(grads, window_size)
+                    loss = ops.depend(loss, stepped)
+                    if plan.step_history:
+                        loss = ops.depend(loss, logs.record_step(slot))
+                        slot = slot + ops.cast(stepped, ms.int32)
+                else:
+                    loss = ops.depend(loss, _hyper_map(ops.assign_add, accumulators, grads))
+            return loss, slot, extras
 
         def sink_step(batches, window_sizes, count):
             i = Tensor(0, ms.int32)
             slot = Tensor(0, ms.int32)  # the next row of the step-value history
-            loss = Tensor(0.0, ms.float32)
-            extras = blank
+            loss, extras = Tensor(0.0, ms.float32), ()
+            if has_outputs:  # the first micro-batch before the loop: the loop carries its outputs' types and shapes
+                loss, slot, extras = iteration(batches, window_sizes, i, loss, slot)
+                i = i + 1
             while i < count:
-                loss, extras, grads = gradients(take_micro_batch(batches, i))
-                if accumulate == 1:
-                    if direct_history:
-                        loss = ops.depend(loss, update(grads, i))
-                    else:
-                        stepped = update(grads)
-                        loss = ops.depend(loss, stepped)  # keeps the update: an unused result's effects can be dropped
-                        if plan.step_history:  # a skipped (overflowing) step takes no row
-                            loss = ops.depend(loss, logs.record_step(slot))
-                            slot = slot + ops.cast(stepped, ms.int32)
-                else:
-                    window_size = row(window_sizes, i)  # read once: each read is a kernel
-                    if window_size > 0:
-                        stepped = window_update(grads, window_size)
-                        loss = ops.depend(loss, stepped)
-                        if plan.step_history:
-                            loss = ops.depend(loss, logs.record_step(slot))
-                            slot = slot + ops.cast(stepped, ms.int32)
-                    else:
-                        loss = ops.depend(loss, _hyper_map(ops.assign_add, accumulators, grads))
+                loss, slot, extras = iteration(batches, window_sizes, i, loss, slot)
                 i = i + 1
             if direct_history:
                 loss = ops.depend(loss, logs.step_from_history(count - 1))

@@ -351,10 +351,17 @@ class DeviceLogBuffers(nn.Cell):
         self.host_reads += 1
         return [self._values(row[VALUE], row[WEIGHT]) for row in history]
 
-    def state_dict(self) -> Dict:
-        """The logged names and the epoch and window levels (reduced values, weights), for checkpoints."""
-        return {"options": [dataclasses.asdict(o) for o in self.options], "epoch": self.epoch.asnumpy().tolist(),
-                "window": self.window.asnumpy().tolist()}
+    def state_dict(self, with_window: bool = True) -> Dict:
+        """The logged names and the epoch level (reduced values, weights), for checkpoints.
+
+        Args:
+            with_window: Also the window level (inside an accumulation window; else it holds only the
+                last step's values, which a resumed run must not add again).
+        """
+        state = {"options": [dataclasses.asdict(o) for o in self.options], "epoch": self.epoch.asnumpy().tolist()}
+        if with_window:
+            state["window"] = self.window.asnumpy().tolist()
+        return state
 
     def load_state_dict(self, state: Dict) -> None:
         """Restores what `state_dict` returned (no compiled graph is unlinked).
@@ -368,7 +375,7 @@ class DeviceLogBuffers(nn.Cell):
                              f"options than this run's {[o.name for o in self.options]}; its epoch values cannot "
                              "continue.")
         ops.assign(self.epoch, Tensor(np.array(state["epoch"], np.float32)))
-        ops.assign(self.window, Tensor(np.array(state["window"], np.float32)))
+        ops.assign(self.window, Tensor(np.array(state["window"], np.float32)) if "window" in state else self.opened)
 
     def reset(self) -> None:
         """Clears the epoch level, if kept; called by the host at the start of an epoch.

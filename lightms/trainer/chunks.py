@@ -162,7 +162,7 @@ class Chunk:
         self.batches, self.sizes, self.window = self.batches[:1], [self._window_at_start + 1], 0
 
     def device_inputs(self, length: int, plans: Dict[Tuple, Tuple[Tensor, Tensor]]) -> Tuple:
-        """The inputs of `TrainStep.sink_step` for this chunk: stacked batches, window sizes, count.
+        """The inputs of the engine's sunk graph for this chunk: stacked batches, window sizes, count.
 
         Args:
             length: The stacked leading axis, at most `self.length`. A fixed axis keeps the
@@ -189,7 +189,8 @@ class SunkBatches(Sequence):
     """
 
     def __init__(self, first: Batch, buffers: List[np.ndarray], count: int):
-        self._first, self._buffers, self._count = first, buffers, count
+        # The arrays themselves (not the list the pool keeps): a hook that keeps this keeps them from reuse.
+        self._first, self._buffers, self._count = first, tuple(buffers), count
 
     def __len__(self) -> int:
         return self._count

@@ -24,6 +24,7 @@ from lightms.engine.eval_step import EvalStep, module_metrics
 from lightms.engine.explain import explain_graph_failure
 from lightms.engine.plan import frozen_parameters, plan_training
 from lightms.module.cell import LightningCell
+from lightms.module.logging import DeviceLogBuffers, LogOptions
 from lightms.precision.precision import warn_half_optimizer
 from lightms.trainer.chunks import Chunk, ChunkPlanner, resolve_sink_length
 from lightms.trainer.data import DataSource, eval_source, fit_sources
@@ -58,7 +59,7 @@ class TrainingLoop:
                 (code 128 + signal).
         """
         self._check_model(model)
-        self._ckpt_path = self._resolve_ckpt_path(ckpt_path)
+        self.ckpt_path = self._resolve_ckpt_path(ckpt_path)
         train, val = fit_sources(self, datamodule, train_dataloaders, val_dataloaders)
         if train is None:
             raise ValueError("Trainer.fit needs training data: pass train_dataloaders or a datamodule whose "
@@ -160,10 +161,12 @@ class TrainingLoop:
         self.optimizers, self.lr_scheduler_configs = [config.optimizer], config.schedulers
         warn_half_optimizer(self.precision, config.optimizer)
         self._pending_engine_state = None
-        if self._ckpt_path is not None:
-            self._pending_engine_state = restore_run_state(self, self._ckpt_path)
+        if self.ckpt_path is not None:
+            self._pending_engine_state = restore_run_state(self, self.ckpt_path)
             train.resume_at(state.current_epoch, state.batches_done)
             self._counters.set(state.current_epoch, state.global_step)  # the restored values
+            if state.schedulers_pending:  # written in the last epoch's end hooks, before its schedulers stepped
+                self._step_schedulers("epoch", state.current_epoch, resuming=True)
         self._train_source = train
         self.num_training_batches = train.batch_count(self.limit_train_batches)
         if self.num_training_batches == 0:
@@ -202,6 +205,7 @@ class TrainingLoop:
     def _train_epoch(self) -> None:
         state, metrics = self.state, self._metrics
         metrics.start_epoch("train")
+        self._restore_epoch_logs()
         self._counters.set_epoch(state.current_epoch)
         state.epoch_done = False
         self._call("on_train_epoch_start")
@@ -215,13 +219,26 @@ class TrainingLoop:
             self._run_validation()
         if not self.detect_anomaly:
             self._check_nonfinite()
-        state.epoch_done = True
+        state.epoch_done = state.schedulers_pending = True
         self._read_step_values()
         # Read before on_train_epoch_end, so its callbacks (checkpoints, early stopping) can monitor epoch values.
         metrics.end_epoch("train")
         self._call("on_train_epoch_end")
         self._logger_write(metrics.epoch_ended())
         self._step_schedulers("epoch", state.current_epoch + 1)
+        state.schedulers_pending = False
+        if self._pending_engine_state is not None:  # a resumed epoch's logged sums belong to it alone
+            self._pending_engine_state = (self._pending_engine_state[0], {})
+
+    def _restore_epoch_logs(self) -> None:
+        """After a resume into an epoch: its logged sums so far, in buffers of the saved names, until the engine
+        (built at the epoch's first chunk, which takes them over) exists; an epoch with nothing left to train
+        reports them too."""
+        logs = (self._pending_engine_state or ({}, {}))[1].get("logs")
+        if logs is not None and self._engine is None:
+            buffers = DeviceLogBuffers([LogOptions(**options) for options in logs["options"]])
+            buffers.load_state_dict(logs)
+            self._metrics.device["train"] = buffers
 
     def _build_engine(self, batch=None, previous: Optional[TrainEngine] = None) -> TrainEngine:
         """Plans the training step on the first batch (its dry run) and builds the engine's graphs.
@@ -280,10 +297,10 @@ class TrainingLoop:
         if chunk.steps and self.detect_anomaly:
             self._check_nonfinite()
         self._call("on_train_batch_end", report.outputs, chunk.hook_batches(), last.index)
-        if not report.steps:
-            return end_epoch
-        self._write_step_logs(before)
-        if self._val_source is not None and self._val_due_in_epoch(last, bool(chunk.sizes[-1]), state.global_step):
+        if report.steps:  # (none when loss scaling skipped the chunk's steps)
+            self._write_step_logs(before)
+        if self._val_source is not None and self._val_due_in_epoch(last, bool(chunk.sizes[-1]), state.global_step,
+                                                                    stepped=bool(report.steps)):
             self._run_validation()
         self._stop_if_interrupted()
         return end_epoch or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps)
@@ -325,12 +342,18 @@ class TrainingLoop:
             return False
         return (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
 
-    def _val_due_in_epoch(self, batch, closed_window: bool, step: int) -> bool:
-        """Whether validation runs after `batch`, which took the run to optimizer step `step`."""
+    def _val_due_in_epoch(self, batch, closed_window: bool, step: int, stepped: bool = True) -> bool:
+        """Whether validation runs after `batch`, which took the run to optimizer step `step`.
+
+        `stepped`: whether optimizer steps happened (not when loss scaling skipped them): an int
+        interval counts steps, so a skipped one does not validate again at the same step.
+        """
         if self._val_source is None or not closed_window:  # never inside an accumulation window
             return False
         interval = self.val_check_interval
         if isinstance(interval, int):
+            if not stepped:
+                return False
             epoch_ok = self.check_val_every_n_epoch is None or \
                 (self.state.current_epoch + 1) % self.check_val_every_n_epoch == 0
             return epoch_ok and step % interval == 0
@@ -375,9 +398,15 @@ class TrainingLoop:
                           + "; ".join(reasons) + f". Up to accumulate={self.accumulate} micro-batches are sunk "
                           "per host call.", stacklevel=5)
 
-    def _step_schedulers(self, interval: str, count: int) -> None:
+    def _step_schedulers(self, interval: str, count: int, resuming: bool = False) -> None:
+        """Steps the host-side schedulers due after `count` optimizer steps or epochs.
+
+        `resuming`: the epoch step a checkpoint written in an epoch's end hooks missed. A plateau
+        scheduler is not stepped then (the value it monitors is not in the checkpoint), as in Lightning.
+        """
         if self.lr_scheduler_configs:
-            step_schedulers(self.lr_scheduler_configs, interval, count, lambda: self.callback_metrics)
+            step_schedulers(self.lr_scheduler_configs, interval, count, lambda: self.callback_metrics,
+                            plateau=not resuming)
 
     # ---- non-finite values and interrupts -------------------------------------------------------
     def _check_nonfinite(self) -> None:

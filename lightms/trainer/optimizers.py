@@ -143,7 +143,7 @@ def read_optimizer_config(returned, module_name: str) -> OptimizerConfig:
 
 
 def step_schedulers(schedulers: List[SchedulerConfig], interval: str, count: int,
-                    metrics: Callable[[], Dict[str, float]]) -> None:
+                    metrics: Callable[[], Dict[str, float]], plateau: bool = True) -> None:
     """Steps the host-side schedulers of `interval` that are due after `count` optimizer steps or epochs.
 
     Args:
@@ -151,6 +151,7 @@ def step_schedulers(schedulers: List[SchedulerConfig], interval: str, count: int
         interval: "step" or "epoch".
         count: Optimizer steps (or epochs) done so far.
         metrics: Returns `trainer.callback_metrics` (read only for plateau schedulers: a host sync).
+        plateau: Step plateau schedulers too (False: leave them, with a warning).
 
     Raises:
         KeyError: If a strict plateau scheduler's monitor is not logged.
@@ -160,6 +161,11 @@ def step_schedulers(schedulers: List[SchedulerConfig], interval: str, count: int
             continue
         if not is_plateau(config.scheduler):
             config.scheduler.step()
+            continue
+        if not plateau:
+            warnings.warn(f"{type(config.scheduler).__name__} was not stepped for the epoch before the resume: the "
+                          f"checkpoint was written before it, and the value it monitors ({config.monitor!r}) is not "
+                          "in the checkpoint.", stacklevel=3)
             continue
         available = metrics()
         value = available.get(config.monitor)

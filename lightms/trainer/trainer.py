@@ -32,6 +32,7 @@ class LoopState:
     batches_done: int = 0  # micro-batches of the current epoch already trained on
     window: int = 0  # micro-batches in the open accumulation window
     epoch_done: bool = False  # the epoch's batches and validation are over (its end hooks run)
+    schedulers_pending: bool = False  # the epoch is done but its host schedulers of interval "epoch" not stepped
     should_stop: bool = False
     stage: Optional[str] = None
     sanity_checking: bool = False
@@ -43,12 +44,14 @@ class LoopState:
         """
         mid_epoch = not self.epoch_done and self.batches_done > 0
         return {"epoch": self.current_epoch + 1 if self.epoch_done else self.current_epoch,
-                "global_step": self.global_step, "batches_done": self.batches_done if mid_epoch else 0}
+                "global_step": self.global_step, "batches_done": self.batches_done if mid_epoch else 0,
+                "schedulers_pending": self.epoch_done and self.schedulers_pending}
 
     def load_state_dict(self, state: Dict[str, int], window: int = 0) -> None:
         """Continues from what `state_dict` returned, inside an accumulation window of `window` micro-batches."""
         self.current_epoch, self.global_step = state["epoch"], state["global_step"]
         self.batches_done, self.window, self.epoch_done = state["batches_done"], window, False
+        self.schedulers_pending = state.get("schedulers_pending", False)
 
 
 class Trainer(TrainingLoop):
@@ -68,11 +71,11 @@ class Trainer(TrainingLoop):
             loop inside one graph; "epoch" sinks a whole epoch. Results equal sink_size=1
             exactly; an epoch is always one pass over the data. As with Keras'
             `steps_per_execution`, batch-level hooks run once per chunk:
-            `on_train_batch_start(batch, batch_idx)` gets the list of the chunk's batches and
-            its first index, `on_train_batch_end(outputs, batch, batch_idx)` its last index
+            `on_train_batch_start(batch, batch_idx)` gets the chunk's batches (a `SunkBatches`
+            sequence, each batch made when read) and its first index,
+            `on_train_batch_end(outputs, batch, batch_idx)` its last index
             (`trainer.sink_batches` is the range of indices the chunk covers, and `outputs`
-            the last micro-batch's loss; `batch` is None when no receiver's code reads it,
-            which spares building the list). Step values logged inside a chunk still reach the
+            what the last micro-batch returned). Step values logged inside a chunk still reach the
             loggers at every step `log_every_n_steps` selects. A chunk ends early after any
             optimizer step the host must see: `max_steps`, validation, a checkpoint
             callback's `every_n_train_steps`, a host-side scheduler with interval "step",
@@ -218,7 +221,7 @@ class Trainer(TrainingLoop):
         self._planner = None  # trainer.chunks.ChunkPlanner
         self._eval_steps = {}
         self._train_source = self._val_source = None
-        self._ckpt_path: Optional[str] = None
+        self.ckpt_path: Optional[str] = None  # the checkpoint the last fit resumed from (as Lightning's)
         self._hook_receivers = {}
         self._extra_host_reads = 0
         self._interrupt_signal: Optional[int] = None
