@@ -302,6 +302,8 @@ class TrainingLoop:
         if self._val_source is not None and self._val_due_in_epoch(last, bool(chunk.sizes[-1]), state.global_step,
                                                                     stepped=bool(report.steps)):
             self._run_validation()
+        if state.window:  # a stop (a signal, should_stop) waits for the window's optimizer step
+            return end_epoch
         self._stop_if_interrupted()
         return end_epoch or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps)
 
