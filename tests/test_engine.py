@@ -213,7 +213,7 @@ def test_the_engine_runs_without_a_trainer_like_a_hand_written_loop(sink_length)
         for chunk in planner.chunks(source.batches(), window=0):
             if engine is None:
                 precision = resolve_precision("32-true")
-                plan = plan_training(module, chunk.batches[0], optimizer, accumulate=2, sink_length=sink_length,
+                plan = plan_training(module, chunk.batches[0], [optimizer], accumulate=2, sink_length=sink_length,
                                      clip_val=None, clip_algorithm="norm", precision=precision, step_history=False,
                                      compile=True)
                 engine = TrainEngine(module, optimizer, plan, counters, binding.inside, chunk.batches[0])

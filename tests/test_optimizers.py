@@ -39,8 +39,21 @@ def test_accepted_forms():
     opt = nn.SGD(net.trainable_params(), 0.1)
     for form in (opt, [opt], (opt,), {"optimizer": opt}):
         assert read_optimizer_config(form, "M").optimizer is opt
-    with pytest.raises(ValueError, match="exactly one"):
-        read_optimizer_config([opt, opt], "M")
+    with pytest.raises(ValueError, match="same optimizer twice"):
+        read_optimizer_config([opt, opt], "M", automatic=False)
+    other = nn.SGD(net.trainable_params(), 0.2)
+    with pytest.raises(ValueError, match="returned 2 optimizers.*automatic_optimization = False"):
+        read_optimizer_config([opt, other], "M")
+    # Several optimizers (manual optimization), in Lightning's forms, in their order, with their schedulers.
+    from mindspore.experimental import optim
+
+    first, second = optim.SGD(net.trainable_params(), lr=0.1), optim.SGD(net.trainable_params(), lr=0.2)
+    steps = [optim.lr_scheduler.StepLR(o, 1) for o in (first, second)]
+    for form in ([first, second], ([first, second], steps),
+                 ({"optimizer": first, "lr_scheduler": steps[0]}, {"optimizer": second, "lr_scheduler": steps[1]})):
+        config = read_optimizer_config(form, "M", automatic=False)
+        assert config.optimizers == [first, second]
+        assert [c.scheduler for c in config.schedulers] == (steps if isinstance(form, tuple) else [])
     with pytest.raises(TypeError, match="not a learning-rate scheduler"):
         read_optimizer_config({"optimizer": opt, "lr_scheduler": object()}, "M")
 

@@ -186,8 +186,9 @@ class ModuleBinding:
             else:
                 object.__setattr__(module, "construct", self._construct_before)
             self._replaced_construct = False
-        for name in ("_lightms_log_target", "_lightms_hook"):
+        for name in ("_lightms_log_target", "_lightms_hook", "_lightms_optimizers"):
             object.__setattr__(module, name, None)
+        object.__setattr__(module, "_lightms_schedulers", ())
         object.__setattr__(module, "_lightms_in_step", False)
         _restore_modes(self._modes_before)
 
@@ -195,6 +196,11 @@ class ModuleBinding:
     def use_counters(self, counters) -> None:
         """Points `self.global_step` / `self.current_epoch` inside steps at these device counters."""
         object.__setattr__(self.module, "_lightms_counters", counters)
+
+    def use_optimizers(self, optimizers, schedulers) -> None:
+        """What `self.optimizers()` and `self.lr_schedulers()` return during a fit."""
+        object.__setattr__(self.module, "_lightms_optimizers", tuple(optimizers))
+        object.__setattr__(self.module, "_lightms_schedulers", tuple(schedulers))
 
     def inside(self, hook: str, log_target) -> "StepScope":
         """A context for one step hook: `self.log` writes to `log_target`, the counters read the device."""

@@ -5,7 +5,7 @@ and lets user mistakes surface as Python errors naming the hook, before MindSpor
 graph compiler sees the code.
 """
 
-from typing import Any, Tuple
+from typing import Any, Iterable, Tuple
 
 from lightms._mindspore import mindspore as ms  # noqa: F401  (quiets MindSpore first)
 from mindspore import Tensor, ops
@@ -14,17 +14,28 @@ from lightms.module.logging import LogRecorder
 from lightms.module.cell import StepScope
 
 
-def dry_run(module, hook: str, batch, batch_idx: int) -> Tuple[LogRecorder, Any]:
+def dry_run(module, hook: str, batch, batch_idx: int, restore: Iterable = ()) -> Tuple[LogRecorder, Any]:
     """Runs `module.<hook>(batch, batch_idx)` eagerly and records its `self.log` calls.
 
-    Non-trainable parameters (BatchNorm statistics and the like) are restored
-    afterwards, so the dry run leaves no trace in the model.
+    Non-trainable parameters (BatchNorm statistics and the like) and `restore` are put
+    back afterwards, so the dry run leaves no trace in the model.
+
+    Args:
+        module: The LightningCell.
+        hook: The step hook's name.
+        batch, batch_idx: The first batch and its index.
+        restore: More Parameters the hook may change (under manual optimization, the
+            weights and the optimizers' state, which its updates write).
 
     Returns:
         The recorder and what the hook returned.
     """
     recorder = LogRecorder(hook)
-    buffers = [(p, p.asnumpy().copy()) for p in module.get_parameters() if not p.requires_grad]
+    kept, buffers = set(), []
+    for p in [p for p in module.get_parameters() if not p.requires_grad] + list(restore):
+        if id(p) not in kept:
+            kept.add(id(p))
+            buffers.append((p, p.asnumpy().copy()))
     try:
         with StepScope(module, hook, recorder):
             output = getattr(module, hook)(batch, batch_idx)
@@ -34,17 +45,21 @@ def dry_run(module, hook: str, batch, batch_idx: int) -> Tuple[LogRecorder, Any]
     return recorder, output
 
 
-def check_training_output(output, where: str) -> None:
+def check_training_output(output, where: str, manual: bool = False) -> None:
     """Checks that training_step returned a scalar floating loss or a dict holding one.
 
     Args:
         output: What training_step returned in the dry run.
         where: "ClassName.training_step", for messages.
+        manual: Manual optimization, where training_step may return None too (the loss is
+            then for logging only, and need not be differentiable).
 
     Raises:
         ValueError: For None, a dict without "loss", or a non-scalar loss.
         TypeError: For a non-Tensor or non-floating loss.
     """
+    if output is None and manual:
+        return
     if output is None:
         raise ValueError(f"{where} returned None; it must return the loss (a scalar Tensor) or a dict with "
                          "key 'loss'. Skipping batches by returning None is not supported in compiled steps.")
@@ -57,6 +72,6 @@ def check_training_output(output, where: str) -> None:
     if output.size != 1:
         raise ValueError(f"{where} must return a scalar loss, got a tensor of shape {tuple(output.shape)}; "
                          "reduce it (for example with .mean()).")
-    if not output.is_floating_point():
+    if not output.is_floating_point() and not manual:
         raise TypeError(f"{where} returned a loss of dtype {output.dtype}; a floating-point loss is needed "
                         "to differentiate.")

@@ -30,6 +30,7 @@ import numpy as np
 from lightms._mindspore import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from lightms.autodiff.clipping import clip_by_norm, clip_by_value
 from lightms.engine.plan import StepPlan
 from lightms.trainer.chunks import batch_passing, row, take_micro_batch
 from lightms.module.logging import DeviceLogBuffers
@@ -158,7 +159,7 @@ class ClipGradNorm(nn.Cell):
         self.max_norm = float(max_norm)
 
     def construct(self, grads):
-        return ops.clip_by_global_norm(grads, self.max_norm)
+        return clip_by_norm(grads, self.max_norm)
 
 
 class ClipGradValue(nn.Cell):
@@ -169,11 +170,7 @@ class ClipGradValue(nn.Cell):
         self.clip_value = float(clip_value)
 
     def construct(self, grads):
-        return _hyper_map(ops.partial(_clip_value, self.clip_value), grads)
-
-
-def _clip_value(limit, grad):
-    return ops.clip_by_value(grad, -limit, limit)
+        return clip_by_value(grads, self.clip_value)
 
 
 def _divide(divisor, value):
@@ -275,6 +272,8 @@ class TrainEngine:
             steps = int(counters.global_step.asnumpy()) - counters.host_global_step
         object.__setattr__(counters, "host_global_step", counters.host_global_step + steps)
         outputs = dict(zip(self._keys, result)) if self.plan.outputs else {"loss": result}
+        if not self.plan.returns_loss:  # manual optimization's training_step returned None: so do the hooks see it
+            return StepReport(outputs["loss"], None, steps)
         return StepReport(outputs["loss"], outputs, steps)
 
     def _stacked_length(self, chunk) -> int:
@@ -334,57 +333,13 @@ class _Graphs:
 
     def __init__(self, module, optimizer, plan: StepPlan, counters: Counters, logs: DeviceLogBuffers,
                  accumulators, unpack, autocast, loss_scaler):
-        frozen = set(plan.frozen)
-        weights = optimizer.parameters
-        trained = ParameterTuple(p for p in weights if p.name not in frozen)
-        if not len(trained):
-            raise ValueError(f"{type(module).__name__}: every parameter of the optimizer has requires_grad=False, "
-                             "so there is nothing to train.")
-        # Frozen parameters and their optimizer slots ("moment1.<name>", ...) are put back after each update.
-        kept = tuple(p for p in weights if p.name in frozen) + tuple(
-            q for q in optimizer.get_parameters() if "." in q.name and q.name.split(".", 1)[1] in frozen)
-        # Where each optimizer parameter's gradient comes from: its position in `trained`, or -1 (frozen: zero).
-        positions = tuple(-1 if p.name in frozen else [q.name for q in trained].index(p.name) for p in weights)
-        stages = gradient_stages(plan)
         one, stepped_constant = Tensor(1, ms.int32), Tensor(True, ms.bool_)
-        has_outputs, output_keys = bool(plan.outputs), plan.output_keys
+        has_outputs = bool(plan.outputs)
         training_step = module.training_step if autocast is None else autocast(module.training_step)
-
-        def forward(batch, batch_idx):
-            output = training_step(batch, batch_idx)
-            loss = output["loss"] if isinstance(output, dict) else output
-            if loss_scaler is not None:
-                loss = loss_scaler.scale(loss)
-            if has_outputs:
-                return loss, tuple(output[key] for key in output_keys)
-            return loss
-
-        grad_fn = ms.value_and_grad(forward, None, trained, has_aux=has_outputs)
-
-        def gradients(batch):
-            """Forward and backward of a micro-batch: (float32 loss, extra outputs or None, all gradients)."""
-            value, grads = grad_fn(batch, counters.batch_idx)
-            loss, extras = (value[0], value[1]) if has_outputs else (value, ())
-            loss = ops.depend(loss, ops.assign_add(counters.batch_idx, one))
-            if kept:
-                grads = tuple(ops.zeros_like(weights[i]) if position < 0 else grads[position]
-                              for i, position in enumerate(positions))
-            if loss_scaler is not None:
-                loss = loss_scaler.unscale(loss)
-            loss = ops.cast(loss, ms.float32)  # a half-precision loss is reported as float32
-            return ops.depend(loss, ops.assign_add(counters.loss_sum, loss)), extras, grads
-
-        def apply(grads):
-            """The stages and the update; frozen parameters and their optimizer state keep their values (weight
-            decay and momentum would move them)."""
-            for stage in stages:
-                grads = stage(grads)
-            if not kept:
-                return optimizer(grads)
-            before = tuple(p + 0 for p in kept)  # read before the update writes them
-            done = optimizer(grads)
-            restored = tuple(ops.assign(p, ops.depend(value, done)) for p, value in zip(kept, before))
-            return ops.depend(done, restored)
+        if plan.manual:
+            gradients, apply = self._manual(plan, counters, training_step, one)
+        else:
+            gradients, apply = self._automatic(module, optimizer, plan, counters, training_step, one, loss_scaler)
 
         def update(grads, history_slot=None):
             """Unscales, checks and applies a window's gradients, closes the log window; returns whether it stepped.
@@ -473,6 +428,82 @@ class _Graphs:
         self.window_step = window_step
         self.optimizer_step = window_optimizer_step if plan.accumulate > 1 else optimizer_step
         self.sink_step = sink_step
+
+    @staticmethod
+    def _automatic(module, optimizer, plan: StepPlan, counters: Counters, training_step, one, loss_scaler):
+        """(gradients, apply) of automatic optimization: lightms differentiates the loss and steps the optimizer."""
+        frozen = set(plan.frozen)
+        weights = optimizer.parameters
+        trained = ParameterTuple(p for p in weights if p.name not in frozen)
+        if not len(trained):
+            raise ValueError(f"{type(module).__name__}: every parameter of the optimizer has requires_grad=False, "
+                             "so there is nothing to train.")
+        # Frozen parameters and their optimizer slots ("moment1.<name>", ...) are put back after each update.
+        kept = tuple(p for p in weights if p.name in frozen) + tuple(
+            q for q in optimizer.get_parameters() if "." in q.name and q.name.split(".", 1)[1] in frozen)
+        # Where each optimizer parameter's gradient comes from: its position in `trained`, or -1 (frozen: zero).
+        positions = tuple(-1 if p.name in frozen else [q.name for q in trained].index(p.name) for p in weights)
+        stages = gradient_stages(plan)
+        has_outputs, output_keys = bool(plan.outputs), plan.output_keys
+
+        def forward(batch, batch_idx):
+            output = training_step(batch, batch_idx)
+            loss = output["loss"] if isinstance(output, dict) else output
+            if loss_scaler is not None:
+                loss = loss_scaler.scale(loss)
+            if has_outputs:
+                return loss, tuple(output[key] for key in output_keys)
+            return loss
+
+        grad_fn = ms.value_and_grad(forward, None, trained, has_aux=has_outputs)
+
+        def gradients(batch):
+            """Forward and backward of a micro-batch: (float32 loss, extra outputs or None, all gradients)."""
+            value, grads = grad_fn(batch, counters.batch_idx)
+            loss, extras = (value[0], value[1]) if has_outputs else (value, ())
+            loss = ops.depend(loss, ops.assign_add(counters.batch_idx, one))
+            if kept:
+                grads = tuple(ops.zeros_like(weights[i]) if position < 0 else grads[position]
+                              for i, position in enumerate(positions))
+            if loss_scaler is not None:
+                loss = loss_scaler.unscale(loss)
+            loss = ops.cast(loss, ms.float32)  # a half-precision loss is reported as float32
+            return ops.depend(loss, ops.assign_add(counters.loss_sum, loss)), extras, grads
+
+        def apply(grads):
+            """The stages and the update; frozen parameters and their optimizer state keep their values (weight
+            decay and momentum would move them)."""
+            for stage in stages:
+                grads = stage(grads)
+            if not kept:
+                return optimizer(grads)
+            before = tuple(p + 0 for p in kept)  # read before the update writes them
+            done = optimizer(grads)
+            restored = tuple(ops.assign(p, ops.depend(value, done)) for p, value in zip(kept, before))
+            return ops.depend(done, restored)
+
+        return gradients, apply
+
+    @staticmethod
+    def _manual(plan: StepPlan, counters: Counters, training_step, one):
+        """(gradients, apply) of manual optimization: training_step updates the weights itself; no gradients
+        come out, and the update stage has nothing left to do."""
+        has_outputs, output_keys, returns_loss = bool(plan.outputs), plan.output_keys, plan.returns_loss
+        stepped_constant = Tensor(True, ms.bool_)
+
+        def gradients(batch):
+            output = training_step(batch, counters.batch_idx)
+            loss = Tensor(0.0, ms.float32)
+            if returns_loss:
+                loss = ops.cast(output["loss"] if isinstance(output, dict) else output, ms.float32)
+            extras = tuple(output[key] for key in output_keys) if has_outputs else ()
+            loss = ops.depend(loss, ops.assign_add(counters.batch_idx, one))
+            return ops.depend(loss, ops.assign_add(counters.loss_sum, loss)), extras, ()
+
+        def apply(grads):
+            return stepped_constant
+
+        return gradients, apply
 
 
 __all__ = ["ClipGradNorm", "ClipGradValue", "Counters", "GraphFunction", "StepReport", "TrainEngine",

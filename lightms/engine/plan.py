@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 from lightms._mindspore import mindspore as ms  # noqa: F401  (quiets MindSpore's logs before it loads)
 from mindspore import Tensor
 
+from lightms.checkpoint.io import optimizer_state
 from lightms.engine.dry_run import check_training_output, dry_run
 from lightms.module.logging import LogOptions
 
@@ -35,6 +36,10 @@ class StepPlan:
         outputs: Keys of training_step's returned dict besides "loss" (handed to
             `on_train_batch_end`), with each value's shape and dtype.
         compile: Compiled whole graphs (True) or eager steps (False).
+        manual: Manual optimization: training_step computes and applies its own gradients
+            (`self.value_and_grad`, `self.optimizer_step`); the graphs run it as it is.
+        returns_loss: Whether training_step returns a loss (under manual optimization it may
+            return None).
     """
 
     accumulate: int
@@ -48,10 +53,14 @@ class StepPlan:
     frozen: Tuple[str, ...]
     outputs: Tuple[Tuple[str, Tuple[int, ...], object], ...]
     compile: bool
+    manual: bool = False
+    returns_loss: bool = True
 
     @property
     def stages(self) -> Tuple[str, ...]:
         """The gradient stages between the averaged gradients and the optimizer, in order."""
+        if self.manual:
+            return ("training_step's own value_and_grad and optimizer_step calls",)
         stages = ("unscale", "skip if not finite") if self.loss_scaling else ()
         if self.clip_val:
             stages += (f"clip by {self.clip_algorithm} {self.clip_val:g}",)
@@ -68,7 +77,8 @@ class StepPlan:
         return dataclasses.replace(self, frozen=tuple(frozen))
 
     def __str__(self) -> str:
-        lines = [f"StepPlan: {self.accumulate} micro-batch(es) per optimizer step, "
+        lines = [f"StepPlan: {'manual optimization, ' if self.manual else ''}"
+                 f"{self.accumulate} micro-batch(es) per optimizer step, "
                  f"{self.sink_length} per host call, {'compiled' if self.compile else 'eager'}, "
                  f"precision {self.precision}",
                  "  gradients: " + " -> ".join(self.stages),
@@ -81,14 +91,17 @@ class StepPlan:
         return "\n".join(lines)
 
 
-def plan_training(module, batch, optimizer, *, accumulate: int, sink_length: int, clip_val: Optional[float],
+def plan_training(module, batch, optimizers, *, accumulate: int, sink_length: int, clip_val: Optional[float],
                   clip_algorithm: str, precision, step_history: bool, compile: bool) -> StepPlan:
     """Runs training_step once eagerly on `batch` (the dry run) and plans the step.
+
+    Under manual optimization (`module.automatic_optimization` False) the dry run's
+    updates are undone: the weights and the optimizers' state are put back.
 
     Args:
         module: The LightningCell.
         batch: The first Batch.
-        optimizer: The run's optimizer.
+        optimizers: The run's optimizers (one in automatic optimization).
         accumulate, sink_length, clip_val, clip_algorithm: The Trainer's settings.
         precision: The run's `Precision`.
         step_history: Whether a logger listens (sunk steps then keep each step's values).
@@ -99,8 +112,14 @@ def plan_training(module, batch, optimizer, *, accumulate: int, sink_length: int
             naming the hook.
     """
     where = f"{type(module).__name__}.training_step"
-    recorder, output = dry_run(module, "training_step", batch.data, batch.index)
-    check_training_output(output, where)
+    manual = not module.automatic_optimization
+    restore = ()
+    if manual:
+        names = {p.name for p in module.get_parameters()}
+        restore = list(module.get_parameters()) + [p for optimizer in optimizers
+                                                   for p in optimizer_state(optimizer, names)]
+    recorder, output = dry_run(module, "training_step", batch.data, batch.index, restore)
+    check_training_output(output, where, manual)
     outputs = ()
     if isinstance(output, dict):
         extra = [(key, value) for key, value in output.items() if key != "loss"]
@@ -112,7 +131,8 @@ def plan_training(module, batch, optimizer, *, accumulate: int, sink_length: int
     return StepPlan(
         accumulate=accumulate, sink_length=sink_length, clip_val=clip_val, clip_algorithm=clip_algorithm,
         loss_scaling=precision.loss_scaling, precision=precision.name, logs=tuple(recorder.options.values()),
-        step_history=step_history, frozen=frozen_parameters(optimizer), outputs=outputs, compile=compile)
+        step_history=step_history, frozen=() if manual else frozen_parameters(optimizers[0]), outputs=outputs,
+        compile=compile, manual=manual, returns_loss=output is not None)
 
 
 def frozen_parameters(optimizer) -> Tuple[str, ...]:

@@ -7,7 +7,9 @@ from typing import Any, Dict, Mapping
 from lightms._mindspore import mindspore as ms  # noqa: F401  (quiet import first)
 from mindspore import nn
 
+from lightms.autodiff.clipping import check_clip_arguments, clip_by_norm, clip_by_value
 from lightms.module.hparams import AttributeDict, collect_init_arguments
+
 
 class StepScope:
     """While a step hook runs: `self.log` writes to a log target, and the counters are the device's.
@@ -55,7 +57,10 @@ class LightningCell(nn.Cell):
         object.__setattr__(self, "_lightms_log_target", None)
         object.__setattr__(self, "_lightms_counters", None)
         object.__setattr__(self, "_lightms_in_step", False)
+        object.__setattr__(self, "_lightms_optimizers", None)
+        object.__setattr__(self, "_lightms_schedulers", ())
         object.__setattr__(self, "_hparams", AttributeDict())
+        object.__setattr__(self, "_automatic_optimization", True)
 
     # ---- trainer state ------------------------------------------------------
     @property
@@ -76,6 +81,22 @@ class LightningCell(nn.Cell):
         if self._lightms_in_step and self._lightms_counters is not None:
             return self._lightms_counters.global_step
         return self._trainer.global_step if self._trainer is not None else 0
+
+    @property
+    def automatic_optimization(self) -> bool:
+        """True (the default): the Trainer differentiates the loss training_step returns and steps the optimizer.
+
+        Set it to False in `__init__` for manual optimization: training_step then computes
+        gradients with `self.value_and_grad` and applies them with `self.optimizer_step`, for
+        any number of optimizers (`self.optimizers()`), in the order the code runs.
+        """
+        return self._automatic_optimization
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"automatic_optimization must be True or False, got {value!r}.")
+        object.__setattr__(self, "_automatic_optimization", value)
 
     # ---- hyperparameters ------------------------------------------------------
     def save_hyperparameters(self, *names: str, ignore=None) -> None:
@@ -158,6 +179,73 @@ class LightningCell(nn.Cell):
         raise NotImplementedError(
             f"{type(self).__name__} must implement configure_optimizers() returning a mindspore.nn.Optimizer."
         )
+
+    # ---- manual optimization -----------------------------------------------------------
+    def optimizers(self):
+        """The optimizers `configure_optimizers` returned, in its order (the optimizer itself when there is one).
+
+        Raises:
+            RuntimeError: Outside a `Trainer.fit` run.
+        """
+        optimizers = self._lightms_optimizers
+        if optimizers is None:
+            raise RuntimeError("self.optimizers() is available while Trainer.fit runs the module.")
+        if len(optimizers) == 1:
+            return optimizers[0]
+        return optimizers
+
+    def lr_schedulers(self):
+        """The host-side schedulers `configure_optimizers` returned: None, the scheduler, or a list.
+
+        As in Lightning's manual optimization, the Trainer does not step them: call
+        `.step()` from a hook (`on_train_epoch_end`, `on_train_batch_end`).
+        """
+        schedulers = self._lightms_schedulers
+        if not schedulers:
+            return None
+        return schedulers[0] if len(schedulers) == 1 else list(schedulers)
+
+    def value_and_grad(self, fn, optimizer, has_aux: bool = False):
+        """`fn`'s value and its gradients with respect to `optimizer`'s parameters (manual optimization).
+
+        `self.value_and_grad(fn, opt)(*args)` returns `(fn(*args), grads)`; with `has_aux=True`,
+        `fn` returns `(loss, aux...)` and the call `((loss, aux...), grads)`, as
+        `mindspore.value_and_grad`. Only `loss` is differentiated. Compiled into the training graph.
+
+        Args:
+            fn: A function (defined with `def`, not `lambda`) returning a scalar loss.
+            optimizer: One of `self.optimizers()`.
+            has_aux: Whether `fn` returns more than the loss.
+
+        Returns:
+            A function of `fn`'s arguments.
+        """
+        return ms.value_and_grad(fn, None, optimizer.parameters, has_aux=has_aux)
+
+    def optimizer_step(self, optimizer, grads):
+        """Applies `grads` (from `self.value_and_grad(fn, optimizer)`) with `optimizer` (manual optimization).
+
+        Updates run in the order training_step calls them: a loss computed after this call
+        sees the updated weights.
+        """
+        return optimizer(grads)
+
+    def clip_gradients(self, grads, gradient_clip_val=None, gradient_clip_algorithm: str = "norm"):
+        """Returns `grads` clipped (manual optimization; the Trainer's `gradient_clip_val` is for automatic).
+
+        Args:
+            grads: The gradients from `self.value_and_grad`.
+            gradient_clip_val: The threshold.
+            gradient_clip_algorithm: "norm" (scale all so that their global L2 norm is at most
+                the threshold) or "value" (clamp each element into [-val, val]).
+
+        Raises:
+            ValueError: For a missing or non-positive threshold or another algorithm.
+        """
+        check_clip_arguments(gradient_clip_val, gradient_clip_algorithm, "self.clip_gradients")
+        if gradient_clip_algorithm == "norm":
+            return clip_by_norm(grads, gradient_clip_val)
+        return clip_by_value(grads, gradient_clip_val)
 
     # ---- hooks (Lightning's names; each does nothing by default) ---------------------
     def setup(self, stage: str) -> None:

@@ -30,7 +30,7 @@ from lightms.trainer.chunks import Chunk, ChunkPlanner, resolve_sink_length
 from lightms.trainer.data import DataSource, eval_source, fit_sources
 from lightms.trainer.hooks import hook_receivers
 from lightms.trainer.interrupts import Interrupted, stop_requests
-from lightms.trainer.optimizers import read_optimizer_config, step_schedulers
+from lightms.trainer.optimizers import name_optimizer_states, read_optimizer_config, step_schedulers
 from lightms.trainer.seed import seed_everything
 
 EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
@@ -157,9 +157,15 @@ class TrainingLoop:
     # ---- fit ----------------------------------------------------------------------------
     def _fit(self, train: DataSource, val: Optional[DataSource]) -> None:
         model, state = self.model, self.state
-        config = read_optimizer_config(model.configure_optimizers(), type(model).__name__)
-        self.optimizers, self.lr_scheduler_configs = [config.optimizer], config.schedulers
-        warn_half_optimizer(self.precision, config.optimizer)
+        if not model.automatic_optimization:
+            self._check_manual_optimization()
+        config = read_optimizer_config(model.configure_optimizers(), type(model).__name__,
+                                       automatic=model.automatic_optimization)
+        name_optimizer_states(config.optimizers, model)
+        self.optimizers, self.lr_scheduler_configs = list(config.optimizers), config.schedulers
+        self._binding.use_optimizers(self.optimizers, [c.scheduler for c in config.schedulers])
+        for optimizer in self.optimizers:
+            warn_half_optimizer(self.precision, optimizer)
         self._pending_engine_state = None
         if self.ckpt_path is not None:
             self._pending_engine_state = restore_run_state(self, self.ckpt_path)
@@ -202,6 +208,27 @@ class TrainingLoop:
         self._call("on_fit_end")
         self._stop_if_interrupted()
 
+    def _check_manual_optimization(self) -> None:
+        """Refuses the Trainer options that automatic optimization implements, naming what to use instead.
+
+        Raises:
+            ValueError: For accumulate > 1, gradient_clip_val, or a precision with loss scaling.
+        """
+        name = type(self.model).__name__
+        if self.accumulate > 1:
+            raise ValueError(f"Trainer(accumulate={self.accumulate}) accumulates gradients for automatic optimization, "
+                             f"but {name} uses manual optimization (automatic_optimization = False): add the "
+                             "gradients of several batches yourself (keep them in Parameters) and call "
+                             "self.optimizer_step every n batches.")
+        if self.gradient_clip_val is not None:
+            raise ValueError(f"Trainer(gradient_clip_val={self.gradient_clip_val}) clips for automatic optimization, "
+                             f"but {name} uses manual optimization: clip in training_step with "
+                             "grads = self.clip_gradients(grads, gradient_clip_val=..., gradient_clip_algorithm=...).")
+        if self.precision.loss_scaling:
+            raise ValueError(f"Trainer(precision={self.precision.name!r}) scales the loss for automatic optimization, "
+                             f"which {name} (manual optimization) does not use; use precision='32' or a precision "
+                             "without loss scaling.")
+
     def _train_epoch(self) -> None:
         state, metrics = self.state, self._metrics
         metrics.start_epoch("train")
@@ -209,7 +236,8 @@ class TrainingLoop:
         self._counters.set_epoch(state.current_epoch)
         state.epoch_done = False
         self._call("on_train_epoch_start")
-        if self._engine is not None and self._engine.plan.frozen != frozen_parameters(self.optimizers[0]):
+        if self._engine is not None and not self._engine.plan.manual and \
+                self._engine.plan.frozen != frozen_parameters(self.optimizers[0]):
             self._engine = self._build_engine(previous=self._engine)  # requires_grad changed (a fine-tuning callback)
         batches = self._train_source.batches(self.limit_train_batches)
         for chunk in self._planner.chunks(batches, state.window):
@@ -250,7 +278,7 @@ class TrainingLoop:
         if previous is not None:
             batch, plan = previous.example, previous.plan.with_frozen(frozen_parameters(optimizer))
         else:
-            plan = plan_training(self.model, batch, optimizer, accumulate=self.accumulate,
+            plan = plan_training(self.model, batch, self.optimizers, accumulate=self.accumulate,
                                  sink_length=self._planner.sink_length, clip_val=self.gradient_clip_val,
                                  clip_algorithm=self.gradient_clip_algorithm, precision=self.precision,
                                  step_history=bool(self.loggers), compile=self.compile)
@@ -291,7 +319,7 @@ class TrainingLoop:
         before = state.global_step
         state.batches_done, state.window = last.index + 1, chunk.window
         state.global_step += report.steps
-        if self.lr_scheduler_configs:
+        if self.lr_scheduler_configs and self.model.automatic_optimization:
             for step in range(before + 1, state.global_step + 1):
                 self._step_schedulers("step", step)
         if chunk.steps and self.detect_anomaly:
@@ -405,8 +433,9 @@ class TrainingLoop:
 
         `resuming`: the epoch step a checkpoint written in an epoch's end hooks missed. A plateau
         scheduler is not stepped then (the value it monitors is not in the checkpoint), as in Lightning.
+        Under manual optimization training_step's author steps them (`self.lr_schedulers()`), as in Lightning.
         """
-        if self.lr_scheduler_configs:
+        if self.lr_scheduler_configs and self.model.automatic_optimization:
             step_schedulers(self.lr_scheduler_configs, interval, count, lambda: self.callback_metrics,
                             plateau=not resuming)
 

@@ -64,10 +64,16 @@ class SchedulerConfig:
 
 @dataclass
 class OptimizerConfig:
-    """The optimizer of a run and its host-side learning-rate schedulers."""
+    """The optimizers of a run, in the order `configure_optimizers` returned them, and their host-side
+    learning-rate schedulers."""
 
-    optimizer: Any
+    optimizers: List[Any]
     schedulers: List[SchedulerConfig] = field(default_factory=list)
+
+    @property
+    def optimizer(self):
+        """The first (in automatic optimization, the only) optimizer."""
+        return self.optimizers[0]
 
 
 def _scheduler_config(item, where: str, monitor: Optional[str]) -> SchedulerConfig:
@@ -94,12 +100,7 @@ def _scheduler_config(item, where: str, monitor: Optional[str]) -> SchedulerConf
     return config
 
 
-def _single_optimizer(value, where: str):
-    if isinstance(value, (list, tuple)):
-        if len(value) != 1:
-            raise ValueError(f"{where} returned {len(value)} optimizers; lightms trains with exactly one "
-                             "(several optimizers come with manual optimization).")
-        value = value[0]
+def _check_optimizer(value, where: str):
     if value is None:
         raise TypeError(f"{where} returned None; return a mindspore.nn.Optimizer such as "
                         "nn.Adam(self.trainable_params()).")
@@ -109,37 +110,86 @@ def _single_optimizer(value, where: str):
     return value
 
 
-def read_optimizer_config(returned, module_name: str) -> OptimizerConfig:
+def _read_dict(item: dict, where: str):
+    unknown = sorted(set(item) - {"optimizer", "lr_scheduler", "monitor"})
+    if "optimizer" not in item:
+        raise TypeError(f"{where} returned a dict without the key 'optimizer': keys {sorted(item)}.")
+    if unknown:
+        raise ValueError(f"{where} returned unknown keys {unknown}.")
+    schedulers = item.get("lr_scheduler")
+    schedulers = [] if schedulers is None else [schedulers]
+    return [item["optimizer"]], [_scheduler_config(s, where, item.get("monitor")) for s in schedulers]
+
+
+def read_optimizer_config(returned, module_name: str, automatic: bool = True) -> OptimizerConfig:
     """Checks the return value of `configure_optimizers`.
 
-    Accepted, as in Lightning: an optimizer; a list or tuple of one optimizer;
-    `([optimizer], [schedulers])`; `{"optimizer": opt, "lr_scheduler": scheduler or
-    config dict, "monitor": name}`. A scheduler config dict has "scheduler", and
-    optionally "interval", "frequency", "monitor", "strict".
+    Accepted, as in Lightning: an optimizer; a list or tuple of optimizers;
+    `([optimizers], [schedulers])`; `{"optimizer": opt, "lr_scheduler": scheduler or
+    config dict, "monitor": name}`, or a list or tuple of such dicts. A scheduler config
+    dict has "scheduler", and optionally "interval", "frequency", "monitor", "strict".
+
+    Args:
+        returned: What configure_optimizers returned.
+        module_name: The module's class name, for messages.
+        automatic: Automatic optimization, which trains with exactly one optimizer.
 
     Raises:
         TypeError: If no optimizer (or no scheduler) can be read from `returned`.
-        ValueError: If several optimizers, or bad scheduler options, are returned.
+        ValueError: If several optimizers come in automatic optimization, one optimizer
+            comes twice, or scheduler options are bad.
     """
     where = f"{module_name}.configure_optimizers()"
     if isinstance(returned, dict):
-        unknown = sorted(set(returned) - {"optimizer", "lr_scheduler", "monitor"})
-        if "optimizer" not in returned:
-            raise TypeError(f"{where} returned a dict without the key 'optimizer': keys {sorted(returned)}.")
-        if unknown:
-            raise ValueError(f"{where} returned unknown keys {unknown}.")
-        optimizer = _single_optimizer(returned["optimizer"], where)
-        schedulers = returned.get("lr_scheduler")
-        schedulers = [] if schedulers is None else [schedulers]
-        monitor = returned.get("monitor")
+        optimizers, schedulers = _read_dict(returned, where)
+    elif isinstance(returned, (list, tuple)) and returned and all(isinstance(r, dict) for r in returned):
+        optimizers, schedulers = [], []
+        for item in returned:
+            more, their = _read_dict(item, where)
+            optimizers += more
+            schedulers += their
     elif isinstance(returned, (list, tuple)) and len(returned) == 2 and all(isinstance(r, (list, tuple))
                                                                              for r in returned):
-        optimizer = _single_optimizer(returned[0], where)
-        schedulers, monitor = list(returned[1]), None
+        optimizers = list(returned[0])
+        schedulers = [_scheduler_config(item, where, None) for item in returned[1]]
+    elif isinstance(returned, (list, tuple)):
+        optimizers, schedulers = list(returned), []
     else:
-        optimizer = _single_optimizer(returned, where)
-        schedulers, monitor = [], None
-    return OptimizerConfig(optimizer, [_scheduler_config(item, where, monitor) for item in schedulers])
+        optimizers, schedulers = [returned], []
+    if not optimizers:
+        raise TypeError(f"{where} returned no optimizer; return a mindspore.nn.Optimizer such as "
+                        "nn.Adam(self.trainable_params()).")
+    optimizers = [_check_optimizer(value, where) for value in optimizers]
+    if len({id(o) for o in optimizers}) != len(optimizers):
+        raise ValueError(f"{where} returned the same optimizer twice; return each optimizer once.")
+    if automatic and len(optimizers) > 1:
+        raise ValueError(f"{where} returned {len(optimizers)} optimizers, but automatic optimization trains with "
+                         f"one. To step several, set `self.automatic_optimization = False` in "
+                         f"{module_name}.__init__ and step them in training_step: `opt_a, opt_b = self.optimizers()`, "
+                         "`loss, grads = self.value_and_grad(fn, opt_a)(...)`, `self.optimizer_step(opt_a, grads)`.")
+    return OptimizerConfig(optimizers, schedulers)
+
+
+def name_optimizer_states(optimizers, module) -> None:
+    """Renames optimizer state Parameters whose names another optimizer of the run already uses.
+
+    Every MindSpore optimizer names its step counter `global_step` (and `learning_rate`,
+    `beta1_power`, ...); one graph cannot hold two Parameters of one name, and a
+    checkpoint could not tell them apart. The second optimizer's `global_step` becomes
+    `optimizer1.global_step`, and so on, by its position in `configure_optimizers`.
+    The module's weights are never renamed.
+    """
+    weights = {id(p) for p in module.get_parameters()}
+    seen = {p.name for p in module.get_parameters()}
+    for index, optimizer in enumerate(optimizers):
+        own = [p for p in optimizer.get_parameters() if id(p) not in weights]
+        for group in getattr(optimizer, "param_groups", []):
+            own += [v for v in group.values() if isinstance(v, Parameter) and id(v) not in weights
+                    and all(v is not q for q in own)]
+        for param in own:
+            if param.name in seen and not param.name.startswith(f"optimizer{index}."):
+                param.name = f"optimizer{index}.{param.name}"
+        seen.update(p.name for p in own)
 
 
 def step_schedulers(schedulers: List[SchedulerConfig], interval: str, count: int,

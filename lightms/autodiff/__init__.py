@@ -1,0 +1,1 @@
+"""Automatic-differentiation helpers on top of MindSpore: gradient clipping, per-example gradients."""
