@@ -16,7 +16,7 @@ from lightms.checkpoint.io import (OPTIMIZER_PREFIX, assign_checked, check_param
                                    read_checkpoint, split_saved)
 
 SCHEDULER_GROUP = "scheduler"
-ENGINE_GROUPS = ("accumulator", "loss_scale")  # `TrainEngine.state_dict` names: "<group>.<name>"
+ENGINE_GROUPS = ("accumulator", "loss_scale", "privacy")  # `TrainEngine.state_dict` names: "<group>.<name>"
 
 
 def _json_safe(value):

@@ -202,6 +202,27 @@ class ModuleBinding:
         object.__setattr__(self.module, "_lightms_optimizers", tuple(optimizers))
         object.__setattr__(self.module, "_lightms_schedulers", tuple(schedulers))
 
+    def silent_twin(self, counters):
+        """A second view of the module whose `self.log` does nothing, for a pass whose logging would be wrong.
+
+        DP-SGD's per-example pass runs training_step once per example under `vmap`, where
+        the log buffers cannot be written; the step's ordinary forward logs instead. The twin
+        shares the module's cells and Parameters (a shallow copy of its attributes) and has its
+        own shadows, so MindSpore's parser, which reads `self.log`'s target once per function,
+        sees a target that ignores the calls.
+        """
+        module = self.module
+        twin = type(module).__new__(type(module))
+        nn.Cell.__init__(twin)  # MindSpore's C++ side of a Cell; its Python attributes are the module's
+        twin.__dict__.update(module.__dict__)
+        for name in self._shadowed:
+            object.__setattr__(twin, name, _shadow(getattr(type(module), name), twin))
+        object.__setattr__(twin, "_lightms_log_target", _SilentLog())
+        object.__setattr__(twin, "_lightms_hook", "training_step")
+        object.__setattr__(twin, "_lightms_counters", counters)
+        object.__setattr__(twin, "_lightms_in_step", True)
+        return twin
+
     def inside(self, hook: str, log_target) -> "StepScope":
         """A context for one step hook: `self.log` writes to `log_target`, the counters read the device."""
         return StepScope(self.module, hook, log_target)
@@ -233,6 +254,13 @@ class ModuleBinding:
     def evaluating(self) -> "Evaluating":
         """A context: every cell in eval mode inside, each cell's own mode back after."""
         return Evaluating(self.module)
+
+
+class _SilentLog(nn.Cell):
+    """A log target that records nothing (graph-parseable)."""
+
+    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
+        return value
 
 
 class Evaluating:

@@ -222,9 +222,15 @@ class TrainEngine:
     """
 
     def __init__(self, module, optimizer, plan: StepPlan, counters: Counters, inside: Callable, example,
-                 autocast: Optional[Callable] = None, loss_scaler=None, explain_failure: Optional[Callable] = None):
+                 autocast: Optional[Callable] = None, loss_scaler=None, explain_failure: Optional[Callable] = None,
+                 example_step: Optional[Callable] = None):
         self.module, self.optimizer, self.plan, self.counters, self.inside = module, optimizer, plan, counters, inside
         self.loss_scaler, self.example = loss_scaler, example
+        self.privacy = None
+        if plan.privacy:
+            from lightms.privacy.dpsgd import PrivacyStage
+
+            self.privacy = PrivacyStage(*plan.privacy, [p.shape for p in optimizer.parameters])
         sink_length = plan.sink_length if plan.sink_length > 1 else 0
         self.logs = DeviceLogBuffers(list(plan.logs), single_batch_windows=plan.accumulate == 1,
                                      window_is_step=plan.accumulate == 1 and not sink_length,
@@ -236,8 +242,10 @@ class TrainEngine:
                 for p in optimizer.parameters)
         passing = batch_passing(example.data, plan.compile)
         self._pack = passing.pack
+        if example_step is not None and autocast is not None:
+            example_step = autocast(example_step)
         graphs = _Graphs(module, optimizer, plan, counters, self.logs, self.accumulators, passing.unpack,
-                         autocast, loss_scaler)
+                         autocast, loss_scaler, self.privacy, example_step, example.data)
         self._window_step = compile_function(graphs.window_step, plan.compile, explain_failure) \
             if plan.accumulate > 1 else None
         self._optimizer_step = compile_function(graphs.optimizer_step, plan.compile, explain_failure)
@@ -292,11 +300,13 @@ class TrainEngine:
 
         Returns:
             (name -> Tensor to store, JSON-serialisable state): the accumulators (inside a window) and
-            the loss scale; the logged names' epoch and window sums.
+            the loss scale; DP-SGD's noise stream and window count; the logged names' epoch and window sums.
         """
         tensors = {}
         if window and self.accumulators is not None:
             tensors.update({f"accumulator.{p.name}": p for p in self.accumulators})
+        if self.privacy is not None:
+            tensors.update(self.privacy.state_parameters())
         if self.loss_scaler is not None:
             tensors["loss_scale.scale_value"] = self.loss_scaler.scale_value
             tensors["loss_scale.counter"] = self.loss_scaler.counter
@@ -332,14 +342,15 @@ class _Graphs:
     """The step functions of a plan (graph-parseable closures over the engine's pieces)."""
 
     def __init__(self, module, optimizer, plan: StepPlan, counters: Counters, logs: DeviceLogBuffers,
-                 accumulators, unpack, autocast, loss_scaler):
+                 accumulators, unpack, autocast, loss_scaler, privacy=None, example_step=None, example_batch=None):
         one, stepped_constant = Tensor(1, ms.int32), Tensor(True, ms.bool_)
         has_outputs = bool(plan.outputs)
         training_step = module.training_step if autocast is None else autocast(module.training_step)
         if plan.manual:
             gradients, apply = self._manual(plan, counters, training_step, one)
         else:
-            gradients, apply = self._automatic(module, optimizer, plan, counters, training_step, one, loss_scaler)
+            gradients, apply = self._automatic(module, optimizer, plan, counters, training_step, one, loss_scaler,
+                                               privacy, example_step, example_batch)
 
         def update(grads, history_slot=None):
             """Unscales, checks and applies a window's gradients, closes the log window; returns whether it stepped.
@@ -361,7 +372,10 @@ class _Graphs:
         def window_update(grads, window_size):
             """Averages the window of `window_size` micro-batches (this one's `grads` added), updates, empties it."""
             summed = _hyper_map(ops.add, accumulators, grads)
-            stepped = update(_hyper_map(ops.partial(_divide, window_size), summed))
+            if privacy is not None:  # DP-SGD divides the noised sum by the window's examples
+                stepped = update(summed)
+            else:
+                stepped = update(_hyper_map(ops.partial(_divide, window_size), summed))
             return ops.depend(stepped, _hyper_map(ops.assign, accumulators, _hyper_map(ops.zeros_like, accumulators)))
 
         def result(loss, extras):
@@ -430,8 +444,13 @@ class _Graphs:
         self.sink_step = sink_step
 
     @staticmethod
-    def _automatic(module, optimizer, plan: StepPlan, counters: Counters, training_step, one, loss_scaler):
-        """(gradients, apply) of automatic optimization: lightms differentiates the loss and steps the optimizer."""
+    def _automatic(module, optimizer, plan: StepPlan, counters: Counters, training_step, one, loss_scaler,
+                   privacy, example_step, example_batch):
+        """(gradients, apply) of automatic optimization: lightms differentiates the loss and steps the optimizer.
+
+        Under DP-SGD (`privacy`, the `PrivacyStage`) the gradients are the sum of the micro-batch's
+        clipped per-example gradients, and the stage adds the noise and divides before the update.
+        """
         frozen = set(plan.frozen)
         weights = optimizer.parameters
         trained = ParameterTuple(p for p in weights if p.name not in frozen)
@@ -456,11 +475,28 @@ class _Graphs:
             return loss
 
         grad_fn = ms.value_and_grad(forward, None, trained, has_aux=has_outputs)
+        if privacy is not None:
+            from lightms.privacy.dpsgd import clipped_sum, per_example_gradients
+
+            per_example = per_example_gradients(example_step, trained, example_batch)
+            max_norm = privacy.max_grad_norm
+
+            def dp_gradients(batch):
+                """The forward (its loss, logs and outputs) and the sum of clipped per-example gradients."""
+                output = training_step(batch, counters.batch_idx)
+                grads = clipped_sum(per_example(batch, counters.batch_idx), max_norm)
+                loss = ops.depend(output["loss"] if isinstance(output, dict) else output, grads)
+                loss = ops.depend(loss, privacy.count(batch))
+                extras = tuple(output[key] for key in output_keys) if has_outputs else ()
+                return loss, extras, grads
 
         def gradients(batch):
             """Forward and backward of a micro-batch: (float32 loss, extra outputs or None, all gradients)."""
-            value, grads = grad_fn(batch, counters.batch_idx)
-            loss, extras = (value[0], value[1]) if has_outputs else (value, ())
+            if privacy is not None:
+                loss, extras, grads = dp_gradients(batch)
+            else:
+                value, grads = grad_fn(batch, counters.batch_idx)
+                loss, extras = (value[0], value[1]) if has_outputs else (value, ())
             loss = ops.depend(loss, ops.assign_add(counters.batch_idx, one))
             if kept:
                 grads = tuple(ops.zeros_like(weights[i]) if position < 0 else grads[position]
@@ -473,6 +509,8 @@ class _Graphs:
         def apply(grads):
             """The stages and the update; frozen parameters and their optimizer state keep their values (weight
             decay and momentum would move them)."""
+            if privacy is not None:
+                grads = privacy(grads)
             for stage in stages:
                 grads = stage(grads)
             if not kept:

@@ -40,6 +40,7 @@ class StepPlan:
             (`self.value_and_grad`, `self.optimizer_step`); the graphs run it as it is.
         returns_loss: Whether training_step returns a loss (under manual optimization it may
             return None).
+        privacy: DP-SGD's (max_grad_norm, noise standard deviation, noise seed), or None.
     """
 
     accumulate: int
@@ -55,6 +56,7 @@ class StepPlan:
     compile: bool
     manual: bool = False
     returns_loss: bool = True
+    privacy: Optional[Tuple[float, float, int]] = None
 
     @property
     def stages(self) -> Tuple[str, ...]:
@@ -62,6 +64,10 @@ class StepPlan:
         if self.manual:
             return ("training_step's own value_and_grad and optimizer_step calls",)
         stages = ("unscale", "skip if not finite") if self.loss_scaling else ()
+        if self.privacy:
+            norm, std, _ = self.privacy
+            stages += (f"clip each example to norm {norm:g}, sum", f"add N(0, {std:g}^2) noise",
+                       "divide by the window's examples")
         if self.clip_val:
             stages += (f"clip by {self.clip_algorithm} {self.clip_val:g}",)
         if self.frozen:
@@ -92,7 +98,7 @@ class StepPlan:
 
 
 def plan_training(module, batch, optimizers, *, accumulate: int, sink_length: int, clip_val: Optional[float],
-                  clip_algorithm: str, precision, step_history: bool, compile: bool) -> StepPlan:
+                  clip_algorithm: str, precision, step_history: bool, compile: bool, privacy=None) -> StepPlan:
     """Runs training_step once eagerly on `batch` (the dry run) and plans the step.
 
     Under manual optimization (`module.automatic_optimization` False) the dry run's
@@ -106,6 +112,7 @@ def plan_training(module, batch, optimizers, *, accumulate: int, sink_length: in
         precision: The run's `Precision`.
         step_history: Whether a logger listens (sunk steps then keep each step's values).
         compile: Whether steps are compiled.
+        privacy: The run's `lightms.privacy.DPSGD`, or None.
 
     Raises:
         ValueError, TypeError: For a bad training_step return value, or a bad `self.log` call,
@@ -132,7 +139,9 @@ def plan_training(module, batch, optimizers, *, accumulate: int, sink_length: in
         accumulate=accumulate, sink_length=sink_length, clip_val=clip_val, clip_algorithm=clip_algorithm,
         loss_scaling=precision.loss_scaling, precision=precision.name, logs=tuple(recorder.options.values()),
         step_history=step_history, frozen=() if manual else frozen_parameters(optimizers[0]), outputs=outputs,
-        compile=compile, manual=manual, returns_loss=output is not None)
+        compile=compile, manual=manual, returns_loss=output is not None,
+        privacy=None if privacy is None else (privacy.max_grad_norm, privacy.noise_multiplier * privacy.max_grad_norm,
+                                              privacy.seed))
 
 
 def frozen_parameters(optimizer) -> Tuple[str, ...]:

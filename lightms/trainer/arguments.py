@@ -109,6 +109,26 @@ def check_sink_size(value):
     return check_int("sink_size", value, 1)
 
 
+def check_plugins(plugins):
+    """Checks `Trainer(plugins=...)` and returns its `lightms.privacy.DPSGD`, or None.
+
+    Raises:
+        TypeError: For anything but a DPSGD (or a list holding at most one).
+    """
+    from lightms.privacy.dpsgd import DPSGD
+
+    if plugins is None:
+        return None
+    items = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    for item in items:
+        if not isinstance(item, DPSGD):
+            raise TypeError(f"Trainer(plugins=...) holds a {type(item).__name__}; lightms's plugins are "
+                            "lightms.privacy.DPSGD (precision is Trainer(precision=...)).")
+    if len(items) > 1:
+        raise ValueError(f"Trainer(plugins=...) holds {len(items)} DPSGD plugins; give one.")
+    return items[0] if items else None
+
+
 def build_callbacks(callbacks, enable_progress_bar: bool, enable_checkpointing: bool) -> List[Callback]:
     """Checks `Trainer(callbacks=...)`, adds the default progress bar and checkpoint, and sorts by `order`.
 

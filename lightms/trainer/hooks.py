@@ -70,18 +70,22 @@ def call_hook(trainer, hook: str, *args) -> Any:
     """
     receivers = hook_receivers(trainer, hook)
     model = trainer.model
-    for cb in receivers.before:
-        getattr(cb, hook)(trainer, model, *args)
+    if not receivers.before and not receivers.after:  # the usual case: the module alone, or no one
+        if not (receivers.module_class or set_on_instance(model, hook)):
+            return None
+    binding = trainer._binding
+    # `module.log` works from the module's hook and from callbacks' (as Lightning's `pl_module.log`).
+    binding.host_hook(hook, trainer._metrics.host[stage_of_hook(hook)])
     returned = None
-    if receivers.module_class or set_on_instance(model, hook):
-        binding = trainer._binding
-        binding.host_hook(hook, trainer._metrics.host[stage_of_hook(hook)])
-        try:
+    try:
+        for cb in receivers.before:
+            getattr(cb, hook)(trainer, model, *args)
+        if receivers.module_class or set_on_instance(model, hook):
             returned = getattr(model, hook)(*args)
-        finally:
-            binding.host_hook(None, None)
-    for cb in receivers.after:
-        getattr(cb, hook)(trainer, model, *args)
+        for cb in receivers.after:
+            getattr(cb, hook)(trainer, model, *args)
+    finally:
+        binding.host_hook(None, None)
     return returned
 
 

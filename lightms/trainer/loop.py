@@ -16,7 +16,7 @@ import numpy as np
 
 from lightms._mindspore import GraphDumpGuard
 from lightms._mindspore import mindspore as ms
-from mindspore import ops
+from mindspore import Tensor, ops
 from lightms.checkpoint.run_state import restore_run_state
 from lightms.engine.binding import ModuleBinding
 from lightms.engine.engine import Counters, TrainEngine, compile_function
@@ -159,6 +159,8 @@ class TrainingLoop:
         model, state = self.model, self.state
         if not model.automatic_optimization:
             self._check_manual_optimization()
+        if self.privacy is not None:
+            self._check_privacy()
         config = read_optimizer_config(model.configure_optimizers(), type(model).__name__,
                                        automatic=model.automatic_optimization)
         name_optimizer_states(config.optimizers, model)
@@ -229,6 +231,27 @@ class TrainingLoop:
                              f"which {name} (manual optimization) does not use; use precision='32' or a precision "
                              "without loss scaling.")
 
+    def _check_privacy(self) -> None:
+        """Refuses what DP-SGD cannot run with, before anything is trained.
+
+        Raises:
+            ValueError: For manual optimization, gradient_clip_val, loss scaling, or BatchNorm in training mode.
+        """
+        from lightms.privacy.dpsgd import check_splittable
+
+        name = type(self.model).__name__
+        if not self.model.automatic_optimization:
+            raise ValueError(f"Trainer(plugins=[DPSGD(...)]) privatises automatic optimization's step, but {name} uses "
+                             "manual optimization; compute per-example gradients with lightms.per_sample_grads "
+                             "instead.")
+        if self.gradient_clip_val is not None:
+            raise ValueError(f"Trainer(gradient_clip_val={self.gradient_clip_val}) with DPSGD: DP-SGD clips each "
+                             "example's gradient to DPSGD(max_grad_norm=...); drop gradient_clip_val.")
+        if self.precision.loss_scaling:
+            raise ValueError(f"Trainer(precision={self.precision.name!r}) scales the loss, which DPSGD does not "
+                             "support; use precision='32'.")
+        check_splittable(self.model)
+
     def _train_epoch(self) -> None:
         state, metrics = self.state, self._metrics
         metrics.start_epoch("train")
@@ -278,13 +301,18 @@ class TrainingLoop:
         if previous is not None:
             batch, plan = previous.example, previous.plan.with_frozen(frozen_parameters(optimizer))
         else:
+            if self.privacy is not None:
+                self._check_per_example_loss(batch)
             plan = plan_training(self.model, batch, self.optimizers, accumulate=self.accumulate,
                                  sink_length=self._planner.sink_length, clip_val=self.gradient_clip_val,
                                  clip_algorithm=self.gradient_clip_algorithm, precision=self.precision,
-                                 step_history=bool(self.loggers), compile=self.compile)
+                                 step_history=bool(self.loggers), compile=self.compile, privacy=self.privacy)
         scaler = previous.loss_scaler if previous is not None else self.precision.loss_scaler()
+        example_step = None
+        if self.privacy is not None:
+            example_step = self._binding.silent_twin(self._counters).training_step
         engine = TrainEngine(self.model, optimizer, plan, self._counters, self._binding.inside, batch,
-                             self.precision.autocast, scaler, self._explainer("training_step"))
+                             self.precision.autocast, scaler, self._explainer("training_step"), example_step)
         self._metrics.device["train"] = engine.logs
         state = previous.state_dict(self.state.window) if previous is not None else self._pending_engine_state
         if state is not None:
@@ -292,6 +320,23 @@ class TrainingLoop:
             engine.load_state_dict({name: value.asnumpy() for name, value in tensors.items()}, rest)
         self._pending_engine_state = None
         return engine
+
+    def _check_per_example_loss(self, batch) -> None:
+        """DP-SGD: checks eagerly, on the first batch, that training_step's loss splits per example."""
+        from lightms.privacy.dpsgd import check_per_example_loss
+
+        twin = self._binding.silent_twin(self._counters)
+
+        def loss_of(data) -> float:
+            output = twin.training_step(data, batch.index)
+            return float((output["loss"] if isinstance(output, dict) else output).asnumpy())
+
+        buffers = [(p, p.asnumpy().copy()) for p in self.model.get_parameters() if not p.requires_grad]
+        try:
+            check_per_example_loss(loss_of, batch.data, f"{type(self.model).__name__}.training_step")
+        finally:
+            for param, value in buffers:
+                ops.assign(param, Tensor(value))
 
     def _run_chunk(self, chunk: Chunk) -> bool:
         """Trains on a chunk (one host call when sinking) and does what follows its steps.

@@ -117,6 +117,8 @@ class Trainer(TrainingLoop):
             with such a loss.
         enable_checkpointing: Add a ModelCheckpoint (last epoch's checkpoint under the
             logger's folder) unless one is in `callbacks`.
+        plugins: `lightms.privacy.DPSGD(...)` (or a list holding it) for differentially
+            private training: per-example clipping and noise in the compiled step.
 
     Raises:
         TypeError, ValueError: For an argument of the wrong type or out of range,
@@ -151,6 +153,7 @@ class Trainer(TrainingLoop):
         enable_checkpointing: bool = True,
         max_time=None,
         detect_anomaly: bool = False,
+        plugins=None,
     ):
         self.max_steps = check.check_int("max_steps", max_steps, -1)
         max_epochs = check.check_int("max_epochs", max_epochs, -1, allow_none=True)
@@ -200,6 +203,10 @@ class Trainer(TrainingLoop):
             self.val_check_interval, self.check_val_every_n_epoch = None, 1
             logger = False
 
+        self.privacy = check.check_plugins(plugins)
+        if self.privacy is not None:
+            callbacks = ([] if callbacks is None else [callbacks] if not isinstance(callbacks, (list, tuple))
+                         else list(callbacks)) + [self.privacy]
         self.callbacks = check.build_callbacks(callbacks, enable_progress_bar, self.enable_checkpointing)
         if max_time is not None:
             self.callbacks = sorted(self.callbacks + [Timer(max_time)], key=lambda cb: cb.order)
