@@ -6,9 +6,7 @@ import pytest
 import lightms
 from lightms import LightningCell
 from lightms.privacy import DPSGD
-from lightms.privacy.dpsgd import gaussian_from_counter
-from lightms._mindspore import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import nn
 
 from conftest import RecordingLogger, quiet_trainer
 
@@ -96,12 +94,10 @@ def test_one_outliers_influence_is_bounded_by_the_clip_norm():
 
 
 def test_the_noise_has_the_right_standard_deviation():
-    # The generator alone: a million draws of a fixed stream (deterministic, so it cannot flake).
-    draws = gaussian_from_counter(Tensor(7, ms.int64), Tensor(0, ms.int64), 1_000_000).asnumpy().astype(np.float64)
-    assert abs(draws.mean()) < 0.005 and abs(draws.std() - 1.0) < 0.005
-    assert abs((np.abs(draws) > 1.96).mean() - 0.05) < 0.002
-    # In the step: with a loss whose gradient is zero, the update is the noise alone, times lr / examples.
-    batches = [(np.zeros((8, 3000), np.float32), np.zeros((8, 1), np.float32))] * 2
+    # With a loss whose gradient is zero, the update is the noise alone, times lr / examples. The seed is fixed,
+    # so the draws are the same on every run: the tolerance (3%, against a sampling error of 1% for 12k values)
+    # cannot flake.
+    batches = [(np.zeros((8, 6000), np.float32), np.zeros((8, 1), np.float32))] * 2
     noise_multiplier = 1.3
     model, trainer, _, (w0, b0) = fit(batches, epochs=1, noise=noise_multiplier, seed=11)
     noise = np.concatenate([(model.dense.weight.asnumpy() - w0).ravel(), model.dense.bias.asnumpy() - b0])

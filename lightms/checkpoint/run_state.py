@@ -62,7 +62,9 @@ def collect_run_state(model, weights_only: bool, optimizers=(), schedulers=(), l
     if engine_state is not None:
         tensors, state = engine_state
         parameters += [(f"lightms.{name}", value) for name, value in tensors.items()]
-        if loop is not None and loop.state_dict()["batches_done"]:  # the logged epoch sums of an unfinished epoch
+        if loop is None or not loop.state_dict()["batches_done"]:  # logged epoch sums: only an unfinished epoch's
+            state = {key: value for key, value in state.items() if key != "logs"}
+        if state:
             meta["engine"] = state
     meta["callbacks"] = {cb.state_key: _json_safe(cb.state_dict()) for cb in callbacks}
     return parameters, meta

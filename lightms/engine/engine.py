@@ -265,13 +265,15 @@ class TrainEngine:
         first, counters = chunk.batches[0], self.counters
         self.logs.set_batch_size(first.size)
         counters.expect(first.index)
+        noise = self._noise(chunk) if self.privacy is not None else ()
         with self.inside("training_step", self.logs):
             if chunk.length:
-                result = self._sink_step(*chunk.device_inputs(self._stacked_length(chunk), self._sink_inputs))
+                result = self._sink_step(*chunk.device_inputs(self._stacked_length(chunk), self._sink_inputs),
+                                         *noise)
             elif chunk.sizes[0] and self.plan.accumulate > 1:
-                result = self._optimizer_step(self._window_sizes[chunk.sizes[0]], *self._pack(first.data))
+                result = self._optimizer_step(self._window_sizes[chunk.sizes[0]], *noise, *self._pack(first.data))
             elif chunk.sizes[0]:
-                result = self._optimizer_step(*self._pack(first.data))
+                result = self._optimizer_step(*noise, *self._pack(first.data))
             else:
                 result = self._window_step(*self._pack(first.data))
         counters.advanced(len(chunk.batches))
@@ -283,6 +285,17 @@ class TrainEngine:
         if not self.plan.returns_loss:  # manual optimization's training_step returned None: so do the hooks see it
             return StepReport(outputs["loss"], None, steps)
         return StepReport(outputs["loss"], outputs, steps)
+
+    def _noise(self, chunk) -> Tuple[Tensor, ...]:
+        """DP-SGD's noise for the chunk's optimizer steps, drawn in step order: a flat row for a single call, or
+        one row per stacked micro-batch (zeros where no window closes) for a sunk call."""
+        stream = self.privacy.stream
+        if not chunk.length:
+            return (Tensor(stream.draw(1)[0]),) if chunk.sizes[0] else ()
+        rows = np.zeros((self._stacked_length(chunk), stream.size), np.float32)
+        closing = [i for i, size in enumerate(chunk.sizes) if size]
+        rows[closing] = stream.draw(len(closing))
+        return (Tensor(rows),)
 
     def _stacked_length(self, chunk) -> int:
         """The leading axis of a chunk's stacked batches: the sink length for the run's usual shapes (the graph
@@ -310,7 +323,10 @@ class TrainEngine:
         if self.loss_scaler is not None:
             tensors["loss_scale.scale_value"] = self.loss_scaler.scale_value
             tensors["loss_scale.counter"] = self.loss_scaler.counter
-        return tensors, {"logs": self.logs.state_dict(with_window=bool(window))}
+        state = {"logs": self.logs.state_dict(with_window=bool(window))}
+        if self.privacy is not None:
+            state["noise"] = self.privacy.stream.state_dict()
+        return tensors, state
 
     def load_state_dict(self, tensors: Dict[str, np.ndarray], state: Dict) -> None:
         """Restores what `state_dict` returned (in a checkpoint: see `checkpoint.run_state`).
@@ -329,6 +345,8 @@ class TrainEngine:
         # An accumulator may hold an infinity (an overflowing window under loss scaling): no finite rule here.
         assign_checked(check_parameters(wanted, {name: Tensor(value) for name, value in known.items()},
                                         "training state", "the checkpoint"))
+        if self.privacy is not None and "noise" in state:
+            self.privacy.stream.load_state_dict(state["noise"])
         logs = state.get("logs")
         if logs is None:
             return
@@ -352,13 +370,16 @@ class _Graphs:
             gradients, apply = self._automatic(module, optimizer, plan, counters, training_step, one, loss_scaler,
                                                privacy, example_step, example_batch)
 
-        def update(grads, history_slot=None):
+        noisy = privacy is not None  # DP-SGD: each optimizer step's graph input has a row of noise
+
+        def update(grads, history_slot=None, noise=None):
             """Unscales, checks and applies a window's gradients, closes the log window; returns whether it stepped.
 
             `history_slot`: under sinking, where the closed log window goes (`DeviceLogBuffers.close_window`).
+            `noise`: DP-SGD's standard normal row for this step.
             """
             if loss_scaler is None:
-                stepped = ops.depend(stepped_constant, apply(grads))
+                stepped = ops.depend(stepped_constant, apply(grads, noise))
             else:
                 grads = loss_scaler.unscale(grads)
                 stepped = ms.amp.all_finite(grads)
@@ -369,11 +390,11 @@ class _Graphs:
             advance = one if loss_scaler is None else ops.cast(stepped, ms.int32)
             return ops.depend(stepped, ops.assign_add(counters.global_step, advance))
 
-        def window_update(grads, window_size):
+        def window_update(grads, window_size, noise=None):
             """Averages the window of `window_size` micro-batches (this one's `grads` added), updates, empties it."""
             summed = _hyper_map(ops.add, accumulators, grads)
-            if privacy is not None:  # DP-SGD divides the noised sum by the window's examples
-                stepped = update(summed)
+            if noisy:  # DP-SGD divides the noised sum by the window's examples
+                stepped = update(summed, None, noise)
             else:
                 stepped = update(_hyper_map(ops.partial(_divide, window_size), summed))
             return ops.depend(stepped, _hyper_map(ops.assign, accumulators, _hyper_map(ops.zeros_like, accumulators)))
@@ -388,12 +409,18 @@ class _Graphs:
         def optimizer_step(*inputs):
             if logs.window_is_step:
                 logs.open_window()  # a side effect on the window: ordered before training_step's records
+            noise = inputs[0] if noisy else None
+            if noisy:
+                inputs = inputs[1:]
             loss, extras, grads = gradients(unpack(*inputs))
-            return result(ops.depend(loss, update(grads)), extras)
+            return result(ops.depend(loss, update(grads, None, noise)), extras)
 
         def window_optimizer_step(window_size, *inputs):
+            noise = inputs[0] if noisy else None
+            if noisy:
+                inputs = inputs[1:]
             loss, extras, grads = gradients(unpack(*inputs))
-            return result(ops.depend(loss, window_update(grads, window_size)), extras)
+            return result(ops.depend(loss, window_update(grads, window_size, noise)), extras)
 
         # With one micro-batch per step and no skipped steps, a closed log window goes straight to history
         # row i, and the chunk's last row becomes the step value after the loop.
@@ -401,14 +428,15 @@ class _Graphs:
         direct_history = every_iteration_steps and plan.step_history
         accumulate = plan.accumulate
 
-        def iteration(batches, window_sizes, i, loss, slot):
+        def iteration(batches, window_sizes, noise_rows, i, loss, slot):
             """Micro-batch `i` of a sunk chunk: (its loss, the next history row, its extra outputs)."""
             loss, extras, grads = gradients(take_micro_batch(batches, i))
+            noise = row(noise_rows, i) if noisy else None
             if accumulate == 1:
                 if direct_history:
-                    loss = ops.depend(loss, update(grads, i))
+                    loss = ops.depend(loss, update(grads, i, noise))
                 else:
-                    stepped = update(grads)
+                    stepped = update(grads, None, noise)
                     loss = ops.depend(loss, stepped)  # keeps the update: an unused result's effects can be dropped
                     if plan.step_history:  # a skipped (overflowing) step takes no row
                         loss = ops.depend(loss, logs.record_step(slot))
@@ -416,7 +444,7 @@ class _Graphs:
             else:
                 window_size = row(window_sizes, i)  # read once: each read is a kernel
                 if window_size > 0:
-                    stepped = window_update(grads, window_size)
+                    stepped = window_update(grads, window_size, noise)
                     loss = ops.depend(loss, stepped)
                     if plan.step_history:
                         loss = ops.depend(loss, logs.record_step(slot))
@@ -425,15 +453,16 @@ class _Graphs:
                     loss = ops.depend(loss, _hyper_map(ops.assign_add, accumulators, grads))
             return loss, slot, extras
 
-        def sink_step(batches, window_sizes, count):
+        def sink_step(batches, window_sizes, count, *noise):
+            noise_rows = noise[0] if noisy else None  # DP-SGD: row i is the noise of micro-batch i's step
             i = Tensor(0, ms.int32)
             slot = Tensor(0, ms.int32)  # the next row of the step-value history
             loss, extras = Tensor(0.0, ms.float32), ()
             if has_outputs:  # the first micro-batch before the loop: the loop carries its outputs' types and shapes
-                loss, slot, extras = iteration(batches, window_sizes, i, loss, slot)
+                loss, slot, extras = iteration(batches, window_sizes, noise_rows, i, loss, slot)
                 i = i + 1
             while i < count:
-                loss, slot, extras = iteration(batches, window_sizes, i, loss, slot)
+                loss, slot, extras = iteration(batches, window_sizes, noise_rows, i, loss, slot)
                 i = i + 1
             if direct_history:
                 loss = ops.depend(loss, logs.step_from_history(count - 1))
@@ -506,11 +535,11 @@ class _Graphs:
             loss = ops.cast(loss, ms.float32)  # a half-precision loss is reported as float32
             return ops.depend(loss, ops.assign_add(counters.loss_sum, loss)), extras, grads
 
-        def apply(grads):
+        def apply(grads, noise=None):
             """The stages and the update; frozen parameters and their optimizer state keep their values (weight
-            decay and momentum would move them)."""
+            decay and momentum would move them). `noise`: DP-SGD's standard normal row for the step."""
             if privacy is not None:
-                grads = privacy(grads)
+                grads = privacy(grads, noise)
             for stage in stages:
                 grads = stage(grads)
             if not kept:
@@ -538,7 +567,7 @@ class _Graphs:
             loss = ops.depend(loss, ops.assign_add(counters.batch_idx, one))
             return ops.depend(loss, ops.assign_add(counters.loss_sum, loss)), extras, ()
 
-        def apply(grads):
+        def apply(grads, noise=None):
             return stepped_constant
 
         return gradients, apply

@@ -259,46 +259,45 @@ def clipped_sum(per_example, max_norm: float):
     return _hyper_map(ops.partial(_weighted_sum, factors), per_example)
 
 
-# ---- noise: a counter-based generator whose whole state is two Parameters ----------------------------
-# MindSpore's generator-driven normal ops have no CPU kernels, and the seeded ones keep their state inside
-# the kernel, where a checkpoint cannot reach it. Draw k of stream s is a hash of (s, k) turned into a
-# normal value (Box-Muller); the state is (seed, offset), so a resumed run continues the same stream.
-_M32 = 0xFFFFFFFF
+# ---- the noise stage -------------------------------------------------------------------------------
+class NoiseStream:
+    """The noise of the run's optimizer steps, drawn on the host from numpy's PCG64, one flat row per step.
 
+    MindSpore's generator-driven normal ops have no CPU kernels, its seeded ones keep their
+    state inside the kernel where a checkpoint cannot reach it, and a hash-based generator
+    in the graph costs more than the step (`benchmarks/README.md`). numpy draws a row in
+    about the time of one small kernel, and its state is a small JSON-serialisable dict.
 
-def _shift(x, k):
-    return ops.bitwise_right_shift(x, k)
+    Args:
+        size: Draws per optimizer step (the trained parameters' elements).
+        seed: The stream's seed.
+    """
 
+    def __init__(self, size: int, seed: int):
+        self.size = int(size)
+        self.generator = np.random.Generator(np.random.PCG64(seed))
 
-def _pcg_hash(x):
-    """The PCG hash of int64 values in [0, 2**32) (every product stays below 2**62)."""
-    state = ops.bitwise_and(x * 747796405 + 2891336453, _M32)
-    word = ops.bitwise_and(ops.bitwise_xor(_shift(state, _shift(state, 28) + 4), state) * 277803737, _M32)
-    return ops.bitwise_xor(_shift(word, 22), word)
+    def draw(self, rows: int) -> np.ndarray:
+        """The next `rows` optimizer steps' standard normal noise, float32 [rows, size]."""
+        return self.generator.standard_normal((rows, self.size), dtype=np.float32)
 
+    def state_dict(self) -> dict:
+        return self.generator.bit_generator.state
 
-def gaussian_from_counter(seed, offset, count: int):
-    """Standard normal draws number `offset` .. `offset + count - 1` of stream `seed` (int64 scalars), float32."""
-    counter = offset + ops.arange(count, dtype=ms.int64)
-    key = _pcg_hash(ops.bitwise_xor(_pcg_hash(_shift(seed, 32)), ops.bitwise_and(seed, _M32)))
-    base = _pcg_hash(ops.bitwise_xor(_pcg_hash(ops.bitwise_xor(key, _shift(counter, 32))),
-                                     ops.bitwise_and(counter, _M32)))
-    first = _pcg_hash(ops.bitwise_xor(base, 0x68E31DA4))
-    second = _pcg_hash(ops.bitwise_xor(base, 0xB5297A4D))
-    radius = ops.sqrt(-2.0 * ops.log((first.astype(ms.float64) + 0.5) * 2.0 ** -32))  # uniform in (0, 1)
-    return (radius * ops.cos(2 * np.pi * second.astype(ms.float64) * 2.0 ** -32)).astype(ms.float32)
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.bit_generator.state = state
 
 
 class PrivacyStage(nn.Cell):
     """The DP-SGD gradient stage: adds the noise to a window's summed clipped gradients and divides by its examples.
 
-    Its state (examples in the open window, the noise stream's seed and position) is three
-    Parameters, saved in checkpoints through the engine's `state_dict`.
+    The number of examples in the open window is a Parameter (saved in checkpoints through the
+    engine's `state_dict`); the noise comes in as a flat standard normal row per step.
 
     Args:
         max_grad_norm: The clipping norm.
         noise_std: The noise's standard deviation (noise_multiplier * max_grad_norm).
-        seed: The noise stream.
+        seed: The noise stream's seed.
         shapes: The gradients' shapes, in order.
     """
 
@@ -307,35 +306,31 @@ class PrivacyStage(nn.Cell):
         self.max_grad_norm, self.noise_std = float(max_grad_norm), float(noise_std)
         self.shapes = tuple(tuple(shape) for shape in shapes)
         self.sizes = tuple(int(np.prod(shape)) for shape in self.shapes)
-        self.total = sum(self.sizes)
+        self.stream = NoiseStream(sum(self.sizes), seed)
         self.examples = Parameter(Tensor(0.0, ms.float32), name="lightms.privacy.examples", requires_grad=False)
-        self.noise_seed = Parameter(Tensor(seed, ms.int64), name="lightms.privacy.noise_seed", requires_grad=False)
-        self.noise_offset = Parameter(Tensor(0, ms.int64), name="lightms.privacy.noise_offset", requires_grad=False)
 
     def state_parameters(self):
         """name -> Parameter, for the engine's state_dict."""
-        return {"privacy.examples": self.examples, "privacy.noise_seed": self.noise_seed,
-                "privacy.noise_offset": self.noise_offset}
+        return {"privacy.examples": self.examples}
 
     def count(self, batch):
         """Adds a micro-batch's examples to the window (graph-parseable); returns the new count."""
         return ops.assign_add(self.examples, examples_in(batch))
 
-    def noise(self):
-        """The next draws of the stream, one Tensor per gradient shape, times the noise's standard deviation."""
-        flat = gaussian_from_counter(self.noise_seed, self.noise_offset, self.total) * self.noise_std
-        flat = ops.depend(flat, ops.assign_add(self.noise_offset, Tensor(self.total, ms.int64)))
+    def construct(self, grads, noise):
+        """(sum of clipped per-example gradients + std * noise) / examples; the window's count starts again.
+
+        Args:
+            grads: The window's summed clipped gradients.
+            noise: A flat float32 row of standard normal values, one per gradient element.
+        """
+        examples = self.examples + 0.0  # read before it is reset
         pieces = ()
         start = 0
         for size, shape in zip(self.sizes, self.shapes):
-            pieces += (ops.reshape(flat[start:start + size], shape),)
+            pieces += (ops.reshape(noise[start:start + size], shape) * self.noise_std,)
             start += size
-        return pieces
-
-    def construct(self, grads):
-        """(sum of clipped per-example gradients + noise) / examples; the window's count starts again."""
-        examples = self.examples + 0.0  # read before it is reset
-        noised = _hyper_map(ops.add, grads, self.noise())
+        noised = _hyper_map(ops.add, grads, pieces)
         averaged = _hyper_map(ops.partial(_divide_by, examples), noised)
         return ops.depend(averaged, ops.assign(self.examples, ops.zeros_like(self.examples)))
 
@@ -345,4 +340,4 @@ def _divide_by(divisor, value):
 
 
 __all__ = ["DPSGD", "PrivacyStage", "check_per_example_loss", "check_splittable", "clipped_sum", "examples_in",
-           "gaussian_from_counter", "per_example_gradients", "split_examples"]
+           "NoiseStream", "per_example_gradients", "split_examples"]
