@@ -161,8 +161,11 @@ def test_self_optimizers_returns_the_single_optimizer_and_schedulers_are_left_to
 
     model = One()
     x = np.ones((4, 6), np.float32)
+    before = model.net[0].weight.asnumpy().copy()
     trainer = quiet_trainer(max_epochs=3)
     trainer.fit(model, [(x, x[:, :1])] * 2)
+    # training_step returned None: its updates still ran in the compiled graph.
+    assert np.abs(model.net[0].weight.asnumpy() - before).max() > 1e-3
     assert seen["optimizer"] is trainer.optimizers[0]
     assert seen["scheduler"] is trainer.lr_scheduler_configs[0].scheduler
     lr = float(trainer.optimizers[0].param_groups[0]["lr"].asnumpy())
@@ -188,3 +191,46 @@ def test_optimizers_outside_a_fit_is_a_clear_error():
         TwoOptimizers().optimizers()
     with pytest.raises(TypeError, match="True or False"):
         TwoOptimizers().automatic_optimization = 0
+
+
+def test_value_and_grad_with_aux_and_value_clipping_equal_numpy():
+    class Aux(LightningCell):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.dense = nn.Dense(3, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            opt = self.optimizers()
+
+            def loss_fn(x, y):
+                prediction = self.dense(x)
+                return ((prediction - y) ** 2).mean(), prediction.mean()
+
+            (loss, mean_prediction), grads = self.value_and_grad(loss_fn, opt, has_aux=True)(x, y)
+            self.optimizer_step(opt, self.clip_gradients(grads, 0.2, "value"))
+            self.log("mean_prediction", mean_prediction, on_epoch=True, on_step=False)
+            return loss
+
+        def configure_optimizers(self):
+            return nn.SGD(self.trainable_params(), learning_rate=0.1)
+
+    rng = np.random.default_rng(1)
+    batches = [(rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal((5, 1)).astype(np.float32))
+               for _ in range(3)]
+    lightms.seed_everything(0)
+    model = Aux()
+    w, b = model.dense.weight.asnumpy().astype(np.float64), model.dense.bias.asnumpy().astype(np.float64)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, batches)
+    means = []
+    for x, y in batches:  # by hand: the mean prediction before the update, gradients clamped to [-0.2, 0.2]
+        prediction = x @ w.T + b
+        means.append(prediction.mean())
+        residual = 2 * (prediction - y) / len(x)
+        w = w - 0.1 * np.clip(residual.T @ x, -0.2, 0.2)
+        b = b - 0.1 * np.clip(residual.sum(0), -0.2, 0.2)
+    np.testing.assert_allclose(model.dense.weight.asnumpy(), w, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model.dense.bias.asnumpy(), b, rtol=1e-6, atol=1e-6)
+    assert trainer.callback_metrics["mean_prediction"] == pytest.approx(np.mean(means), rel=1e-5)

@@ -37,9 +37,11 @@ def dry_run(module, hook: str, batch, batch_idx: int, restore: Iterable = ()) ->
             kept.add(id(p))
             buffers.append((p, p.asnumpy().copy()))
     try:
+        object.__setattr__(module, "_lightms_dry_run", True)  # manual optimization's updates are skipped
         with StepScope(module, hook, recorder):
             output = getattr(module, hook)(batch, batch_idx)
     finally:
+        object.__setattr__(module, "_lightms_dry_run", False)
         for param, value in buffers:
             ops.assign(param, Tensor(value))  # not set_data: that would unlink compiled graphs
     return recorder, output

@@ -560,9 +560,10 @@ class _Graphs:
 
         def gradients(batch):
             output = training_step(batch, counters.batch_idx)
-            loss = Tensor(0.0, ms.float32)
             if returns_loss:
                 loss = ops.cast(output["loss"] if isinstance(output, dict) else output, ms.float32)
+            else:  # None: the call's updates are kept only if something depends on it
+                loss = ops.depend(Tensor(0.0, ms.float32), output)
             extras = tuple(output[key] for key in output_keys) if has_outputs else ()
             loss = ops.depend(loss, ops.assign_add(counters.batch_idx, one))
             return ops.depend(loss, ops.assign_add(counters.loss_sum, loss)), extras, ()

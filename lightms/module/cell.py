@@ -59,6 +59,7 @@ class LightningCell(nn.Cell):
         object.__setattr__(self, "_lightms_in_step", False)
         object.__setattr__(self, "_lightms_optimizers", None)
         object.__setattr__(self, "_lightms_schedulers", ())
+        object.__setattr__(self, "_lightms_dry_run", False)
         object.__setattr__(self, "_hparams", AttributeDict())
         object.__setattr__(self, "_automatic_optimization", True)
 
@@ -226,8 +227,13 @@ class LightningCell(nn.Cell):
         """Applies `grads` (from `self.value_and_grad(fn, optimizer)`) with `optimizer` (manual optimization).
 
         Updates run in the order training_step calls them: a loss computed after this call
-        sees the updated weights.
+        sees the updated weights. The dry run (training_step's one eager run before compiling)
+        skips the update: a `mindspore.experimental.optim` optimizer run eagerly once fails to
+        compile afterwards (MindSpore 2.10 caches its `@jit` method), so call this rather than
+        `optimizer(grads)`.
         """
+        if self._lightms_dry_run:
+            return True
         return optimizer(grads)
 
     def clip_gradients(self, grads, gradient_clip_val=None, gradient_clip_algorithm: str = "norm"):
