@@ -234,3 +234,17 @@ def test_value_and_grad_with_aux_and_value_clipping_equal_numpy():
     np.testing.assert_allclose(model.dense.weight.asnumpy(), w, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(model.dense.bias.asnumpy(), b, rtol=1e-6, atol=1e-6)
     assert trainer.callback_metrics["mean_prediction"] == pytest.approx(np.mean(means), rel=1e-5)
+
+
+def test_learning_rate_monitor_names_two_optimizers_of_one_class_apart():
+    from lightms.callbacks import LearningRateMonitor
+
+    class TwoAdams(TwoOptimizers):
+        def configure_optimizers(self):
+            return [nn.Adam(self.nets.disc.trainable_params(), learning_rate=0.01),
+                    nn.Adam(self.nets.gen.trainable_params(), learning_rate=0.02)]
+
+    logger = RecordingLogger()
+    quiet_trainer(max_epochs=1, logger=logger, callbacks=[LearningRateMonitor("epoch")]).fit(TwoAdams(), gan_batches())
+    assert logger.values("lr-Adam") == [(0, pytest.approx(0.01))]
+    assert logger.values("lr-Adam-1") == [(0, pytest.approx(0.02))]

@@ -30,7 +30,7 @@ def current_learning_rates(optimizer, name: str) -> Dict[str, float]:
 
 
 class LearningRateMonitor(Callback):
-    """Logs `lr-<OptimizerClass>` to the loggers.
+    """Logs `lr-<OptimizerClass>` to the loggers (`lr-<OptimizerClass>-1`, ... for more optimizers of one class).
 
     Args:
         logging_interval: "step" (at the trainer's logging steps, the rate used by that
@@ -48,8 +48,12 @@ class LearningRateMonitor(Callback):
 
     def _rates(self, trainer) -> Dict[str, float]:
         rates: Dict[str, float] = {}
+        seen: Dict[str, int] = {}
         for optimizer in trainer.optimizers:
-            rates.update(current_learning_rates(optimizer, f"lr-{type(optimizer).__name__}"))
+            name = f"lr-{type(optimizer).__name__}"
+            count = seen[name] = seen.get(name, -1) + 1
+            # Several optimizers of one class (manual optimization): lr-Adam, lr-Adam-1, ..., as Lightning names them.
+            rates.update(current_learning_rates(optimizer, name if not count else f"{name}-{count}"))
         return rates
 
     def _log(self, trainer, step: int) -> None:
