@@ -78,7 +78,8 @@ class LightningCell(nn.Cell):
 
     @property
     def global_step(self):
-        """Optimizer steps taken so far: a device scalar inside steps, an int elsewhere."""
+        """Optimizer steps taken so far (manual optimization: training_step calls): a device scalar inside
+        steps, an int elsewhere."""
         if self._lightms_in_step and self._lightms_counters is not None:
             return self._lightms_counters.global_step
         return self._trainer.global_step if self._trainer is not None else 0

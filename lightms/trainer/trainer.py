@@ -24,7 +24,8 @@ from lightms.trainer.metrics import MetricStore
 
 @dataclass
 class LoopState:
-    """Where the run is. `global_step` counts optimizer steps, never micro-batches."""
+    """Where the run is. `global_step` counts optimizer steps, never micro-batches (under manual
+    optimization: training_step calls, one per batch)."""
 
     current_epoch: int = 0
     global_step: int = 0
