@@ -1,4 +1,4 @@
-"""The README's main example reaches its accuracy target."""
+"""The README's examples reach their targets."""
 
 import importlib.util
 import os
@@ -6,19 +6,29 @@ import sys
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "digits.py")
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def run_example(name: str, argv):
+    """Runs `examples/<name>.py`'s main(argv) and returns what it returns.
+
+    The example is loaded as a real module (not runpy's): MindSpore's graph parser resolves
+    names through sys.modules.
+    """
+    module_name = f"{name}_example"
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+        return module.main(argv)
+    finally:
+        del sys.modules[module_name]
+        sys.modules.pop("digits_example", None)  # dp_digits loads digits under this name
 
 
 def test_digits_example_reaches_95_percent(tmp_path):
-    # A real module (not runpy's): MindSpore's graph parser resolves names through sys.modules.
-    spec = importlib.util.spec_from_file_location("digits_example", EXAMPLE)
-    digits = importlib.util.module_from_spec(spec)
-    sys.modules["digits_example"] = digits
-    try:
-        spec.loader.exec_module(digits)
-        accuracy = digits.main(["--root", str(tmp_path)])
-    finally:
-        del sys.modules["digits_example"]
+    accuracy = run_example("digits", ["--root", str(tmp_path)])
     assert accuracy >= 0.95
     log_dir = tmp_path / "lightning_logs" / "version_0"
     events = EventAccumulator(str(log_dir))
@@ -31,15 +41,7 @@ def test_digits_example_reaches_95_percent(tmp_path):
 
 
 def test_gan_example_learns_the_ring_of_gaussians(tmp_path, capsys):
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "gan.py")
-    spec = importlib.util.spec_from_file_location("gan_example", path)
-    gan = importlib.util.module_from_spec(spec)
-    sys.modules["gan_example"] = gan
-    try:
-        spec.loader.exec_module(gan)
-        fraction, covered = gan.main(["--quick", "--root", str(tmp_path)])
-    finally:
-        del sys.modules["gan_example"]
+    fraction, covered = run_example("gan", ["--quick", "--root", str(tmp_path)])
     # Seeded data, noise and weights: the quick run (3000 steps) reaches 0.84 and all 8 modes.
     assert fraction > 0.75 and covered == 8
     line = [text for text in capsys.readouterr().out.splitlines() if "within 3 std of a mode" in text][-1]
@@ -56,16 +58,7 @@ def test_gan_example_learns_the_ring_of_gaussians(tmp_path, capsys):
 def test_dp_digits_example_trains_privately_and_reports_the_accountants_epsilon(tmp_path):
     import dp_accounting
 
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "dp_digits.py")
-    spec = importlib.util.spec_from_file_location("dp_digits_example", path)
-    example = importlib.util.module_from_spec(spec)
-    sys.modules["dp_digits_example"] = example
-    try:
-        spec.loader.exec_module(example)
-        results = example.main(["--epochs", "5", "--root", str(tmp_path)])
-    finally:
-        del sys.modules["dp_digits_example"]
-        sys.modules.pop("digits_example", None)
+    results = run_example("dp_digits", ["--epochs", "5", "--root", str(tmp_path)])
     private, plain = results["private"], results["plain"]
     assert private["accuracy"] > 0.8 and plain["accuracy"] > 0.9  # learned, with and without privacy
     # 1437 training digits in 22 full batches of 64: each step samples 1/22 of the data.
