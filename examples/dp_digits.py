@@ -45,13 +45,33 @@ class PrivateDigitsMLP(digits.DigitsMLP):
         return nn.SGD(self.trainable_params(), learning_rate=self.hparams.lr, momentum=0.9)
 
 
+class ShuffledBatches:
+    """Fixed-size batches of a new shuffle of the examples each epoch (what the accountant assumes of the data)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.x) // self.batch_size  # the last, smaller batch is dropped
+
+    def __iter__(self):
+        order = self.rng.permutation(len(self.x))
+        for i in range(len(self)):
+            rows = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[rows], self.y[rows]
+
+
 def train(private: bool, args) -> dict:
     lightms.seed_everything(args.seed)
     train_batches, val_batches = digits.digits_batches(batch_size=args.batch_size, seed=args.seed)
-    train_batches = [b for b in train_batches if len(b[0]) == args.batch_size]  # fixed-size batches
+    x, y = (np.concatenate(arrays) for arrays in zip(*train_batches))
+    train_batches = ShuffledBatches(x, y, args.batch_size, args.seed)
     model = PrivateDigitsMLP(lr=args.lr)
+    # dataset_size: ShuffledBatches is neither a list nor a mindspore.dataset, so the accountant is told. The
+    # noise seed is fixed here only so that the example's output is reproducible: leave it out in real use.
     plugin = DPSGD(max_grad_norm=args.max_grad_norm, noise_multiplier=args.noise_multiplier, delta=1e-5,
-                   seed=args.seed) if private else None
+                   seed=args.seed, dataset_size=len(x)) if private else None
     trainer = lightms.Trainer(max_epochs=args.epochs, default_root_dir=args.root, seed=args.seed,
                               plugins=[plugin] if plugin else None, enable_checkpointing=False,
                               enable_progress_bar=False, log_every_n_steps=10)

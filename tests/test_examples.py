@@ -61,9 +61,9 @@ def test_dp_digits_example_trains_privately_and_reports_the_accountants_epsilon(
     results = run_example("dp_digits", ["--epochs", "5", "--root", str(tmp_path)])
     private, plain = results["private"], results["plain"]
     assert private["accuracy"] > 0.8 and plain["accuracy"] > 0.9  # learned, with and without privacy
-    # 1437 training digits in 22 full batches of 64: each step samples 1/22 of the data.
+    # 1437 training digits, reshuffled into 22 batches of 64 each epoch: each step samples 64/1437 of them.
     accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(1 / 22, dp_accounting.GaussianDpEvent(1.1)),
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(64 / 1437, dp_accounting.GaussianDpEvent(1.1)),
                        private["steps"])
     assert private["steps"] == 5 * 22
     assert private["epsilon"] == accountant.get_epsilon(1e-5)

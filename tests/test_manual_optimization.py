@@ -248,3 +248,38 @@ def test_learning_rate_monitor_names_two_optimizers_of_one_class_apart():
     quiet_trainer(max_epochs=1, logger=logger, callbacks=[LearningRateMonitor("epoch")]).fit(TwoAdams(), gan_batches())
     assert logger.values("lr-Adam") == [(0, pytest.approx(0.01))]
     assert logger.values("lr-Adam-1") == [(0, pytest.approx(0.02))]
+
+
+def test_gradients_of_another_optimizer_are_a_clear_error():
+    class Mixed(TwoOptimizers):
+        def training_step(self, batch, batch_idx):
+            x, z = batch
+            opt_d, opt_g = self.optimizers()
+
+            def discriminator(x, z):
+                return d_loss(self.nets, x, z)
+
+            loss, grads = self.value_and_grad(discriminator, opt_d)(x, z)
+            self.optimizer_step(opt_g, grads)
+            return loss
+
+    with pytest.raises(ValueError, match=r"optimizer_step\(optimizers\(\)\[1\], grads\).*value_and_grad"):
+        quiet_trainer(max_epochs=1).fit(Mixed(), gan_batches())
+
+
+def test_a_per_step_scheduler_the_user_steps_leaves_sinking_on():
+    from mindspore.experimental import optim
+
+    calls = []
+
+    class Scheduled(TwoOptimizers):
+        def configure_optimizers(self):
+            opt_d = optim.SGD(self.nets.disc.trainable_params(), lr=0.1)
+            opt_g = optim.SGD(self.nets.gen.trainable_params(), lr=0.1)
+            return ([opt_d, opt_g], [{"scheduler": optim.lr_scheduler.StepLR(opt_d, 1), "interval": "step"}])
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            calls.append(len(batch))
+
+    quiet_trainer(max_epochs=1, sink_size=3).fit(Scheduled(), gan_batches())
+    assert calls == [3, 3]  # two sunk chunks of three batches: the Trainer does not step that scheduler

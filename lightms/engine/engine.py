@@ -196,7 +196,7 @@ class StepReport:
     Attributes:
         loss: The last micro-batch's loss (a device scalar, float32).
         outputs: `{"loss": loss}` and the other Tensors training_step returned in a dict (the last
-            micro-batch's).
+            micro-batch's); None when a manual-optimization training_step returned None.
         steps: Optimizer steps taken (overflowing steps skipped under loss scaling do not count).
     """
 
@@ -219,6 +219,8 @@ class TrainEngine:
         autocast: Wraps training_step for mixed precision (`Precision.autocast`), or None.
         loss_scaler: A `mindspore.amp` loss scaler when `plan.loss_scaling`, else None.
         explain_failure: Turns a new graph's failure into a clearer error, or None.
+        example_step: Under DP-SGD, training_step of a view of the module that logs nothing
+            (`ModuleBinding.silent_twin`), for the per-example gradients.
     """
 
     def __init__(self, module, optimizer, plan: StepPlan, counters: Counters, inside: Callable, example,
@@ -511,9 +513,10 @@ class _Graphs:
             max_norm = privacy.max_grad_norm
 
             def dp_gradients(batch):
-                """The forward (its loss, logs and outputs) and the sum of clipped per-example gradients."""
-                output = training_step(batch, counters.batch_idx)
+                """The sum of clipped per-example gradients, then the forward (its loss, logs and outputs). In
+                the other order, a sunk graph lost the forward's logged values (MindSpore 2.10)."""
                 grads = clipped_sum(per_example(batch, counters.batch_idx), max_norm)
+                output = training_step(batch, counters.batch_idx)
                 loss = ops.depend(output["loss"] if isinstance(output, dict) else output, grads)
                 loss = ops.depend(loss, privacy.count(batch))
                 extras = tuple(output[key] for key in output_keys) if has_outputs else ()

@@ -37,6 +37,25 @@ class StepScope:
         object.__setattr__(module, "_lightms_log_target", None)
 
 
+def _check_gradients_fit(module, optimizer, grads) -> None:
+    """In the dry run: refuses gradients that are not `optimizer`'s, before MindSpore's HyperMap error.
+
+    Raises:
+        ValueError: Naming training_step and the optimizer's position.
+    """
+    optimizers = module._lightms_optimizers or ()
+    position = next((i for i, o in enumerate(optimizers) if o is optimizer), None)
+    where = f"{type(module).__name__}.training_step: self.optimizer_step(optimizers()[{position}], grads)"
+    parameters = tuple(optimizer.parameters)
+    grads = tuple(grads)
+    shapes = [tuple(g.shape) for g in grads]
+    wanted = [tuple(p.shape) for p in parameters]
+    if shapes != wanted:
+        raise ValueError(f"{where}: the gradients do not fit the optimizer's parameters ({len(grads)} gradients of "
+                         f"shapes {shapes}, for {len(parameters)} parameters of shapes {wanted}); take them with "
+                         "self.value_and_grad(fn, that optimizer).")
+
+
 class LightningCell(nn.Cell):
     """A `mindspore.nn.Cell` organised the way a LightningModule is.
 
@@ -234,6 +253,7 @@ class LightningCell(nn.Cell):
         `optimizer(grads)`.
         """
         if self._lightms_dry_run:
+            _check_gradients_fit(self, optimizer, grads)
             return True
         return optimizer(grads)
 

@@ -8,7 +8,7 @@ changes what the engine's step computes, not the user's `training_step`:
 2. each clipped to `max_grad_norm` in global L2 norm over all trained parameters;
 3. summed over the step's examples (the whole window under `accumulate=k`);
 4. Gaussian noise of standard deviation `noise_multiplier * max_grad_norm` added once
-   per optimizer step, from a `mindspore.Generator` whose state is in the checkpoint;
+   per optimizer step, drawn on the host (numpy's PCG64, its state in the checkpoint);
 5. divided by the number of examples, then the optimizer update.
 
 The epsilon spent comes from Google's `dp-accounting` (`lightms.privacy.accounting`),
@@ -40,9 +40,13 @@ class DPSGD(Callback):
         noise_multiplier: The noise's standard deviation over `max_grad_norm` (0: no noise,
             and no privacy: epsilon is infinite).
         delta: The delta the reported epsilon holds for.
-        seed: Seeds the noise generator (the generator's state is saved in checkpoints, so a
-            resumed run draws the noise the uninterrupted one would have).
+        seed: Seeds the noise generator; by default the operating system's entropy (the noise
+            must be secret: a known seed lets anyone subtract it). A fixed seed is for tests.
+            The generator's state is saved in checkpoints, so a resumed run draws the noise the
+            uninterrupted one would have: keep checkpoints as private as the data.
         accountant: "rdp" (Renyi DP, as Opacus and TensorFlow Privacy report) or "pld".
+        dataset_size: The training examples per epoch, for data whose size lightms cannot
+            count (neither a list of batches nor a batched mindspore.dataset).
 
     Raises:
         ValueError: For a non-positive `max_grad_norm`, a negative `noise_multiplier`, a delta
@@ -53,7 +57,7 @@ class DPSGD(Callback):
     order = 10  # before the module's hooks: its on_train_epoch_end sees epsilon
 
     def __init__(self, max_grad_norm: float = 1.0, noise_multiplier: float = 1.1, delta: float = 1e-5,
-                 seed: int = 0, accountant: str = "rdp"):
+                 seed: Optional[int] = None, accountant: str = "rdp", dataset_size: Optional[int] = None):
         if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
             raise ValueError(f"DPSGD(max_grad_norm={max_grad_norm!r}): the clipping norm must be a positive number.")
         if accountant not in ACCOUNTANTS:
@@ -62,7 +66,12 @@ class DPSGD(Callback):
         # Checks noise_multiplier and delta, and that dp-accounting is installed, before any training.
         PrivacyAccountant(noise_multiplier, 0.5, delta, accountant)
         self.noise_multiplier, self.delta, self.accountant = float(noise_multiplier), float(delta), accountant
-        self.seed = int(seed)
+        # The noise must be secret: by default its seed comes from the operating system's entropy.
+        self.seed = int(np.random.SeedSequence().entropy if seed is None else seed)
+        if dataset_size is not None and (isinstance(dataset_size, bool) or not isinstance(dataset_size, int)
+                                         or dataset_size < 1):
+            raise ValueError(f"DPSGD(dataset_size={dataset_size!r}) must be a positive int.")
+        self.dataset_size = dataset_size
         self.sampling_rate: Optional[float] = None
         self._trainer = None
 
@@ -70,9 +79,15 @@ class DPSGD(Callback):
     def setup(self, trainer, module, stage: str) -> None:
         self._trainer = trainer
 
-    def on_train_start(self, trainer, module) -> None:
-        # Examples per optimizer step over examples per epoch: accumulate / batches per epoch.
-        self.sampling_rate = min(1.0, trainer.accumulate / trainer.num_training_batches)
+    def plan_sampling(self, accumulate: int, batch_size: int, examples: int) -> None:
+        """Sets the sampling rate the accountant uses: examples per optimizer step over examples per epoch.
+
+        Args:
+            accumulate: Micro-batches per optimizer step.
+            batch_size: The largest batch's examples.
+            examples: The examples of one epoch (a lower bound errs on the safe side).
+        """
+        self.sampling_rate = min(1.0, accumulate * batch_size / examples)
 
     @property
     def steps(self) -> int:
@@ -98,10 +113,11 @@ class DPSGD(Callback):
 
 # ---- the step's pieces (graph-parseable) --------------------------------------------------------
 def check_splittable(module) -> None:
-    """Refuses a module whose loss cannot be split per example because of BatchNorm.
+    """Refuses a module whose loss cannot be split per example (BatchNorm) or vmapped (Dropout).
 
     Raises:
-        ValueError: Naming the BatchNorm cells (their statistics mix the examples of a batch).
+        ValueError: Naming the BatchNorm cells (their statistics mix the examples of a batch), or the
+            Dropout cells.
     """
     mixing = [name or type(module).__name__ for name, cell in module.cells_and_names()
               if isinstance(cell, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and cell.training]
@@ -110,6 +126,12 @@ def check_splittable(module) -> None:
                          f"{type(module).__name__} has BatchNorm in training mode ({', '.join(mixing)}), whose batch "
                          "statistics mix the examples. Replace it by nn.GroupNorm or nn.LayerNorm, or put it in eval "
                          "mode.")
+    dropout = [name or type(module).__name__ for name, cell in module.cells_and_names()
+               if type(cell).__name__.startswith("Dropout") and cell.training]
+    if dropout:
+        raise ValueError(f"DPSGD: {type(module).__name__} has Dropout in training mode ({', '.join(dropout)}), which "
+                         "MindSpore 2.10 cannot run inside vmap (the per-example gradients fail to compile). Put it "
+                         "in eval mode (set_train(False) on it) or remove it.")
 
 
 def check_per_example_loss(loss_of, batch, where: str, examples: int = 4) -> None:
@@ -137,9 +159,55 @@ def check_per_example_loss(loss_of, batch, where: str, examples: int = 4) -> Non
                      "example's influence and the privacy guarantee would not hold.")
 
 
+def epoch_examples(source, batch_count: Optional[int], first_size: int, dataset_size: Optional[int] = None):
+    """(largest batch size, examples per epoch) of a training source, for the sampling rate.
+
+    A Python list or tuple of batches is counted exactly. Given `dataset_size`, the batches are
+    taken to be of the first one's size. A `mindspore.dataset` pipeline gives its batch size; its
+    last batch may be smaller, so the epoch counts one example in its last batch (a lower bound:
+    the sampling rate comes out no smaller than the true one).
+
+    Raises:
+        ValueError: For data whose size lightms cannot tell (the accountant needs it).
+    """
+    data = source.data
+    if isinstance(data, (list, tuple)):
+        sizes = [batch_size(batch) for batch in data[:batch_count]]
+        return max(sizes), sum(sizes)
+    if dataset_size is not None:
+        return first_size, dataset_size
+    get_batch_size = getattr(data, "get_batch_size", None)
+    if get_batch_size is not None and batch_count:
+        size = int(get_batch_size())
+        return size, (batch_count - 1) * size + 1
+    raise ValueError(f"DPSGD needs the number of training examples for its privacy accounting, and "
+                     f"{type(data).__name__} cannot tell it: pass DPSGD(dataset_size=N), a list of batches or "
+                     "a batched mindspore.dataset.")
+
+
+def _first_leaf(batch):
+    if isinstance(batch, dict):
+        return _first_leaf(next(iter(batch.values())))
+    if isinstance(batch, (tuple, list)):
+        return _first_leaf(batch[0])
+    return batch
+
+
+def check_flat(batch, where: str) -> None:
+    """Refuses a nested batch under DP-SGD (its per-example split works on flat batches).
+
+    Raises:
+        TypeError: Naming the argument.
+    """
+    leaves = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
+    if any(isinstance(leaf, (dict, tuple, list)) for leaf in leaves):
+        raise TypeError(f"DPSGD: the batches of {where} are nested; DP-SGD splits flat batches (a Tensor, or a "
+                        "tuple, list or dict of Tensors) into examples. Flatten them in the data.")
+
+
 def batch_size(batch) -> int:
-    leaf = batch if isinstance(batch, Tensor) else next(iter(batch.values() if isinstance(batch, dict) else batch))
-    return int(leaf.shape[0])
+    """The leading dimension of a batch's first leaf."""
+    return int(_first_leaf(batch).shape[0])
 
 
 def slice_batch(batch, start: int, stop: int):

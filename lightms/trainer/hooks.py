@@ -74,7 +74,9 @@ def call_hook(trainer, hook: str, *args) -> Any:
         if not (receivers.module_class or set_on_instance(model, hook)):
             return None
     binding = trainer._binding
-    # `module.log` works from the module's hook and from callbacks' (as Lightning's `pl_module.log`).
+    # `module.log` works from the module's hook and from callbacks' (as Lightning's `pl_module.log`); a hook
+    # called from inside another (a callback running validation) gives the outer one its target back after.
+    outer = (model._lightms_hook, model._lightms_log_target)
     binding.host_hook(hook, trainer._metrics.host[stage_of_hook(hook)])
     returned = None
     try:
@@ -85,7 +87,7 @@ def call_hook(trainer, hook: str, *args) -> Any:
         for cb in receivers.after:
             getattr(cb, hook)(trainer, model, *args)
     finally:
-        binding.host_hook(None, None)
+        binding.host_hook(*outer)
     return returned
 
 

@@ -322,9 +322,14 @@ class TrainingLoop:
         return engine
 
     def _check_per_example_loss(self, batch) -> None:
-        """DP-SGD: checks eagerly, on the first batch, that training_step's loss splits per example."""
-        from lightms.privacy.dpsgd import check_per_example_loss
+        """DP-SGD, at the first batch: the accountant's sampling rate, and an eager check that training_step's loss
+        splits per example."""
+        from lightms.privacy.dpsgd import check_flat, check_per_example_loss, epoch_examples
 
+        check_flat(batch.data, "train_dataloaders")
+        privacy = self.privacy
+        privacy.plan_sampling(self.accumulate, *epoch_examples(self._train_source, self.num_training_batches,
+                                                               batch.size, privacy.dataset_size))
         twin = self._binding.silent_twin(self._counters)
 
         def loss_of(data) -> float:
@@ -333,7 +338,8 @@ class TrainingLoop:
 
         buffers = [(p, p.asnumpy().copy()) for p in self.model.get_parameters() if not p.requires_grad]
         try:
-            check_per_example_loss(loss_of, batch.data, f"{type(self.model).__name__}.training_step")
+            with self._binding.evaluating():  # dropout would draw other masks for the batch and for each example
+                check_per_example_loss(loss_of, batch.data, f"{type(self.model).__name__}.training_step")
         finally:
             for param, value in buffers:
                 ops.assign(param, Tensor(value))
@@ -406,7 +412,8 @@ class TrainingLoop:
             return True
         if self._val_source is not None and self._val_due_in_epoch(batch, True, step):
             return True
-        if any(config.interval == "step" and config.due(step) for config in self.lr_scheduler_configs):
+        if self.model.automatic_optimization and any(config.interval == "step" and config.due(step)
+                                                     for config in self.lr_scheduler_configs):
             return True
         # Asked for every batch of a chunk: only callbacks that override the default (False) are asked.
         receivers = hook_receivers(self, "needs_host_at_step")
@@ -460,7 +467,8 @@ class TrainingLoop:
         reasons = []
         if self.detect_anomaly:
             reasons.append("detect_anomaly=True checks the loss after every optimizer step")
-        if any(config.interval == "step" and config.frequency == 1 for config in self.lr_scheduler_configs):
+        if self.model.automatic_optimization and any(config.interval == "step" and config.frequency == 1
+                                                     for config in self.lr_scheduler_configs):
             reasons.append("a host-side lr scheduler with interval 'step' steps between optimizer steps "
                            "(an nn.LearningRateSchedule in the optimizer runs inside the graph)")
         if isinstance(self.val_check_interval, int) and self.val_check_interval == 1 and self._val_source is not None:
