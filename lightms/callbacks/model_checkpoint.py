@@ -172,7 +172,9 @@ class ModelCheckpoint(Callback):
     def setup(self, trainer, module, stage):
         if stage == "fit":
             self._resumed_from = trainer.ckpt_path
-            remove_stale_temporaries(self.resolve_dirpath(trainer))  # left by runs killed mid-write
+            folder = self.resolve_dirpath(trainer)
+            if trainer.is_global_zero:
+                remove_stale_temporaries(folder)  # left by runs killed mid-write
 
     def needs_host_at_step(self, trainer, step: int) -> bool:
         return bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0
@@ -233,8 +235,8 @@ class ModelCheckpoint(Callback):
             (self.best_k_models, self._latest, self.best_model_path, self.best_model_score,
              self.last_model_path) = before
             raise
-        for path in owned - self._kept():  # pushed out by this save
-            if os.path.exists(path):
+        for path in owned - self._kept():  # pushed out by this save (by rank 0, which wrote it)
+            if trainer.is_global_zero and os.path.exists(path):
                 os.remove(path)
 
     def _rank(self, trainer, values) -> Optional[str]:

@@ -186,7 +186,7 @@ class ModuleBinding:
             else:
                 object.__setattr__(module, "construct", self._construct_before)
             self._replaced_construct = False
-        for name in ("_lightms_log_target", "_lightms_hook", "_lightms_optimizers"):
+        for name in ("_lightms_log_target", "_lightms_hook", "_lightms_optimizers", "_lightms_grad_reduce"):
             object.__setattr__(module, name, None)
         object.__setattr__(module, "_lightms_schedulers", ())
         object.__setattr__(module, "_lightms_in_step", False)
@@ -197,10 +197,15 @@ class ModuleBinding:
         """Points `self.global_step` / `self.current_epoch` inside steps at these device counters."""
         object.__setattr__(self.module, "_lightms_counters", counters)
 
-    def use_optimizers(self, optimizers, schedulers) -> None:
-        """What `self.optimizers()` and `self.lr_schedulers()` return during a fit."""
+    def use_optimizers(self, optimizers, schedulers, world_size: int = 1) -> None:
+        """What `self.optimizers()` and `self.lr_schedulers()` return during a fit; with several workers,
+        `self.value_and_grad` averages the gradients over them."""
         object.__setattr__(self.module, "_lightms_optimizers", tuple(optimizers))
         object.__setattr__(self.module, "_lightms_schedulers", tuple(schedulers))
+        if world_size > 1:
+            from lightms.distributed.reduction import gradient_mean
+
+            object.__setattr__(self.module, "_lightms_grad_reduce", gradient_mean(world_size))
 
     def silent_twin(self, counters):
         """A second view of the module whose `self.log` does nothing, for a pass whose logging would be wrong.

@@ -373,6 +373,11 @@ class _Graphs:
                                                privacy, example_step, example_batch)
 
         noisy = privacy is not None  # DP-SGD: each optimizer step's graph input has a row of noise
+        reduce = None
+        if plan.world_size > 1 and not plan.manual:  # (manual optimization reduces in self.value_and_grad)
+            from lightms.distributed.reduction import gradient_mean
+
+            reduce = gradient_mean(plan.world_size)
 
         def update(grads, history_slot=None, noise=None):
             """Unscales, checks and applies a window's gradients, closes the log window; returns whether it stepped.
@@ -380,6 +385,8 @@ class _Graphs:
             `history_slot`: under sinking, where the closed log window goes (`DeviceLogBuffers.close_window`).
             `noise`: DP-SGD's standard normal row for this step.
             """
+            if reduce is not None:  # first: every worker then unscales, checks and clips the same gradients
+                grads = reduce(grads)
             if loss_scaler is None:
                 stepped = ops.depend(stepped_constant, apply(grads, noise))
             else:

@@ -41,6 +41,8 @@ class StepPlan:
         returns_loss: Whether training_step returns a loss (under manual optimization it may
             return None).
         privacy: DP-SGD's (max_grad_norm, noise standard deviation, noise seed), or None.
+        world_size: Data-parallel workers: with more than one, each optimizer step's gradients are
+            averaged over them first (one AllReduce per gradient).
     """
 
     accumulate: int
@@ -57,13 +59,15 @@ class StepPlan:
     manual: bool = False
     returns_loss: bool = True
     privacy: Optional[Tuple[float, float, int]] = None
+    world_size: int = 1
 
     @property
     def stages(self) -> Tuple[str, ...]:
         """The gradient stages between the averaged gradients and the optimizer, in order."""
         if self.manual:
             return ("training_step's own value_and_grad and optimizer_step calls",)
-        stages = ("unscale", "skip if not finite") if self.loss_scaling else ()
+        stages = (f"mean over {self.world_size} workers",) if self.world_size > 1 else ()
+        stages += ("unscale", "skip if not finite") if self.loss_scaling else ()
         if self.privacy:
             norm, std, _ = self.privacy
             stages += (f"clip each example to norm {norm:g}, sum", f"add N(0, {std:g}^2) noise",
@@ -98,7 +102,8 @@ class StepPlan:
 
 
 def plan_training(module, batch, optimizers, *, accumulate: int, sink_length: int, clip_val: Optional[float],
-                  clip_algorithm: str, precision, step_history: bool, compile: bool, privacy=None) -> StepPlan:
+                  clip_algorithm: str, precision, step_history: bool, compile: bool, privacy=None,
+                  world_size: int = 1) -> StepPlan:
     """Runs training_step once eagerly on `batch` (the dry run) and plans the step.
 
     Under manual optimization (`module.automatic_optimization` False) the dry run's
@@ -113,6 +118,7 @@ def plan_training(module, batch, optimizers, *, accumulate: int, sink_length: in
         step_history: Whether a logger listens (sunk steps then keep each step's values).
         compile: Whether steps are compiled.
         privacy: The run's `lightms.privacy.DPSGD`, or None.
+        world_size: Data-parallel workers.
 
     Raises:
         ValueError, TypeError: For a bad training_step return value, or a bad `self.log` call,
@@ -141,7 +147,8 @@ def plan_training(module, batch, optimizers, *, accumulate: int, sink_length: in
         step_history=step_history, frozen=() if manual else frozen_parameters(optimizers[0]), outputs=outputs,
         compile=compile, manual=manual, returns_loss=output is not None,
         privacy=None if privacy is None else (privacy.max_grad_norm, privacy.noise_multiplier * privacy.max_grad_norm,
-                                              privacy.seed))
+                                              privacy.seed),
+        world_size=world_size)
 
 
 def frozen_parameters(optimizer) -> Tuple[str, ...]:

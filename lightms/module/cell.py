@@ -79,6 +79,7 @@ class LightningCell(nn.Cell):
         object.__setattr__(self, "_lightms_optimizers", None)
         object.__setattr__(self, "_lightms_schedulers", ())
         object.__setattr__(self, "_lightms_dry_run", False)
+        object.__setattr__(self, "_lightms_grad_reduce", None)
         object.__setattr__(self, "_hparams", AttributeDict())
         object.__setattr__(self, "_automatic_optimization", True)
 
@@ -241,7 +242,16 @@ class LightningCell(nn.Cell):
         Returns:
             A function of `fn`'s arguments.
         """
-        return ms.value_and_grad(fn, None, optimizer.parameters, has_aux=has_aux)
+        grad_fn = ms.value_and_grad(fn, None, optimizer.parameters, has_aux=has_aux)
+        reduce = self._lightms_grad_reduce
+        if reduce is None:
+            return grad_fn
+
+        def averaged(*args):  # data-parallel: the gradients' mean over the workers
+            value, grads = grad_fn(*args)
+            return value, reduce(grads)
+
+        return averaged
 
     def optimizer_step(self, optimizer, grads):
         """Applies `grads` (from `self.value_and_grad(fn, optimizer)`) with `optimizer` (manual optimization).

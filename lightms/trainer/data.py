@@ -7,6 +7,7 @@ single array. Every batch of a run must have the first batch's structure,
 dtypes and per-sample shapes; only the leading (batch) dimension may differ.
 """
 
+import itertools
 import warnings
 from typing import Any, Callable, Iterator, Optional, Tuple, Union
 
@@ -233,6 +234,22 @@ class DataSource:
         self._epoch_unfinished = False
         self._resume_epochs = 0
         self._resume_batches = 0
+        self._shard = (0, 1)  # (this worker's rank, workers): data parallelism reads every world-th batch
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Makes each pass yield this worker's share: batches rank, rank + world_size, ... .
+
+        Every worker gets `length // world_size` batches (the last few of an epoch that do not
+        fill a round for every worker are dropped), so all take the same number of steps and
+        none waits for the others in a collective at the end of an epoch.
+
+        Raises:
+            ValueError: For data without a length (the workers could not agree on an epoch's end).
+        """
+        if world_size > 1 and self._base_length() is None:
+            raise ValueError(f"{self.argument} has no length, so {world_size} data-parallel workers cannot split its "
+                             "batches evenly; pass data with a len() (a list, a Dataset, a class with __len__).")
+        self._shard = (rank, world_size)
 
     def resume_at(self, epochs_done: int, batches_done: int) -> None:
         """Makes the next pass continue where a checkpointed run stopped.
@@ -258,7 +275,11 @@ class DataSource:
         return length
 
     def length(self) -> Optional[int]:
-        """Returns the number of batches in one pass, or None if the data cannot tell."""
+        """Returns the number of batches in one pass (this worker's share), or None if the data cannot tell."""
+        length = self._base_length()
+        return length if length is None else length // self._shard[1]
+
+    def _base_length(self) -> Optional[int]:
         if isinstance(self.data, msds.Dataset):
             return int(self.data.get_dataset_size())
         try:
@@ -271,6 +292,12 @@ class DataSource:
         return _count(limit, self.length(), self.argument)
 
     def _raw(self) -> Iterator:
+        rank, world_size = self._shard
+        if world_size == 1:
+            return self._whole()
+        return itertools.islice(self._whole(), rank, self.length() * world_size, world_size)
+
+    def _whole(self) -> Iterator:
         if not isinstance(self.data, msds.Dataset):
             return iter(self.data)
         # One MindSpore iterator for the whole run: a new iterator per epoch would replay the

@@ -165,7 +165,7 @@ class TrainingLoop:
                                        automatic=model.automatic_optimization)
         name_optimizer_states(config.optimizers, model)
         self.optimizers, self.lr_scheduler_configs = list(config.optimizers), config.schedulers
-        self._binding.use_optimizers(self.optimizers, [c.scheduler for c in config.schedulers])
+        self._binding.use_optimizers(self.optimizers, [c.scheduler for c in config.schedulers], self.world_size)
         for optimizer in self.optimizers:
             warn_half_optimizer(self.precision, optimizer)
         self._pending_engine_state = None
@@ -176,6 +176,8 @@ class TrainingLoop:
             if state.schedulers_pending:  # written in the last epoch's end hooks, before its schedulers stepped
                 self._step_schedulers("epoch", state.current_epoch, resuming=True)
         self._train_source = train
+        if self.world_size > 1:
+            train.shard(self.global_rank, self.world_size)
         self.num_training_batches = train.batch_count(self.limit_train_batches)
         if self.num_training_batches == 0:
             if train.length() == 0:
@@ -240,6 +242,9 @@ class TrainingLoop:
         from lightms.privacy.dpsgd import check_splittable
 
         name = type(self.model).__name__
+        if self.world_size > 1:
+            raise ValueError("Trainer(plugins=[DPSGD(...)]) with several data-parallel workers is not supported yet: "
+                             "train DP-SGD in one process.")
         if not self.model.automatic_optimization:
             raise ValueError(f"Trainer(plugins=[DPSGD(...)]) privatises automatic optimization's step, but {name} uses "
                              "manual optimization; compute per-example gradients with lightms.per_sample_grads "
@@ -306,7 +311,8 @@ class TrainingLoop:
             plan = plan_training(self.model, batch, self.optimizers, accumulate=self.accumulate,
                                  sink_length=self._planner.sink_length, clip_val=self.gradient_clip_val,
                                  clip_algorithm=self.gradient_clip_algorithm, precision=self.precision,
-                                 step_history=bool(self.loggers), compile=self.compile, privacy=self.privacy)
+                                 step_history=bool(self.loggers), compile=self.compile, privacy=self.privacy,
+                                 world_size=self.world_size)
         scaler = previous.loss_scaler if previous is not None else self.precision.loss_scaler()
         example_step = None
         if self.privacy is not None:

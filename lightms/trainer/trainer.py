@@ -6,12 +6,15 @@ What a run does (`fit`, `validate`, `test`, `predict` and their loops) is in
 
 import os
 import warnings
+
+from lightms._mindspore import mindspore as ms
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from lightms.checkpoint.io import write_checkpoint
 from lightms.checkpoint.run_state import collect_run_state
 from lightms.callbacks.model_checkpoint import ModelCheckpoint
+from lightms.distributed.environment import ClusterEnvironment, is_msrun_scheduler, join_cluster, resolve_environment
 from lightms.callbacks.timer import Timer
 from lightms.loggers.logger import Logger
 from lightms.module.cell import LightningCell
@@ -120,6 +123,11 @@ class Trainer(TrainingLoop):
             logger's folder) unless one is in `callbacks`.
         plugins: `lightms.privacy.DPSGD(...)` (or a list holding it) for differentially
             private training: per-example clipping and noise in the compiled step.
+        strategy: "auto" (single-process, or data-parallel when the script was started by
+            msrun with several workers) or "ddp" (data-parallel; needs msrun).
+        devices: Workers per machine ("auto": what msrun started).
+        num_nodes: Machines.
+        accelerator: "auto", "cpu", "gpu" or "ascend": MindSpore's device target.
 
     Raises:
         TypeError, ValueError: For an argument of the wrong type or out of range,
@@ -155,6 +163,10 @@ class Trainer(TrainingLoop):
         max_time=None,
         detect_anomaly: bool = False,
         plugins=None,
+        strategy: str = "auto",
+        devices="auto",
+        num_nodes: int = 1,
+        accelerator: str = "auto",
     ):
         self.max_steps = check.check_int("max_steps", max_steps, -1)
         max_epochs = check.check_int("max_epochs", max_epochs, -1, allow_none=True)
@@ -204,6 +216,18 @@ class Trainer(TrainingLoop):
             self.val_check_interval, self.check_val_every_n_epoch = None, 1
             logger = False
 
+        self.strategy = check.check_choice("strategy", strategy, ("auto", "ddp"))
+        if devices != "auto":
+            devices = check.check_int("devices", devices, 1)
+        self.num_nodes = check.check_int("num_nodes", num_nodes, 1)
+        self.accelerator = check.check_choice("accelerator", accelerator, ("auto", "cpu", "gpu", "ascend"))
+        if self.accelerator != "auto":
+            ms.set_device({"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}[self.accelerator])
+        if is_msrun_scheduler():
+            join_cluster()  # msrun's scheduler: serves the workers, and the process ends when they are done
+        self.cluster = resolve_environment(self.strategy, devices, self.num_nodes) or ClusterEnvironment()
+        if not self.cluster.is_global_zero:  # loggers and the progress bar run on rank 0 only
+            logger, enable_progress_bar = False, False
         self.privacy = check.check_plugins(plugins)
         if self.privacy is not None:
             callbacks = ([] if callbacks is None else [callbacks] if not isinstance(callbacks, (list, tuple))
@@ -237,6 +261,26 @@ class Trainer(TrainingLoop):
         self._finite_check = None
 
     # ---- public state -------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        """Workers in the run (1 without data parallelism)."""
+        return self.cluster.world_size
+
+    @property
+    def global_rank(self) -> int:
+        """This worker's rank among all workers."""
+        return self.cluster.global_rank
+
+    @property
+    def local_rank(self) -> int:
+        """This worker's rank on its machine."""
+        return self.cluster.local_rank
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this is rank 0, which writes logs and checkpoints."""
+        return self.cluster.is_global_zero
+
     @property
     def logger(self) -> Optional[Logger]:
         """The first logger, or None."""
@@ -332,7 +376,8 @@ class Trainer(TrainingLoop):
                                              self.state, engine, self.callbacks)
         if not weights_only:
             self.model.on_save_checkpoint(meta)
-        write_checkpoint(os.fspath(filepath), parameters, meta)
+        if self.is_global_zero:  # every rank holds the same state: rank 0 writes it
+            write_checkpoint(os.fspath(filepath), parameters, meta)
 
     @property
     def checkpoint_callback(self) -> Optional[ModelCheckpoint]:

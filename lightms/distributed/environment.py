@@ -1,0 +1,112 @@
+"""Where this process stands in a data-parallel run, and MindSpore's distributed setup.
+
+lightms runs data-parallel on MindSpore's own runtime: `msrun` starts the workers (and
+runs the script once more as its scheduler), `mindspore.communication.init()` joins
+them, and `ops.AllReduce` averages the gradients inside the compiled step. msrun tells
+each process its role through environment variables: `MS_ROLE` (`MS_WORKER` or
+`MS_SCHED`), `MS_WORKER_NUM`, `MS_SCHED_HOST`, `MS_SCHED_PORT`. The ranks are read from
+`mindspore.communication` after `init()`.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from lightms._mindspore import mindspore as ms  # noqa: F401  (quiets MindSpore's logs before it loads)
+
+
+@dataclass(frozen=True)
+class ClusterEnvironment:
+    """This process's place in the run.
+
+    Attributes:
+        world_size: Workers in the run (1: a single process).
+        global_rank: This worker's rank among all workers.
+        local_rank: Its rank on its machine.
+    """
+
+    world_size: int = 1
+    global_rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this worker writes logs and checkpoints (rank 0)."""
+        return self.global_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def msrun_workers(environ: Mapping[str, str] = os.environ) -> int:
+    """How many workers msrun started this run with (0: not started by msrun)."""
+    if environ.get("MS_ROLE") not in ("MS_WORKER", "MS_SCHED") or "MS_SCHED_PORT" not in environ:
+        return 0
+    try:
+        return int(environ.get("MS_WORKER_NUM", "0"))
+    except ValueError:
+        return 0
+
+
+def is_msrun_scheduler(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process is msrun's scheduler (the script's third run, which only coordinates)."""
+    return environ.get("MS_ROLE") == "MS_SCHED" and msrun_workers(environ) > 0
+
+
+def join_cluster() -> ClusterEnvironment:
+    """Initialises MindSpore's communication (once per process) and returns this worker's place.
+
+    In msrun's scheduler process, `init()` serves the workers and ends the process when they
+    are done: nothing after it runs there.
+    """
+    from mindspore import communication
+
+    if not _joined():
+        communication.init()
+    return ClusterEnvironment(communication.get_group_size(), communication.get_rank(),
+                              communication.get_local_rank())
+
+
+def _joined() -> bool:
+    try:
+        from mindspore.communication import GlobalComm
+
+        return bool(GlobalComm.INITED)
+    except (ImportError, AttributeError):  # pragma: no cover - other MindSpore versions
+        return False
+
+
+def leave_cluster() -> None:
+    """Releases MindSpore's communication (at the end of a distributed run)."""
+    from mindspore import communication
+
+    if _joined():
+        communication.release()
+
+
+def resolve_environment(strategy: str, devices, num_nodes: int) -> Optional[ClusterEnvironment]:
+    """The run's environment for the Trainer's `strategy`, `devices` and `num_nodes`.
+
+    Returns:
+        None for a single process; otherwise the environment after joining the cluster.
+
+    Raises:
+        RuntimeError: For `strategy="ddp"` outside msrun, or a worker count that differs from
+            `devices * num_nodes`, saying how to launch.
+    """
+    workers = msrun_workers()
+    if strategy == "auto" and workers <= 1:
+        return None
+    if workers == 0:
+        raise RuntimeError(f"Trainer(strategy={strategy!r}) runs data-parallel on MindSpore's msrun: launch the script "
+                           "with `python -m lightms.launch --devices N script.py` (or msrun itself).")
+    expected = devices * num_nodes if isinstance(devices, int) else None
+    if expected is not None and expected != workers:
+        raise RuntimeError(f"Trainer(devices={devices}, num_nodes={num_nodes}) expects {expected} workers, but msrun "
+                           f"started {workers}; launch with as many workers as devices * num_nodes.")
+    return join_cluster()
+
+
+__all__ = ["ClusterEnvironment", "is_msrun_scheduler", "join_cluster", "leave_cluster", "msrun_workers",
+           "resolve_environment"]

@@ -1,0 +1,110 @@
+"""Data-parallel training on 2 CPU workers launched with msrun (`python -m lightms.launch`), against one process."""
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import lightms
+from lightms.distributed.environment import msrun_workers
+from lightms.launch import msrun_command
+
+from conftest import quiet_trainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import ddp_worker  # noqa: E402
+
+LAUNCH_TIMEOUT = 150
+
+
+def launch(out_dir, *script_args):
+    """Runs tests/ddp_worker.py on 2 workers; returns (exit code, seconds, the workers' logs)."""
+    log_dir = os.path.join(out_dir, "logs")
+    command = [sys.executable, "-m", "lightms.launch", "--devices", "2", "--log-dir", log_dir,
+               os.path.join(HERE, "ddp_worker.py"), str(out_dir), *script_args]
+    start = time.monotonic()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                              env={**os.environ, "MS_NODE_TIMEOUT": "5"})
+        code = done.returncode
+    except subprocess.TimeoutExpired:
+        code = None
+    logs = "\n".join(f"== {path}\n{open(path, errors='replace').read()[-3000:]}"
+                     for path in sorted(glob.glob(os.path.join(log_dir, "worker_*.log"))))
+    return code, time.monotonic() - start, logs
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    code, seconds, logs = launch(out)
+    assert code == 0, f"msrun ended with {code} after {seconds:.0f} s; worker logs:\n{logs}"
+    return out
+
+
+def single_process(config):
+    """One process on the global batch: each step's batch is the two workers' batches together."""
+    batches = ddp_worker.global_batches()
+    merged = [tuple(np.concatenate(parts) for parts in zip(a, b)) for a, b in zip(batches[::2], batches[1::2])]
+    lightms.seed_everything(0)
+    model = ddp_worker.Regressor()
+    quiet_trainer(max_epochs=1, **ddp_worker.CONFIGS[config]).fit(model, merged)
+    return {p.name: p.asnumpy() for p in model.trainable_params()}
+
+
+@pytest.mark.parametrize("config", sorted(ddp_worker.CONFIGS))
+def test_two_workers_equal_one_process_on_the_global_batch(two_workers, config):
+    ranks = [np.load(two_workers / f"{config}-rank{rank}.npz") for rank in (0, 1)]
+    assert [int(r["world_size"]) for r in ranks] == [2, 2]
+    expected = single_process(config)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=f"ranks differ in {name}")
+        np.testing.assert_allclose(ranks[0][name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+    # Without sync_dist each rank reports its own shard's loss.
+    assert ranks[0]["metric:loss"] != ranks[1]["metric:loss"]
+
+
+def test_only_rank_zero_writes_logs_and_checkpoints(two_workers):
+    root = two_workers / "plain"
+    versions = sorted(os.listdir(root / "lightning_logs"))
+    assert versions == ["version_0"]
+    events = glob.glob(str(root / "lightning_logs" / "version_0" / "events.out.tfevents.*"))
+    checkpoints = os.listdir(root / "lightning_logs" / "version_0" / "checkpoints")
+    assert len(events) == 1 and len(checkpoints) == 1
+    assert not os.path.exists(root / "checkpoints")  # rank 1's default folder: nothing written there
+
+
+def test_the_two_worker_checkpoint_resumes_in_one_process(two_workers):
+    root = two_workers / "plain" / "lightning_logs" / "version_0" / "checkpoints"
+    path = str(root / os.listdir(root)[0])
+    lightms.seed_everything(1)
+    model = ddp_worker.Regressor()
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, ddp_worker.global_batches(), ckpt_path=path)  # nothing left to train: the saved epoch
+    saved = np.load(two_workers / "plain-rank0.npz")
+    for p in model.trainable_params():
+        np.testing.assert_array_equal(p.asnumpy(), saved[p.name])
+
+
+def test_a_worker_that_raises_ends_the_launch_nonzero_within_the_bound(tmp_path):
+    code, seconds, logs = launch(tmp_path, "raise")
+    assert code not in (0, None), f"exit code {code} after {seconds:.0f} s:\n{logs}"
+    assert seconds < 90
+    assert "rank 1 fails on purpose" in logs
+
+
+def test_ddp_outside_msrun_says_how_to_launch_and_the_command_is_msruns():
+    assert msrun_workers({}) == 0
+    with pytest.raises(RuntimeError, match="python -m lightms.launch --devices N"):
+        lightms.Trainer(strategy="ddp")
+    command = msrun_command("train.py", ["--lr", "0.1"], devices=2, num_nodes=2, node_rank=1,
+                            master_addr="10.0.0.1", master_port=8118)
+    assert command[1:3] == ["-m", "mindspore.parallel.cluster.run"]
+    assert {"--worker_num=4", "--local_worker_num=2", "--node_rank=1", "--master_addr=10.0.0.1",
+            "--master_port=8118"} <= set(command)
+    assert command[-3:] == ["train.py", "--lr", "0.1"]
