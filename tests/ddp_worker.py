@@ -25,6 +25,9 @@ class Regressor(lightms.LightningCell):
         x, y = batch
         loss = ((self.net(x) - y) ** 2).mean()
         self.log("loss", loss, on_step=False, on_epoch=True)
+        self.log("loss_mean", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("loss_max", loss, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+        self.log("loss_own_max", loss, on_step=False, on_epoch=True, reduce_fx="max")
         return loss
 
     def configure_optimizers(self):

@@ -65,8 +65,12 @@ def test_two_workers_equal_one_process_on_the_global_batch(two_workers, config):
     for name, value in expected.items():
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=f"ranks differ in {name}")
         np.testing.assert_allclose(ranks[0][name], value, rtol=1e-5, atol=1e-5, err_msg=name)
-    # Without sync_dist each rank reports its own shard's loss.
+    # Without sync_dist each rank reports its own shard's loss; with it, the mean (or max) over both shards.
     assert ranks[0]["metric:loss"] != ranks[1]["metric:loss"]
+    own = [float(r["metric:loss"]) for r in ranks]
+    for r in ranks:
+        assert float(r["metric:loss_mean"]) == pytest.approx(np.mean(own), rel=1e-6)
+        assert float(r["metric:loss_max"]) == max(float(q["metric:loss_own_max"]) for q in ranks)
 
 
 def test_only_rank_zero_writes_logs_and_checkpoints(two_workers):

@@ -24,4 +24,31 @@ def gradient_mean(world_size: int):
     return mean
 
 
-__all__ = ["gradient_mean"]
+def reduce_logged(values, weights, reduce_fxs):
+    """Reduces logged epoch levels over the workers: sums (and the mean's weighted sums) add up, max and min
+    take theirs; names with no reduction (None) keep this worker's values. Every worker must call it.
+
+    Args:
+        values, weights: numpy arrays, one entry per logged name (a mean's value is its weighted sum; a
+            max or min is one only where the name was logged, which is on every worker).
+        reduce_fxs: Each name's reduce_fx, or None.
+
+    Returns:
+        (values, weights) as numpy arrays.
+    """
+    import numpy as np
+
+    values, weights = np.array(values, np.float32), np.array(weights, np.float32)
+    summed = ops.AllReduce()(Tensor(np.stack([values, weights]))).asnumpy()
+    # AllReduce has only a sum on CPU: every worker's values, gathered, give the max and the min.
+    gathered = ops.AllGather()(Tensor(values[None])).asnumpy()
+    largest, smallest = gathered.max(axis=0), gathered.min(axis=0)
+    for i, fx in enumerate(reduce_fxs):
+        if fx is None:
+            continue
+        values[i] = {"mean": summed[0][i], "sum": summed[0][i], "max": largest[i], "min": smallest[i]}[fx]
+        weights[i] = summed[1][i]
+    return values, weights
+
+
+__all__ = ["gradient_mean", "reduce_logged"]

@@ -264,7 +264,7 @@ class ModuleBinding:
 class _SilentLog(nn.Cell):
     """A log target that records nothing (graph-parseable)."""
 
-    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
+    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size, sync_dist=False):
         return value
 
 

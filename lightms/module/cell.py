@@ -147,7 +147,7 @@ class LightningCell(nn.Cell):
 
     # ---- logging ----------------------------------------------------------------
     def log(self, name, value, prog_bar=False, logger=True, on_step=None, on_epoch=None,
-            reduce_fx="mean", batch_size=None):
+            reduce_fx="mean", batch_size=None, sync_dist=False):
         """Logs one scalar, as Lightning's `self.log`.
 
         Inside compiled steps the value stays on the device until a logger, the
@@ -164,6 +164,9 @@ class LightningCell(nn.Cell):
             on_epoch: Report the epoch reduction; default the opposite of on_step's default.
             reduce_fx: "mean", "sum", "max" or "min".
             batch_size: Weight for the mean; default the size of the current batch.
+            sync_dist: Under data parallelism, reduce the epoch value over the workers (with
+                `reduce_fx`; the mean weighs each worker's batches). Without it each worker
+                keeps its own, and rank 0's is reported, as in Lightning.
 
         Raises:
             RuntimeError: If called while no Trainer is running the module.
@@ -175,13 +178,13 @@ class LightningCell(nn.Cell):
                 "log from training_step, validation_step, test_step or an on_* hook."
             )
         return target.log(self._lightms_hook, name, value, prog_bar, logger, on_step, on_epoch,
-                          reduce_fx, batch_size)
+                          reduce_fx, batch_size, sync_dist)
 
     def log_dict(self, dictionary: Mapping[str, Any], prog_bar=False, logger=True, on_step=None,
-                 on_epoch=None, reduce_fx="mean", batch_size=None) -> None:
+                 on_epoch=None, reduce_fx="mean", batch_size=None, sync_dist=False) -> None:
         """Logs every item of `dictionary` with the same options (see `log`)."""
         for name, value in dictionary.items():
-            self.log(name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size)
+            self.log(name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size, sync_dist)
 
     # ---- steps and optimizers ------------------------------------------------------
     def training_step(self, batch, batch_idx):

@@ -34,6 +34,7 @@ class LogOptions:
         reduce_fx: One of "mean", "sum", "max", "min".
         batch_size: Weight of each value in the mean; None means the size of the
             batch the step received.
+        sync_dist: Reduce the epoch value over the data-parallel workers (with `reduce_fx`).
     """
 
     name: str
@@ -43,6 +44,7 @@ class LogOptions:
     on_epoch: bool
     reduce_fx: str
     batch_size: Optional[int]
+    sync_dist: bool = False
 
     def reported_names(self) -> Dict[str, str]:
         """Maps "step"/"epoch" to the name each value is reported under.
@@ -72,6 +74,7 @@ def resolve_log_options(
     on_epoch: Optional[bool],
     reduce_fx: str,
     batch_size: Optional[int],
+    sync_dist: bool = False,
 ) -> LogOptions:
     """Checks the arguments of one `self.log` call and fills in Lightning's per-hook defaults.
 
@@ -100,7 +103,7 @@ def resolve_log_options(
     on_epoch = (not step_level) if on_epoch is None else bool(on_epoch)
     if not on_step and not on_epoch:
         raise ValueError(f"self.log({name!r}) in {hook}: on_step and on_epoch are both False, so nothing is logged.")
-    return LogOptions(name, bool(prog_bar), bool(logger), on_step, on_epoch, reduce_fx, batch_size)
+    return LogOptions(name, bool(prog_bar), bool(logger), on_step, on_epoch, reduce_fx, batch_size, bool(sync_dist))
 
 
 def scalar_size(value) -> Optional[int]:
@@ -122,9 +125,10 @@ class LogRecorder:
         self.hook = hook
         self.options: Dict[str, LogOptions] = {}
 
-    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
+    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size, sync_dist=False):
         """`LightningCell.log` during the dry run: checks and records the call."""
-        self.record(resolve_log_options(hook, name, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size), value)
+        self.record(resolve_log_options(hook, name, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size,
+                                        sync_dist), value)
         return value
 
     def record(self, options: LogOptions, value) -> None:
@@ -244,7 +248,7 @@ class DeviceLogBuffers(nn.Cell):
             ops.assign(self.batch_size, weight)
             self._host_batch_size = size
 
-    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
+    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size, sync_dist=False):
         """`LightningCell.log` inside a step: the options were checked by the dry run."""
         return self.record(name, value, reduce_fx, batch_size)
 
@@ -341,9 +345,23 @@ class DeviceLogBuffers(nn.Cell):
         """
         return self._read(self.window)
 
-    def read_epoch(self) -> Dict[str, float]:
-        """Returns the epoch value of every name logged this epoch (a host sync, unless no name reports one)."""
-        return self._read(self.epoch) if self.keeps_epoch else {}
+    def read_epoch(self, world_size: int = 1) -> Dict[str, float]:
+        """Returns the epoch value of every name logged this epoch (a host sync, unless no name reports one).
+
+        Args:
+            world_size: Data-parallel workers: names logged with `sync_dist=True` are reduced over them
+                (every worker must call this at the same point).
+        """
+        if not self.keeps_epoch:
+            return {}
+        values, weights = self.epoch.asnumpy()
+        self.host_reads += 1
+        if world_size > 1 and any(o.sync_dist for o in self.options):
+            from lightms.distributed.reduction import reduce_logged
+
+            values, weights = reduce_logged(values, weights, [o.reduce_fx if o.sync_dist else None
+                                                               for o in self.options])
+        return self._values(values, weights)
 
     def read_history(self) -> List[Dict[str, float]]:
         """Returns the step values recorded by the last sunk chunk, one dict per history row (a host sync)."""
@@ -418,14 +436,15 @@ class HostLogs:
         self._evaluated: Dict[str, float] = {}  # logged Metrics' values, once evaluated this epoch
         self.current_batch_size = 1
 
-    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size):
+    def log(self, hook, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size, sync_dist=False):
         """`LightningCell.log` from a host hook."""
         if is_metric(value):
             # Lightning logs a metric object's compute() at epoch end; here, its eval().
             self.options[name] = resolve_log_options(hook, name, prog_bar, logger, False, True, "mean", None)
             self._metrics[name] = value
             return value
-        options = resolve_log_options(hook, name, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size)
+        options = resolve_log_options(hook, name, prog_bar, logger, on_step, on_epoch, reduce_fx, batch_size,
+                                      sync_dist)
         LogRecorder(hook).record(options, value)  # same checks as inside steps
         number = float(value.asnumpy()) if hasattr(value, "asnumpy") else float(value)
         self.options[name] = options

@@ -25,7 +25,8 @@ def stage_of_hook(hook: Optional[str]) -> str:
 class MetricStore:
     """Collects logged values per stage and reports them under Lightning's names."""
 
-    def __init__(self):
+    def __init__(self, world_size: int = 1):
+        self.world_size = world_size  # data-parallel workers: sync_dist epoch values are reduced over them
         self.callback_metrics: Dict[str, float] = {}
         self.logged_metrics: Dict[str, float] = {}
         self.progress_bar_metrics: Dict[str, float] = {}
@@ -120,7 +121,7 @@ class MetricStore:
 
         Until `epoch_ended` is called, `refresh_epoch` publishes what the hooks log on the host.
         """
-        self._device_epoch = dict(self.device[stage].read_epoch()) if stage in self.device else {}
+        self._device_epoch = dict(self.device[stage].read_epoch(self.world_size)) if stage in self.device else {}
         self.epoch_ending = stage
         return self.refresh_epoch()
 

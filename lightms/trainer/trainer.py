@@ -245,7 +245,7 @@ class Trainer(TrainingLoop):
         self.interrupted = False
         self.sink_batches = range(0)
         # What a run builds (see loop.py), kept after it for inspection and checkpoints.
-        self._metrics = MetricStore()
+        self._metrics = MetricStore(self.cluster.world_size)
         self._binding = None  # engine.binding.ModuleBinding
         self._counters = None  # engine.engine.Counters
         self._engine = None  # engine.engine.TrainEngine, built at the first training chunk
