@@ -7,11 +7,13 @@
 
 A thin wrapper: it builds the msrun command (`mindspore.parallel.cluster.run`) and runs it;
 the script needs no change (its `Trainer` joins the workers). Workers' output goes to
-`--log-dir` (`worker_<rank>.log`) and to this terminal.
+`--log-dir` (`worker_<rank>.log`) and to this terminal. SIGTERM or Ctrl-C stops every worker
+after the same step, rank 0 writes one resumable checkpoint, and the launcher exits 128 + signal.
 """
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,7 +69,40 @@ def main(argv=None) -> int:
         parser.error("--master-port is needed with --num-nodes > 1 (every machine must use the same one)")
     command = msrun_command(args.script, args.args, args.devices, args.num_nodes, args.node_rank, args.master_addr,
                             args.master_port, args.log_dir)
-    return subprocess.call(command, env=launch_environment())
+    msrun = subprocess.Popen(command, env=launch_environment())
+    received = []
+
+    def forward(signum, frame):
+        # msrun dies on SIGTERM and leaves its workers running: the workers get it instead. Each stops at the
+        # same step as the others (they agree at every chunk end), rank 0 writes one resumable checkpoint.
+        received.append(signum)
+        for pid in worker_pids(msrun.pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = msrun.wait()
+    return 128 + received[0] if received else code
+
+
+def worker_pids(root: int) -> List[int]:
+    """The msrun workers below process `root` (Linux: read from /proc; their environment has MS_ROLE=MS_WORKER)."""
+    found, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as children:
+                    pending += [int(child) for child in children.read().split()]
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if b"MS_ROLE=MS_WORKER" in environ.read().split(b"\0"):
+                    found.append(pid)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return found
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """A training script the data-parallel tests launch on 2 workers (`python -m lightms.launch`).
 
-Usage: ddp_worker.py OUT_DIR [raise]. For each configuration it trains a fresh, seeded model on
-the global batches (each worker reads every other one) and saves its parameters and logged
-values to OUT_DIR/<config>-rank<r>.npz. With "raise", rank 1 raises after its first fit.
+Usage: ddp_worker.py OUT_DIR [raise | long]. For each configuration it trains a fresh, seeded model
+on the global batches (each worker reads every other one) and saves its parameters and logged
+values to OUT_DIR/<config>-rank<r>.npz. With "raise", rank 1 raises after its first fit. With
+"long", one fit of many epochs that writes OUT_DIR/training once it trains (to be signalled).
 """
 
 import os
@@ -11,6 +12,7 @@ import sys
 import numpy as np
 
 import lightms
+import lightms.callbacks
 from mindspore import nn
 
 CONFIGS = {"plain": {}, "acc2": {"accumulate": 2}, "sink2": {"sink_size": 2}}
@@ -41,6 +43,23 @@ def global_batches(count: int = 8, size: int = 4):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
 
+class Announce(lightms.callbacks.Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch == 1:
+            open(self.path, "w").close()
+
+
+def train_long(out_dir: str) -> None:
+    lightms.seed_everything(0)
+    trainer = lightms.Trainer(max_epochs=100000, default_root_dir=out_dir, enable_progress_bar=False,
+                              callbacks=[Announce(os.path.join(out_dir, "training")),
+                                         lightms.callbacks.ModelCheckpoint(save_last=True)])
+    trainer.fit(Regressor(), global_batches())
+
+
 def main(out_dir: str, fail: bool) -> None:
     for name, options in CONFIGS.items():
         lightms.seed_everything(0)
@@ -57,4 +76,7 @@ def main(out_dir: str, fail: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], "raise" in sys.argv[2:])
+    if "long" in sys.argv[2:]:
+        train_long(sys.argv[1])
+    else:
+        main(sys.argv[1], "raise" in sys.argv[2:])

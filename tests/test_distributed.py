@@ -112,3 +112,57 @@ def test_ddp_outside_msrun_says_how_to_launch_and_the_command_is_msruns():
     assert {"--worker_num=4", "--local_worker_num=2", "--node_rank=1", "--master_addr=10.0.0.1",
             "--master_port=8118"} <= set(command)
     assert command[-3:] == ["train.py", "--lr", "0.1"]
+
+
+def test_sigterm_to_the_launcher_stops_every_worker_with_one_resumable_checkpoint(tmp_path):
+    import signal
+
+    log_dir = tmp_path / "logs"
+    command = [sys.executable, "-m", "lightms.launch", "--devices", "2", "--log-dir", str(log_dir),
+               os.path.join(HERE, "ddp_worker.py"), str(tmp_path), "long"]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "MS_NODE_TIMEOUT": "5"})
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "training").exists() and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+        assert (tmp_path / "training").exists(), "the workers did not start training"
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    logs = "\n".join(open(p, errors="replace").read()[-2000:] for p in glob.glob(str(log_dir / "worker_*.log")))
+    assert code == 128 + signal.SIGTERM, logs
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    interrupted = [name for name in os.listdir(folder) if name.startswith("interrupted-")]
+    assert len(interrupted) == 1, (os.listdir(folder), logs)
+    assert logs.count("SIGINT/SIGTERM received; stopped after optimizer step") == 2  # both, at the same step
+    steps = {line.split("optimizer step ")[1].split(";")[0] for line in logs.splitlines() if "stopped after" in line}
+    assert len(steps) == 1
+    # One process resumes at the same place in the data: the two workers had read 2 * batches_done batches.
+    from lightms.checkpoint.io import read_checkpoint
+
+    loop = read_checkpoint(str(folder / interrupted[0]))[1]["loop"]
+    assert loop["world_size"] == 2
+    lightms.seed_everything(1)
+    trainer = quiet_trainer(max_epochs=loop["epoch"] + 1)
+    trainer.fit(ddp_worker.Regressor(), ddp_worker.global_batches(), ckpt_path=str(folder / interrupted[0]))
+    assert trainer.global_step == loop["global_step"] + 8 - 2 * loop["batches_done"]
+
+
+def test_a_checkpoints_position_maps_onto_another_number_of_workers():
+    from lightms.trainer.trainer import LoopState
+
+    saved = {"epoch": 3, "global_step": 40, "batches_done": 3, "world_size": 2}
+    for world_size, expected in ((1, 6), (2, 3), (3, 2), (6, 1)):
+        state = LoopState()
+        state.load_state_dict(saved, 0, world_size)
+        assert (state.current_epoch, state.global_step, state.batches_done) == (3, 40, expected)
+    with pytest.raises(ValueError, match="cannot split evenly"):
+        LoopState().load_state_dict(saved, 0, 4)
+    with pytest.raises(ValueError, match="inside an accumulation window"):
+        LoopState().load_state_dict(saved, 1, 1)
+    state = LoopState()
+    state.load_state_dict({"epoch": 1, "global_step": 5, "batches_done": 2}, 0, 1)  # older checkpoints: 1 worker
+    assert state.batches_done == 2

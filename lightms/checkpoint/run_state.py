@@ -111,7 +111,7 @@ def restore_run_state(trainer, path: str) -> Tuple[Dict, Dict]:
         check_parameters({f"lightms_accum.{p.name}": p for opt in trainer.optimizers for p in opt.parameters},
                          groups.get("accumulator", {}), "accumulation window", path)
     assign_checked(pairs)
-    trainer.state.load_state_dict(meta["loop"], window)
+    trainer.state.load_state_dict(meta["loop"], window, trainer.world_size)
     by_key = meta.get("callbacks", {})
     for cb in trainer.callbacks:
         if cb.state_key in by_key:

@@ -51,4 +51,12 @@ def reduce_logged(values, weights, reduce_fxs):
     return values, weights
 
 
-__all__ = ["gradient_mean", "reduce_logged"]
+def any_worker(flags):
+    """Whether any worker has each flag set (every worker must call it at the same point)."""
+    import numpy as np
+
+    counts = ops.AllReduce()(Tensor(np.array(flags, np.float32))).asnumpy()
+    return [bool(count > 0) for count in counts]
+
+
+__all__ = ["any_worker", "gradient_mean", "reduce_logged"]

@@ -8,6 +8,7 @@ device values happen only where marked (logging steps, epoch ends, `detect_anoma
 """
 
 import math
+import signal
 import sys
 import warnings
 from typing import Any, Dict, List, Optional
@@ -157,6 +158,7 @@ class TrainingLoop:
     # ---- fit ----------------------------------------------------------------------------
     def _fit(self, train: DataSource, val: Optional[DataSource]) -> None:
         model, state = self.model, self.state
+        state.world_size = self.world_size
         if not model.automatic_optimization:
             self._check_manual_optimization()
         if self.privacy is not None:
@@ -207,6 +209,7 @@ class TrainingLoop:
         while not self._fit_done():
             self._train_epoch()
             state.current_epoch, state.batches_done, state.epoch_done = state.current_epoch + 1, 0, False
+            self._agree_on_stopping()
             self._stop_if_interrupted()  # a signal during the epoch's validation or end hooks
         self._call("on_train_end")
         self._call("on_fit_end")
@@ -389,6 +392,7 @@ class TrainingLoop:
             self._run_validation()
         if state.window:  # a stop (a signal, should_stop) waits for the window's optimizer step
             return end_epoch
+        self._agree_on_stopping()
         self._stop_if_interrupted()
         return end_epoch or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps)
 
@@ -532,6 +536,18 @@ class TrainingLoop:
                 "stayed finite (a NaN or infinity in the input data can do this: MindSpore's ReLU maps NaN to 0)")
         warnings.warn(f"{what} (lightms warns once per fit); training goes on. Trainer(detect_anomaly=True) stops "
                       "at the first such step.", stacklevel=2)
+
+    def _agree_on_stopping(self) -> None:
+        """Data parallelism: a stop one worker wants (a signal, `should_stop`) becomes every worker's, at the same
+        step, so that none waits forever in a collective for one that left (one small AllReduce)."""
+        if self.world_size == 1:
+            return
+        from lightms.distributed.reduction import any_worker
+
+        interrupted, stopping = any_worker([self._interrupt_signal is not None, self.state.should_stop])
+        if interrupted and self._interrupt_signal is None:
+            self._interrupt_signal = signal.SIGTERM
+        self.state.should_stop = stopping
 
     def _request_stop(self, signum: int) -> None:
         self._interrupt_signal = signum

@@ -40,6 +40,7 @@ class LoopState:
     should_stop: bool = False
     stage: Optional[str] = None
     sanity_checking: bool = False
+    world_size: int = 1  # data-parallel workers: batches_done counts each worker's share
 
     def state_dict(self) -> Dict[str, int]:
         """Where a checkpoint resumes: the epoch, the optimizer steps, the batches done in the epoch.
@@ -49,12 +50,32 @@ class LoopState:
         mid_epoch = not self.epoch_done and self.batches_done > 0
         return {"epoch": self.current_epoch + 1 if self.epoch_done else self.current_epoch,
                 "global_step": self.global_step, "batches_done": self.batches_done if mid_epoch else 0,
-                "schedulers_pending": self.epoch_done and self.schedulers_pending}
+                "schedulers_pending": self.epoch_done and self.schedulers_pending, "world_size": self.world_size}
 
-    def load_state_dict(self, state: Dict[str, int], window: int = 0) -> None:
-        """Continues from what `state_dict` returned, inside an accumulation window of `window` micro-batches."""
+    def load_state_dict(self, state: Dict[str, int], window: int = 0, world_size: int = 1) -> None:
+        """Continues from what `state_dict` returned, inside an accumulation window of `window` micro-batches.
+
+        A checkpoint of a run on another number of data-parallel workers continues at the same place
+        in the data: its workers had read `batches_done * its world size` batches of the epoch
+        (worker r every world-th from r), so this run's workers skip that many between them.
+
+        Raises:
+            ValueError: If that many batches cannot be split evenly over `world_size` workers, or the
+                checkpoint was written inside an accumulation window by another number of workers.
+        """
+        saved_world, batches = state.get("world_size", 1), state["batches_done"]
+        if saved_world != world_size and window:
+            raise ValueError(f"The checkpoint was written inside an accumulation window by {saved_world} worker(s); "
+                             f"this run has {world_size}, whose window would mix other gradients. Resume from a "
+                             "checkpoint written at the end of a window.")
+        if saved_world != world_size and batches:
+            if batches * saved_world % world_size:
+                raise ValueError(f"The checkpoint's {saved_world} worker(s) had read {batches * saved_world} batches "
+                                 f"of the epoch, which {world_size} workers cannot split evenly; resume from a "
+                                 "checkpoint written at an epoch end.")
+            batches = batches * saved_world // world_size
         self.current_epoch, self.global_step = state["epoch"], state["global_step"]
-        self.batches_done, self.window, self.epoch_done = state["batches_done"], window, False
+        self.batches_done, self.window, self.epoch_done = batches, window, False
         self.schedulers_pending = state.get("schedulers_pending", False)
 
 
