@@ -15,7 +15,8 @@ import lightms
 import lightms.callbacks
 from mindspore import nn
 
-CONFIGS = {"plain": {}, "acc2": {"accumulate": 2}, "sink2": {"sink_size": 2}}
+CONFIGS = {"plain": {}, "acc2": {"accumulate": 2}, "sink2": {"sink_size": 2}, "clip": {"gradient_clip_val": 0.05},
+           "mixed": {"precision": "16-mixed"}, "manual": {}}
 
 
 class Regressor(lightms.LightningCell):
@@ -34,6 +35,33 @@ class Regressor(lightms.LightningCell):
 
     def configure_optimizers(self):
         return nn.SGD(self.trainable_params(), learning_rate=0.1)
+
+
+class ManualRegressor(Regressor):
+    """The same updates written with manual optimization (self.value_and_grad averages over the workers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+
+        def loss_fn(x, y):
+            return ((self.net(x) - y) ** 2).mean()
+
+        loss, grads = self.value_and_grad(loss_fn, opt)(x, y)
+        self.optimizer_step(opt, grads)
+        self.log("loss", loss, on_step=False, on_epoch=True)
+        self.log("loss_mean", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("loss_max", loss, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+        self.log("loss_own_max", loss, on_step=False, on_epoch=True, reduce_fx="max")
+        return loss
+
+
+def model_for(config: str):
+    return ManualRegressor() if config == "manual" else Regressor()
 
 
 def global_batches(count: int = 8, size: int = 4):
@@ -63,9 +91,10 @@ def train_long(out_dir: str) -> None:
 def main(out_dir: str, fail: bool) -> None:
     for name, options in CONFIGS.items():
         lightms.seed_everything(0)
-        model = Regressor()
-        trainer = lightms.Trainer(max_epochs=1, default_root_dir=os.path.join(out_dir, name), strategy="ddp",
-                                  enable_progress_bar=False, **options)
+        model = model_for(name)
+        # "auto" data-parallel when msrun started several workers; "ddp" says it.
+        trainer = lightms.Trainer(max_epochs=1, default_root_dir=os.path.join(out_dir, name),
+                                  strategy="auto" if name == "plain" else "ddp", enable_progress_bar=False, **options)
         trainer.fit(model, global_batches())
         params = {p.name: p.asnumpy() for p in model.trainable_params()}
         metrics = {f"metric:{k}": np.float64(v) for k, v in trainer.callback_metrics.items()}

@@ -52,7 +52,7 @@ def single_process(config):
     batches = ddp_worker.global_batches()
     merged = [tuple(np.concatenate(parts) for parts in zip(a, b)) for a, b in zip(batches[::2], batches[1::2])]
     lightms.seed_everything(0)
-    model = ddp_worker.Regressor()
+    model = ddp_worker.model_for(config)
     quiet_trainer(max_epochs=1, **ddp_worker.CONFIGS[config]).fit(model, merged)
     return {p.name: p.asnumpy() for p in model.trainable_params()}
 
@@ -64,7 +64,9 @@ def test_two_workers_equal_one_process_on_the_global_batch(two_workers, config):
     expected = single_process(config)
     for name, value in expected.items():
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=f"ranks differ in {name}")
-        np.testing.assert_allclose(ranks[0][name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+        # Under float16 autocast the half-batches round otherwise than the whole batch: half precision's tolerance.
+        tolerance = 1e-3 if config == "mixed" else 1e-5
+        np.testing.assert_allclose(ranks[0][name], value, rtol=tolerance, atol=tolerance, err_msg=name)
     # Without sync_dist each rank reports its own shard's loss; with it, the mean (or max) over both shards.
     assert ranks[0]["metric:loss"] != ranks[1]["metric:loss"]
     own = [float(r["metric:loss"]) for r in ranks]
