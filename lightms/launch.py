@@ -62,14 +62,18 @@ def main(argv=None) -> int:
     parser.add_argument("--master-addr", default="127.0.0.1")
     parser.add_argument("--master-port", type=int, default=None, help="default: a free port (one machine only)")
     parser.add_argument("--log-dir", default="msrun_logs")
+    parser.add_argument("--cluster-timeout", type=int, default=120,
+                        help="seconds the workers of all machines have to join (machines started further apart fail)")
     parser.add_argument("script")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.num_nodes > 1 and args.master_port is None:
         parser.error("--master-port is needed with --num-nodes > 1 (every machine must use the same one)")
     command = msrun_command(args.script, args.args, args.devices, args.num_nodes, args.node_rank, args.master_addr,
-                            args.master_port, args.log_dir)
-    msrun = subprocess.Popen(command, env=launch_environment())
+                            args.master_port, args.log_dir, args.cluster_timeout)
+    # A session of its own: Ctrl-C at the terminal reaches this launcher only (msrun's own handler would kill
+    # the workers before they write a checkpoint), which hands it on as below.
+    msrun = subprocess.Popen(command, env=launch_environment(), start_new_session=True)
     received = []
 
     def forward(signum, frame):
@@ -94,12 +98,13 @@ def worker_pids(root: int) -> List[int]:
     while pending:
         pid = pending.pop()
         try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as children:
-                    pending += [int(child) for child in children.read().split()]
             with open(f"/proc/{pid}/environ", "rb") as environ:
                 if b"MS_ROLE=MS_WORKER" in environ.read().split(b"\0"):
                     found.append(pid)
+                    continue  # not its children (data-loading processes inherit MS_ROLE)
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as children:
+                    pending += [int(child) for child in children.read().split()]
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return found

@@ -8,6 +8,7 @@ each process its role through environment variables: `MS_ROLE` (`MS_WORKER` or
 `mindspore.communication` after `init()`.
 """
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -58,12 +59,13 @@ def join_cluster() -> ClusterEnvironment:
     """Initialises MindSpore's communication (once per process) and returns this worker's place.
 
     In msrun's scheduler process, `init()` serves the workers and ends the process when they
-    are done: nothing after it runs there.
+    are done: nothing after it runs there. Communication is released when the process exits.
     """
     from mindspore import communication
 
     if not _joined():
         communication.init()
+        atexit.register(leave_cluster)  # after the script's last fit: a worker may fit several times
     return ClusterEnvironment(communication.get_group_size(), communication.get_rank(),
                               communication.get_local_rank())
 
@@ -96,7 +98,7 @@ def resolve_environment(strategy: str, devices, num_nodes: int) -> Optional[Clus
             `devices * num_nodes`, saying how to launch.
     """
     workers = msrun_workers()
-    if strategy == "auto" and workers <= 1:
+    if strategy == "auto" and workers == 0:
         return None
     if workers == 0:
         raise RuntimeError(f"Trainer(strategy={strategy!r}) runs data-parallel on MindSpore's msrun: launch the script "
@@ -108,5 +110,32 @@ def resolve_environment(strategy: str, devices, num_nodes: int) -> Optional[Clus
     return join_cluster()
 
 
-__all__ = ["ClusterEnvironment", "is_msrun_scheduler", "join_cluster", "leave_cluster", "msrun_workers",
-           "resolve_environment"]
+def serve_if_scheduler() -> None:
+    """In msrun's scheduler process: serves the workers now (the process ends when they are done), before
+    the script builds models or reads data it has no use for."""
+    if is_msrun_scheduler():
+        join_cluster()
+
+
+def broadcast_parameters(parameters) -> None:
+    """Makes every worker's `parameters` rank 0's (an AllGather per Parameter: CPU has no other root-based
+    collective that lightms can rely on), so that workers seeded differently start from the same weights."""
+    from mindspore import Tensor, ops
+
+    gather = ops.AllGather()
+    for param in parameters:
+        value = param.value() if hasattr(param, "value") else param
+        first = gather(ops.expand_dims(Tensor(value.asnumpy()), 0))[0]
+        ops.assign(param, first)
+
+
+def agree_on_seed(seed: int) -> int:
+    """Rank 0's `seed`, on every worker (for data pipelines that shuffle)."""
+    import numpy as np
+    from mindspore import Tensor, ops
+
+    return int(ops.AllGather()(Tensor(np.array([seed], np.int64))).asnumpy()[0])
+
+
+__all__ = ["ClusterEnvironment", "agree_on_seed", "broadcast_parameters", "is_msrun_scheduler", "join_cluster",
+           "leave_cluster", "msrun_workers", "resolve_environment", "serve_if_scheduler"]

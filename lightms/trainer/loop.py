@@ -179,7 +179,7 @@ class TrainingLoop:
                 self._step_schedulers("epoch", state.current_epoch, resuming=True)
         self._train_source = train
         if self.world_size > 1:
-            train.shard(self.global_rank, self.world_size)
+            self._start_data_parallel(train)
         self.num_training_batches = train.batch_count(self.limit_train_batches)
         if self.num_training_batches == 0:
             if train.length() == 0:
@@ -213,7 +213,25 @@ class TrainingLoop:
             self._stop_if_interrupted()  # a signal during the epoch's validation or end hooks
         self._call("on_train_end")
         self._call("on_fit_end")
+        self._agree_on_stopping()
         self._stop_if_interrupted()
+
+    def _start_data_parallel(self, train) -> None:
+        """Several workers: the same weights everywhere (rank 0's), the same shuffles (rank 0's dataset seed),
+        each worker its share of the batches; a resumed epoch's logged sums stay on rank 0, which saved them."""
+        import random
+
+        import mindspore.dataset as msds
+
+        from lightms.distributed.environment import agree_on_seed, broadcast_parameters
+
+        broadcast_parameters(self.model.get_parameters())
+        if isinstance(train.data, msds.Dataset):  # every worker must cut the same shuffled order
+            msds.config.set_seed(agree_on_seed(self.seed if self.seed is not None else random.randrange(2 ** 31)))
+        train.shard(self.global_rank, self.world_size)
+        if not self.is_global_zero and self._pending_engine_state is not None:
+            tensors, rest = self._pending_engine_state
+            self._pending_engine_state = (tensors, {key: value for key, value in rest.items() if key != "logs"})
 
     def _check_manual_optimization(self) -> None:
         """Refuses the Trainer options that automatic optimization implements, naming what to use instead.
@@ -547,19 +565,28 @@ class TrainingLoop:
         interrupted, stopping = any_worker([self._interrupt_signal is not None, self.state.should_stop])
         if interrupted and self._interrupt_signal is None:
             self._interrupt_signal = signal.SIGTERM
+        self._stop_agreed = interrupted  # a signal arriving after this waits for the next agreement
         self.state.should_stop = stopping
 
     def _request_stop(self, signum: int) -> None:
         self._interrupt_signal = signum
 
     def _stop_if_interrupted(self) -> None:
-        """After SIGINT/SIGTERM: writes a resumable checkpoint (when checkpointing is on) and ends fit."""
-        if self._interrupt_signal is None:
+        """After SIGINT/SIGTERM: writes a resumable checkpoint (when checkpointing is on) and ends fit.
+
+        With several workers, only a stop they agreed on (`_agree_on_stopping`) ends fit, and all wait
+        for rank 0's checkpoint before leaving (msrun ends every worker once one has exited).
+        """
+        if self._interrupt_signal is None or (self.world_size > 1 and not getattr(self, "_stop_agreed", False)):
             return
         callback = self.checkpoint_callback
         if callback is not None:
             path = callback.new_path(f"interrupted-epoch={self.state.current_epoch}-step={self.state.global_step}")
             self.save_checkpoint(path)
+            if self.world_size > 1:
+                from lightms.distributed.reduction import any_worker
+
+                any_worker([False])  # a barrier: rank 0's checkpoint is written before any worker leaves
             where = f"a checkpoint that resumes exactly is at {path} (fit(..., ckpt_path=that path))"
         else:
             where = "checkpointing is off, so no checkpoint was written"

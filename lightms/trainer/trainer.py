@@ -249,6 +249,11 @@ class Trainer(TrainingLoop):
         self.cluster = resolve_environment(self.strategy, devices, self.num_nodes) or ClusterEnvironment()
         if not self.cluster.is_global_zero:  # loggers and the progress bar run on rank 0 only
             logger, enable_progress_bar = False, False
+            if callbacks is not None:
+                from lightms.callbacks.progress import TQDMProgressBar
+
+                given = callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]
+                callbacks = [cb for cb in given if not isinstance(cb, TQDMProgressBar)]
         self.privacy = check.check_plugins(plugins)
         if self.privacy is not None:
             callbacks = ([] if callbacks is None else [callbacks] if not isinstance(callbacks, (list, tuple))
@@ -408,6 +413,9 @@ class Trainer(TrainingLoop):
     def _resolve_ckpt_path(self, ckpt_path) -> Optional[str]:
         if ckpt_path is None:
             return None
+        if ckpt_path in ("last", "best") and self.world_size > 1:
+            raise ValueError(f'ckpt_path="{ckpt_path}" with {self.world_size} data-parallel workers: only rank 0 knows '
+                             "its checkpoint folder; pass the checkpoint's path (every worker can read it).")
         if ckpt_path in ("last", "best"):
             callback = self.checkpoint_callback
             if callback is None:
