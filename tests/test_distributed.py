@@ -108,6 +108,9 @@ def test_ddp_outside_msrun_says_how_to_launch_and_the_command_is_msruns():
     assert msrun_workers({}) == 0
     with pytest.raises(RuntimeError, match="python -m lightms.launch --devices N"):
         lightms.Trainer(strategy="ddp")
+    with pytest.raises(RuntimeError, match=r"Trainer\(devices=2, num_nodes=1\) runs data-parallel"):
+        lightms.Trainer(devices=2)  # no silent single process
+    assert lightms.Trainer(devices=1).world_size == 1
     command = msrun_command("train.py", ["--lr", "0.1"], devices=2, num_nodes=2, node_rank=1,
                             master_addr="10.0.0.1", master_port=8118)
     assert command[1:3] == ["-m", "mindspore.parallel.cluster.run"]

@@ -98,11 +98,13 @@ def resolve_environment(strategy: str, devices, num_nodes: int) -> Optional[Clus
             `devices * num_nodes`, saying how to launch.
     """
     workers = msrun_workers()
-    if strategy == "auto" and workers == 0:
+    wanted = devices * num_nodes if isinstance(devices, int) else 1
+    if strategy == "auto" and workers == 0 and wanted == 1:
         return None
     if workers == 0:
-        raise RuntimeError(f"Trainer(strategy={strategy!r}) runs data-parallel on MindSpore's msrun: launch the script "
-                           "with `python -m lightms.launch --devices N script.py` (or msrun itself).")
+        asked = f"strategy={strategy!r}" if strategy != "auto" else f"devices={devices}, num_nodes={num_nodes}"
+        raise RuntimeError(f"Trainer({asked}) runs data-parallel on MindSpore's msrun, which starts the workers: "
+                           "launch the script with `python -m lightms.launch --devices N script.py` (or msrun itself).")
     expected = devices * num_nodes if isinstance(devices, int) else None
     if expected is not None and expected != workers:
         raise RuntimeError(f"Trainer(devices={devices}, num_nodes={num_nodes}) expects {expected} workers, but msrun "
