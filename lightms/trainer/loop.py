@@ -7,20 +7,14 @@ checks. What the device computes is the engine's (`lightms.engine`); host reads 
 device values happen only where marked (logging steps, epoch ends, `detect_anomaly`).
 """
 
-import math
-import signal
 import sys
 import warnings
 from typing import Any, Dict, List, Optional
 
-import numpy as np
-
 from lightms._mindspore import GraphDumpGuard
-from lightms._mindspore import mindspore as ms
-from mindspore import Tensor, ops
 from lightms.checkpoint.run_state import restore_run_state
 from lightms.engine.binding import ModuleBinding
-from lightms.engine.engine import Counters, TrainEngine, compile_function
+from lightms.engine.engine import Counters, TrainEngine
 from lightms.engine.eval_step import EvalStep, module_metrics
 from lightms.engine.explain import explain_graph_failure
 from lightms.engine.plan import frozen_parameters, plan_training
@@ -30,7 +24,10 @@ from lightms.precision.precision import warn_half_optimizer
 from lightms.trainer.chunks import Chunk, ChunkPlanner, resolve_sink_length
 from lightms.trainer.data import DataSource, eval_source, fit_sources
 from lightms.trainer.hooks import hook_receivers
-from lightms.trainer.interrupts import Interrupted, stop_requests
+from lightms.trainer.interrupts import Interrupted, stop_if_interrupted, stop_requests
+from lightms.trainer.anomaly import check_nonfinite
+from lightms.trainer.modes import (agree_on_stopping, check_manual_optimization, check_per_example_loss,
+                                   check_privacy, start_data_parallel)
 from lightms.trainer.optimizers import name_optimizer_states, read_optimizer_config, step_schedulers
 from lightms.trainer.seed import seed_everything
 
@@ -65,7 +62,7 @@ class TrainingLoop:
         if train is None:
             raise ValueError("Trainer.fit needs training data: pass train_dataloaders or a datamodule whose "
                              "train_dataloader() returns batches.")
-        self._interrupt_signal, self.interrupted = None, False
+        self._interrupt_signal, self.interrupted, self._stop_agreed = None, False, False
         try:
             with stop_requests(self._request_stop):
                 self._run("fit", model, lambda: self._fit(train, val))
@@ -160,9 +157,9 @@ class TrainingLoop:
         model, state = self.model, self.state
         state.world_size = self.world_size
         if not model.automatic_optimization:
-            self._check_manual_optimization()
+            check_manual_optimization(self)
         if self.privacy is not None:
-            self._check_privacy()
+            check_privacy(self)
         config = read_optimizer_config(model.configure_optimizers(), type(model).__name__,
                                        automatic=model.automatic_optimization)
         name_optimizer_states(config.optimizers, model)
@@ -179,7 +176,7 @@ class TrainingLoop:
                 self._step_schedulers("epoch", state.current_epoch, resuming=True)
         self._train_source = train
         if self.world_size > 1:
-            self._start_data_parallel(train)
+            start_data_parallel(self, train)
         self.num_training_batches = train.batch_count(self.limit_train_batches)
         if self.num_training_batches == 0:
             if train.length() == 0:
@@ -209,74 +206,12 @@ class TrainingLoop:
         while not self._fit_done():
             self._train_epoch()
             state.current_epoch, state.batches_done, state.epoch_done = state.current_epoch + 1, 0, False
-            self._agree_on_stopping()
-            self._stop_if_interrupted()  # a signal during the epoch's validation or end hooks
+            agree_on_stopping(self)
+            stop_if_interrupted(self)  # a signal during the epoch's validation or end hooks
         self._call("on_train_end")
         self._call("on_fit_end")
-        self._agree_on_stopping()
-        self._stop_if_interrupted()
-
-    def _start_data_parallel(self, train) -> None:
-        """Several workers: the same weights everywhere (rank 0's), the same shuffles (rank 0's dataset seed),
-        each worker its share of the batches; a resumed epoch's logged sums stay on rank 0, which saved them."""
-        import random
-
-        import mindspore.dataset as msds
-
-        from lightms.distributed.environment import agree_on_seed, broadcast_parameters
-
-        broadcast_parameters(self.model.get_parameters())
-        if isinstance(train.data, msds.Dataset):  # every worker must cut the same shuffled order
-            msds.config.set_seed(agree_on_seed(self.seed if self.seed is not None else random.randrange(2 ** 31)))
-        train.shard(self.global_rank, self.world_size)
-        if not self.is_global_zero and self._pending_engine_state is not None:
-            tensors, rest = self._pending_engine_state
-            self._pending_engine_state = (tensors, {key: value for key, value in rest.items() if key != "logs"})
-
-    def _check_manual_optimization(self) -> None:
-        """Refuses the Trainer options that automatic optimization implements, naming what to use instead.
-
-        Raises:
-            ValueError: For accumulate > 1, gradient_clip_val, or a precision with loss scaling.
-        """
-        name = type(self.model).__name__
-        if self.accumulate > 1:
-            raise ValueError(f"Trainer(accumulate={self.accumulate}) accumulates gradients for automatic optimization, "
-                             f"but {name} uses manual optimization (automatic_optimization = False): add the "
-                             "gradients of several batches yourself (keep them in Parameters) and call "
-                             "self.optimizer_step every n batches.")
-        if self.gradient_clip_val is not None:
-            raise ValueError(f"Trainer(gradient_clip_val={self.gradient_clip_val}) clips for automatic optimization, "
-                             f"but {name} uses manual optimization: clip in training_step with "
-                             "grads = self.clip_gradients(grads, gradient_clip_val=..., gradient_clip_algorithm=...).")
-        if self.precision.loss_scaling:
-            raise ValueError(f"Trainer(precision={self.precision.name!r}) scales the loss for automatic optimization, "
-                             f"which {name} (manual optimization) does not use; use precision='32' or a precision "
-                             "without loss scaling.")
-
-    def _check_privacy(self) -> None:
-        """Refuses what DP-SGD cannot run with, before anything is trained.
-
-        Raises:
-            ValueError: For manual optimization, gradient_clip_val, loss scaling, or BatchNorm in training mode.
-        """
-        from lightms.privacy.dpsgd import check_splittable
-
-        name = type(self.model).__name__
-        if self.world_size > 1:
-            raise ValueError("Trainer(plugins=[DPSGD(...)]) with several data-parallel workers is not supported yet: "
-                             "train DP-SGD in one process.")
-        if not self.model.automatic_optimization:
-            raise ValueError(f"Trainer(plugins=[DPSGD(...)]) privatises automatic optimization's step, but {name} uses "
-                             "manual optimization; compute per-example gradients with lightms.per_sample_grads "
-                             "instead.")
-        if self.gradient_clip_val is not None:
-            raise ValueError(f"Trainer(gradient_clip_val={self.gradient_clip_val}) with DPSGD: DP-SGD clips each "
-                             "example's gradient to DPSGD(max_grad_norm=...); drop gradient_clip_val.")
-        if self.precision.loss_scaling:
-            raise ValueError(f"Trainer(precision={self.precision.name!r}) scales the loss, which DPSGD does not "
-                             "support; use precision='32'.")
-        check_splittable(self.model)
+        agree_on_stopping(self)
+        stop_if_interrupted(self)
 
     def _train_epoch(self) -> None:
         state, metrics = self.state, self._metrics
@@ -295,7 +230,7 @@ class TrainingLoop:
         if self._val_due_at_epoch_end():
             self._run_validation()
         if not self.detect_anomaly:
-            self._check_nonfinite()
+            check_nonfinite(self)
         state.epoch_done = state.schedulers_pending = True
         self._read_step_values()
         # Read before on_train_epoch_end, so its callbacks (checkpoints, early stopping) can monitor epoch values.
@@ -328,7 +263,7 @@ class TrainingLoop:
             batch, plan = previous.example, previous.plan.with_frozen(frozen_parameters(optimizer))
         else:
             if self.privacy is not None:
-                self._check_per_example_loss(batch)
+                check_per_example_loss(self, batch)
             plan = plan_training(self.model, batch, self.optimizers, accumulate=self.accumulate,
                                  sink_length=self._planner.sink_length, clip_val=self.gradient_clip_val,
                                  clip_algorithm=self.gradient_clip_algorithm, precision=self.precision,
@@ -347,29 +282,6 @@ class TrainingLoop:
             engine.load_state_dict({name: value.asnumpy() for name, value in tensors.items()}, rest)
         self._pending_engine_state = None
         return engine
-
-    def _check_per_example_loss(self, batch) -> None:
-        """DP-SGD, at the first batch: the accountant's sampling rate, and an eager check that training_step's loss
-        splits per example."""
-        from lightms.privacy.dpsgd import check_flat, check_per_example_loss, epoch_examples
-
-        check_flat(batch.data, "train_dataloaders")
-        privacy = self.privacy
-        privacy.plan_sampling(self.accumulate, *epoch_examples(self._train_source, self.num_training_batches,
-                                                               batch.size, privacy.dataset_size))
-        twin = self._binding.silent_twin(self._counters)
-
-        def loss_of(data) -> float:
-            output = twin.training_step(data, batch.index)
-            return float((output["loss"] if isinstance(output, dict) else output).asnumpy())
-
-        buffers = [(p, p.asnumpy().copy()) for p in self.model.get_parameters() if not p.requires_grad]
-        try:
-            with self._binding.evaluating():  # dropout would draw other masks for the batch and for each example
-                check_per_example_loss(loss_of, batch.data, f"{type(self.model).__name__}.training_step")
-        finally:
-            for param, value in buffers:
-                ops.assign(param, Tensor(value))
 
     def _run_chunk(self, chunk: Chunk) -> bool:
         """Trains on a chunk (one host call when sinking) and does what follows its steps.
@@ -401,7 +313,7 @@ class TrainingLoop:
             for step in range(before + 1, state.global_step + 1):
                 self._step_schedulers("step", step)
         if chunk.steps and self.detect_anomaly:
-            self._check_nonfinite()
+            check_nonfinite(self)
         self._call("on_train_batch_end", report.outputs, chunk.hook_batches(), last.index)
         if report.steps:  # (none when loss scaling skipped the chunk's steps)
             self._write_step_logs(before)
@@ -410,8 +322,8 @@ class TrainingLoop:
             self._run_validation()
         if state.window:  # a stop (a signal, should_stop) waits for the window's optimizer step
             return end_epoch
-        self._agree_on_stopping()
-        self._stop_if_interrupted()
+        agree_on_stopping(self)
+        stop_if_interrupted(self)
         return end_epoch or state.should_stop or (self.max_steps != -1 and state.global_step >= self.max_steps)
 
     def _write_step_logs(self, step_before: int) -> None:
@@ -520,80 +432,9 @@ class TrainingLoop:
             step_schedulers(self.lr_scheduler_configs, interval, count, lambda: self.callback_metrics,
                             plateau=not resuming)
 
-    # ---- non-finite values and interrupts -------------------------------------------------------
-    def _check_nonfinite(self) -> None:
-        """Checks that the run's losses and the trainable parameters are finite (one host sync); raises or warns once.
-
-        The device sums the losses of the run (NaN and infinities carry through); the
-        parameters are checked too, because a NaN in the input can reach the weights while
-        the loss stays finite (MindSpore's ReLU maps NaN to 0). Called at epoch ends, or after
-        every optimizer step under detect_anomaly, so the first check that fails names the
-        epoch (or step) where it happened.
-        """
-        counters = self._counters
-        if self._finite_check is None:
-            self._finite_check = compile_function(_all_finite(counters, self.model.trainable_params()), self.compile)
-        finite = bool(self._finite_check().asnumpy())
-        self._extra_host_reads += 1
-        if finite or counters.nonfinite_warned:
-            return
-        loss_finite = math.isfinite(float(counters.loss_sum.asnumpy()))
-        broken = [p.name for p in self.model.trainable_params() if not np.isfinite(p.asnumpy()).all()]
-        state = self.state
-        if self.detect_anomaly:
-            what = ("the training loss was NaN or infinite" if not loss_finite else
-                    f"parameters {broken} became NaN or infinite while the training loss stayed finite (a NaN or "
-                    "infinity in the input data can do this: MindSpore's ReLU maps NaN to 0)")
-            logged = self._metrics.read_train_step(state.global_step)
-            raise FloatingPointError(
-                f"Trainer(detect_anomaly=True): {what} at optimizer step {state.global_step} (epoch "
-                f"{state.current_epoch}, batch {state.batch_idx}). Values logged at that step: {logged or 'none'}.")
-        object.__setattr__(counters, "nonfinite_warned", True)
-        what = (f"The training loss was NaN or infinite in epoch {state.current_epoch}" if not loss_finite else
-                f"Parameters {broken} became NaN or infinite in epoch {state.current_epoch} while the training loss "
-                "stayed finite (a NaN or infinity in the input data can do this: MindSpore's ReLU maps NaN to 0)")
-        warnings.warn(f"{what} (lightms warns once per fit); training goes on. Trainer(detect_anomaly=True) stops "
-                      "at the first such step.", stacklevel=2)
-
-    def _agree_on_stopping(self) -> None:
-        """Data parallelism: a stop one worker wants (a signal, `should_stop`) becomes every worker's, at the same
-        step, so that none waits forever in a collective for one that left (one small AllReduce)."""
-        if self.world_size == 1:
-            return
-        from lightms.distributed.reduction import any_worker
-
-        interrupted, stopping = any_worker([self._interrupt_signal is not None, self.state.should_stop])
-        if interrupted and self._interrupt_signal is None:
-            self._interrupt_signal = signal.SIGTERM
-        self._stop_agreed = interrupted  # a signal arriving after this waits for the next agreement
-        self.state.should_stop = stopping
-
+    # ---- interrupts -----------------------------------------------------------------------------
     def _request_stop(self, signum: int) -> None:
         self._interrupt_signal = signum
-
-    def _stop_if_interrupted(self) -> None:
-        """After SIGINT/SIGTERM: writes a resumable checkpoint (when checkpointing is on) and ends fit.
-
-        With several workers, only a stop they agreed on (`_agree_on_stopping`) ends fit, and all wait
-        for rank 0's checkpoint before leaving (msrun ends every worker once one has exited).
-        """
-        if self._interrupt_signal is None or (self.world_size > 1 and not getattr(self, "_stop_agreed", False)):
-            return
-        callback = self.checkpoint_callback
-        if callback is not None:
-            path = callback.new_path(f"interrupted-epoch={self.state.current_epoch}-step={self.state.global_step}")
-            self.save_checkpoint(path)
-            if self.world_size > 1:
-                from lightms.distributed.reduction import any_worker
-
-                any_worker([False])  # a barrier: rank 0's checkpoint is written before any worker leaves
-            where = f"a checkpoint that resumes exactly is at {path} (fit(..., ckpt_path=that path))"
-        else:
-            where = "checkpointing is off, so no checkpoint was written"
-        # SIGINT and SIGTERM are indistinguishable once MindSpore runs (see stop_requests).
-        print(f"lightms: SIGINT/SIGTERM received; stopped after optimizer step {self.state.global_step}; {where}.",
-              file=sys.stderr)
-        raise Interrupted(self._interrupt_signal)
 
     # ---- evaluation -------------------------------------------------------------------------
     def _run_validation(self) -> None:
@@ -650,13 +491,3 @@ class TrainingLoop:
             names.update(opt.reported_names().values())
             names.add(opt.name)
         return names
-
-
-def _all_finite(counters, weights):
-    """A step-like function: whether the run's loss sum and `weights` are all finite (graph-parseable)."""
-    weights = tuple(weights)
-
-    def check():
-        return ops.logical_and(ops.isfinite(counters.loss_sum), ms.amp.all_finite(weights))
-
-    return check

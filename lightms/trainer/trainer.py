@@ -283,6 +283,7 @@ class Trainer(TrainingLoop):
         self._hook_receivers = {}
         self._extra_host_reads = 0
         self._interrupt_signal: Optional[int] = None
+        self._stop_agreed = False  # data parallelism: the workers agreed to stop (modes.agree_on_stopping)
         self._validation_runs = 0  # validations (not sanity checks) in the current or last fit
         self._finite_check = None
 
