@@ -35,10 +35,6 @@ class ClusterEnvironment:
         """Whether this worker writes logs and checkpoints (rank 0)."""
         return self.global_rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def msrun_workers(environ: Mapping[str, str] = os.environ) -> int:
     """How many workers msrun started this run with (0: not started by msrun)."""
