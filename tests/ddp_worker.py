@@ -1,9 +1,11 @@
 """A training script the data-parallel tests launch on 2 workers (`python -m lightms.launch`).
 
 Usage: ddp_worker.py OUT_DIR [raise | long]. For each configuration it trains a fresh, seeded model
-on the global batches (each worker reads every other one) and saves its parameters and logged
-values to OUT_DIR/<config>-rank<r>.npz. With "raise", rank 1 raises after its first fit. With
-"long", one fit of many epochs that writes OUT_DIR/training once it trains (to be signalled).
+on the global batches (each worker reads every other one; "dataset" reads its shard of a
+mindspore.dataset pipeline; "resumed" resumes OUT_DIR/one-process.ckpt, which one process wrote)
+and saves its parameters, logged values and step values to OUT_DIR/<config>-rank<r>.npz. With
+"raise", rank 1 raises after its first fit. With "long", one fit of many epochs that writes
+OUT_DIR/training-rank<r> (holding the worker's pid) once it trains, to be signalled or killed.
 """
 
 import os
@@ -16,7 +18,8 @@ import lightms.callbacks
 from mindspore import nn
 
 CONFIGS = {"plain": {}, "acc2": {"accumulate": 2}, "sink2": {"sink_size": 2}, "clip": {"gradient_clip_val": 0.05},
-           "mixed": {"precision": "16-mixed"}, "manual": {}, "unseeded": {}}
+           "mixed": {"precision": "16-mixed"}, "manual": {}, "unseeded": {}, "dataset": {}, "resumed": {}}
+RESUMED_FROM = "one-process.ckpt"
 
 
 class Regressor(lightms.LightningCell):
@@ -31,6 +34,7 @@ class Regressor(lightms.LightningCell):
         self.log("loss_mean", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log("loss_max", loss, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         self.log("loss_own_max", loss, on_step=False, on_epoch=True, reduce_fx="max")
+        log_steps(self, loss)
         return loss
 
     def configure_optimizers(self):
@@ -57,33 +61,65 @@ class ManualRegressor(Regressor):
         self.log("loss_mean", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log("loss_max", loss, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         self.log("loss_own_max", loss, on_step=False, on_epoch=True, reduce_fx="max")
+        log_steps(self, loss)
         return loss
+
+
+def log_steps(module, loss):
+    """Step values: this worker's own, and reduced over the workers inside the compiled step."""
+    module.log("step_own", loss)
+    module.log("step_mean", loss, sync_dist=True)
+    module.log("step_min", loss, sync_dist=True, reduce_fx="min")
+    module.log("step_own_min", loss, reduce_fx="min")  # of an accumulation window's micro-batches
+
+
+class StepValues(lightms.callbacks.Callback):
+    """Reads the step values after every optimizer step."""
+
+    def __init__(self):
+        self.values = {"step_own": [], "step_mean": [], "step_min": [], "step_own_min": []}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        for name, values in self.values.items():
+            values.append(trainer.callback_metrics.get(name, np.nan))  # none before the first step
 
 
 def model_for(config: str):
     return ManualRegressor() if config == "manual" else Regressor()
 
 
-def global_batches(count: int = 8, size: int = 4):
+def samples(count: int = 32):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((count * size, 6)).astype(np.float32)
-    y = (x @ rng.standard_normal((6, 1)) + 0.1).astype(np.float32)
+    x = rng.standard_normal((count, 6)).astype(np.float32)
+    return x, (x @ rng.standard_normal((6, 1)) + 0.1).astype(np.float32)
+
+
+def global_batches(count: int = 8, size: int = 4):
+    x, y = samples(count * size)
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
 
+def pipeline(batch_size: int):
+    """36 shuffled rows: 18 per worker, so 5 batches of 4, 4, 4, 4, 2 (split by batch, each would get 4 of 9)."""
+    import mindspore.dataset as msds
+
+    return msds.NumpySlicesDataset(samples(36), column_names=["x", "y"], shuffle=True).batch(batch_size)
+
+
 class Announce(lightms.callbacks.Callback):
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
 
     def on_train_epoch_end(self, trainer, module):
         if trainer.current_epoch == 1:
-            open(self.path, "w").close()
+            with open(os.path.join(self.out_dir, f"training-rank{trainer.global_rank}"), "w") as f:
+                f.write(str(os.getpid()))
 
 
 def train_long(out_dir: str) -> None:
     lightms.seed_everything(0)
     trainer = lightms.Trainer(max_epochs=100000, default_root_dir=out_dir, enable_progress_bar=False,
-                              callbacks=[Announce(os.path.join(out_dir, "training")),
+                              callbacks=[Announce(out_dir),
                                          lightms.callbacks.ModelCheckpoint(save_last=True)])
     trainer.fit(Regressor(), global_batches())
 
@@ -94,16 +130,19 @@ def main(out_dir: str, fail: bool) -> None:
         # progress bar (rank 1 drops it).
         lightms.seed_everything(int(os.environ.get("RANK_ID", "0")) if name == "unseeded" else 0)
         model = model_for(name)
-        bar = {"callbacks": [lightms.callbacks.TQDMProgressBar(refresh_rate=100)]} if name == "unseeded" else \
-            {"enable_progress_bar": False}
+        steps = StepValues()
+        callbacks = [steps] + ([lightms.callbacks.TQDMProgressBar(refresh_rate=100)] if name == "unseeded" else [])
         # "auto" data-parallel when msrun started several workers; "ddp" says it.
         trainer = lightms.Trainer(max_epochs=1, default_root_dir=os.path.join(out_dir, name),
-                                  strategy="auto" if name == "plain" else "ddp", **bar, **options)
-        trainer.fit(model, global_batches())
+                                  strategy="auto" if name == "plain" else "ddp", callbacks=callbacks,
+                                  enable_progress_bar=name == "unseeded", **options)
+        data = pipeline(4) if name == "dataset" else global_batches()
+        trainer.fit(model, data, ckpt_path=os.path.join(out_dir, RESUMED_FROM) if name == "resumed" else None)
         params = {p.name: p.asnumpy() for p in model.trainable_params()}
         metrics = {f"metric:{k}": np.float64(v) for k, v in trainer.callback_metrics.items()}
         np.savez(os.path.join(out_dir, f"{name}-rank{trainer.global_rank}.npz"), world_size=trainer.world_size,
-                 **params, **metrics)
+                 global_step=trainer.global_step, num_training_batches=trainer.num_training_batches,
+                 **{f"steps:{k}": np.array(v) for k, v in steps.values.items()}, **params, **metrics)
         if fail and trainer.global_rank == 1:
             raise RuntimeError("rank 1 fails on purpose")
 

@@ -39,20 +39,39 @@ def launch(out_dir, *script_args):
     return code, time.monotonic() - start, logs
 
 
+def write_one_process_checkpoint(out):
+    """One process trains 4 of the 8 batches and checkpoints there (mid-epoch), for "resumed" to go on from."""
+    import lightms.callbacks
+
+    lightms.seed_everything(0)
+    saver = lightms.callbacks.ModelCheckpoint(dirpath=str(out / "one"), every_n_train_steps=4, save_top_k=-1)
+    quiet_trainer(max_epochs=1, callbacks=[saver], enable_checkpointing=True).fit(ddp_worker.Regressor(),
+                                                                                  ddp_worker.global_batches())
+    os.replace(out / "one" / "epoch=0-step=4.ckpt", out / ddp_worker.RESUMED_FROM)
+
+
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
+    write_one_process_checkpoint(out)
     code, seconds, logs = launch(out)
     assert code == 0, f"msrun ended with {code} after {seconds:.0f} s; worker logs:\n{logs}"
     return out
 
 
-def single_process(config):
+def single_process(config, out):
     """One process on the global batch: each step's batch is the two workers' batches together."""
     batches = ddp_worker.global_batches()
     merged = [tuple(np.concatenate(parts) for parts in zip(a, b)) for a, b in zip(batches[::2], batches[1::2])]
     lightms.seed_everything(0)
     model = ddp_worker.model_for(config)
+    if config == "dataset":  # the same shuffled rows, 8 to a batch (MindSpore deals them out to the workers in turn)
+        merged = ddp_worker.pipeline(8)
+    if config == "resumed":  # from the one-process checkpoint's weights: the workers' remaining batches, merged
+        import mindspore as ms
+
+        ms.load_param_into_net(model, ms.load_checkpoint(str(out / ddp_worker.RESUMED_FROM)))
+        merged = merged[2:]
     quiet_trainer(max_epochs=1, **ddp_worker.CONFIGS[config]).fit(model, merged)
     return {p.name: p.asnumpy() for p in model.trainable_params()}
 
@@ -61,7 +80,12 @@ def single_process(config):
 def test_two_workers_equal_one_process_on_the_global_batch(two_workers, config):
     ranks = [np.load(two_workers / f"{config}-rank{rank}.npz") for rank in (0, 1)]
     assert [int(r["world_size"]) for r in ranks] == [2, 2]
-    expected = single_process(config)
+    # Each worker's share: 4 of the 8 batches; the pipeline's 36 rows sharded where they are read, 18 to a worker
+    # in batches of 4, 4, 4, 4, 2 (split by batch, a worker would get 4 of the 9 batches); resumed after 4 of 8.
+    batches = {"dataset": 5, "resumed": 4}.get(config, 4)
+    assert [int(r["num_training_batches"]) for r in ranks] == [batches, batches]
+    assert [int(r["global_step"]) for r in ranks] == [6, 6] if config == "resumed" else [batches, batches]
+    expected = single_process(config, two_workers)
     for name, value in expected.items():
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=f"ranks differ in {name}")
         # Under float16 autocast the half-batches round otherwise than the whole batch: half precision's tolerance.
@@ -70,9 +94,17 @@ def test_two_workers_equal_one_process_on_the_global_batch(two_workers, config):
     # Without sync_dist each rank reports its own shard's loss; with it, the mean (or max) over both shards.
     assert ranks[0]["metric:loss"] != ranks[1]["metric:loss"]
     own = [float(r["metric:loss"]) for r in ranks]
+    # Resumed: rank 0 holds the epoch's first 16 rows (the checkpoint's sums) and its own 8, rank 1 its 8.
+    weights = [24, 8] if config == "resumed" else [1, 1]
     for r in ranks:
-        assert float(r["metric:loss_mean"]) == pytest.approx(np.mean(own), rel=1e-6)
+        assert float(r["metric:loss_mean"]) == pytest.approx(np.average(own, weights=weights), rel=1e-6)
         assert float(r["metric:loss_max"]) == max(float(q["metric:loss_own_max"]) for q in ranks)
+    # Step values: with sync_dist the mean (and min) over the workers, reduced inside the compiled step.
+    own = np.stack([r["steps:step_own"] for r in ranks])
+    assert own.shape[1] >= 2 and not np.array_equal(own[0], own[1])
+    for r in ranks:
+        np.testing.assert_allclose(r["steps:step_mean"], own.mean(axis=0), rtol=1e-6)
+        np.testing.assert_array_equal(r["steps:step_min"], np.min([q["steps:step_own_min"] for q in ranks], axis=0))
 
 
 def test_only_rank_zero_writes_logs_and_checkpoints(two_workers):
@@ -129,9 +161,9 @@ def test_sigterm_to_the_launcher_stops_every_worker_with_one_resumable_checkpoin
                                 env={**os.environ, "MS_NODE_TIMEOUT": "5"})
     try:
         deadline = time.monotonic() + 90
-        while not (tmp_path / "training").exists() and time.monotonic() < deadline and launcher.poll() is None:
+        while not (tmp_path / "training-rank0").exists() and time.monotonic() < deadline and launcher.poll() is None:
             time.sleep(0.2)
-        assert (tmp_path / "training").exists(), "the workers did not start training"
+        assert (tmp_path / "training-rank0").exists(), "the workers did not start training"
         launcher.send_signal(signal.SIGTERM)
         code = launcher.wait(timeout=90)
     finally:
@@ -171,3 +203,74 @@ def test_a_checkpoints_position_maps_onto_another_number_of_workers():
     state = LoopState()
     state.load_state_dict({"epoch": 1, "global_step": 5, "batches_done": 2}, 0, 1)  # older checkpoints: 1 worker
     assert state.batches_done == 2
+
+
+# ---- each worker's share of a mindspore.dataset pipeline (in one process: no launch needed) ----------------------
+def _rows(dataset, epochs=1):
+    iterator = dataset.create_tuple_iterator(num_epochs=epochs, output_numpy=True)
+    return [[batch[0].ravel().tolist() for batch in iterator] for _ in range(epochs)]
+
+
+def _pipeline(count=11, batch=3, shuffle=True):
+    import mindspore.dataset as msds
+
+    x = np.arange(count, dtype=np.float32)
+    return msds.NumpySlicesDataset({"x": x}, shuffle=shuffle).map(lambda v: v + 0, input_columns="x").batch(batch)
+
+
+def test_a_pipeline_is_sharded_where_it_reads_with_equal_shares_and_the_users_pipeline_unchanged():
+    import mindspore.dataset as msds
+
+    from lightms.distributed.sharding import shard_pipeline
+
+    msds.config.set_seed(3)
+    whole = _rows(_pipeline(batch=6), epochs=2)  # one process on the global batch (2 x 3)
+    shares = []
+    for rank in (0, 1):
+        msds.config.set_seed(3)
+        original = _pipeline()
+        sharded, why = shard_pipeline(original, rank, 2)
+        assert why == "" and sharded is not original
+        assert sharded.get_dataset_size() == 2 and original.get_dataset_size() == 4
+        shares.append(_rows(sharded, epochs=2))
+        assert sorted(sum(_rows(original)[0], [])) == list(range(11))  # the user's pipeline still reads everything
+    for epoch in range(2):
+        rows = [sum(shares[rank][epoch], []) for rank in (0, 1)]
+        assert len(rows[0]) == len(rows[1]) == 6  # 11 rows: the last round is padded with the epoch's first row
+        assert sorted(rows[0] + rows[1]) == sorted(list(range(11)) + [whole[epoch][0][0]])
+        # The workers' first batches together are the single process's first global batch.
+        assert sorted(shares[0][epoch][0] + shares[1][epoch][0]) == sorted(whole[epoch][0])
+
+
+def test_pipelines_that_cannot_be_sharded_where_they_read_are_split_by_batch_with_a_warning():
+    import mindspore.dataset as msds
+
+    from lightms.trainer.data import DataSource
+
+    class Stream:  # iterable only: MindSpore would ignore a sampler
+        def __iter__(self):
+            return iter([(np.full(1, i, np.float32),) for i in range(8)])
+
+    for dataset, reason in ((msds.GeneratorDataset(Stream(), ["x"], shuffle=False).batch(2), "no __getitem__"),
+                            (_pipeline(count=8, batch=2, shuffle=False).take(4), "TakeDataset")):
+        source = DataSource(dataset, "train_dataloaders")
+        with pytest.warns(UserWarning, match=reason):
+            source.shard(1, 2)
+        assert [b.data[0].asnumpy().ravel().tolist() for b in source.batches()] == [[2, 3], [6, 7]]
+
+
+def test_a_pipeline_built_sharded_is_this_workers_share_and_other_shards_are_refused():
+    import mindspore.dataset as msds
+
+    from lightms.trainer.data import DataSource
+
+    x = np.arange(8, dtype=np.float32)
+    built = msds.NumpySlicesDataset({"x": x}, shuffle=False, num_shards=2, shard_id=1).batch(2)
+    source = DataSource(built, "train_dataloaders")
+    source.shard(1, 2)
+    assert [b.data[0].asnumpy().tolist() for b in source.batches()] == [[1, 3], [5, 7]]  # not split again
+    with pytest.raises(ValueError, match="built with num_shards=2, shard_id=1, but this is worker 0 of 2"):
+        DataSource(built, "train_dataloaders").shard(0, 2)
+    limited = DataSource(list(range(5)), "train_dataloaders")
+    limited.limit_to(3)
+    assert len(limited) == 3

@@ -135,5 +135,13 @@ def agree_on_seed(seed: int) -> int:
     return int(ops.AllGather()(Tensor(np.array([seed], np.int64))).asnumpy()[0])
 
 
-__all__ = ["ClusterEnvironment", "agree_on_seed", "broadcast_parameters", "is_msrun_scheduler", "join_cluster",
+def agree_on_minimum(value: int) -> int:
+    """The smallest of every worker's `value` (every worker must call it)."""
+    import numpy as np
+    from mindspore import Tensor, ops
+
+    return int(ops.AllGather()(Tensor(np.array([value], np.int64))).asnumpy().min())
+
+
+__all__ = ["ClusterEnvironment", "agree_on_minimum", "agree_on_seed", "broadcast_parameters", "is_msrun_scheduler", "join_cluster",
            "leave_cluster", "msrun_workers", "resolve_environment", "serve_if_scheduler"]

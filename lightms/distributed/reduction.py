@@ -24,6 +24,12 @@ def gradient_mean(world_size: int):
     return mean
 
 
+def level_reducers():
+    """(AllReduce sum, AllGather) over the world group, for logged values reduced inside a graph (made outside it,
+    as MindSpore requires)."""
+    return ops.AllReduce(), ops.AllGather()
+
+
 def reduce_logged(values, weights, reduce_fxs):
     """Reduces logged epoch levels over the workers: sums (and the mean's weighted sums) add up, max and min
     take theirs; names with no reduction (None) keep this worker's values. Every worker must call it.
@@ -59,4 +65,4 @@ def any_worker(flags):
     return [bool(count > 0) for count in counts]
 
 
-__all__ = ["any_worker", "gradient_mean", "reduce_logged"]
+__all__ = ["any_worker", "gradient_mean", "level_reducers", "reduce_logged"]

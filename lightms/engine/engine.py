@@ -202,7 +202,8 @@ class TrainEngine:
         sink_length = plan.sink_length if plan.sink_length > 1 else 0
         self.logs = DeviceLogBuffers(list(plan.logs), single_batch_windows=plan.accumulate == 1,
                                      window_is_step=plan.accumulate == 1 and not sink_length,
-                                     history_length=sink_length if plan.step_history else 0)
+                                     history_length=sink_length if plan.step_history else 0,
+                                     world_size=plan.world_size)
         self.accumulators = None
         if plan.accumulate > 1:
             self.accumulators = ParameterTuple(

@@ -34,7 +34,7 @@ class LogOptions:
         reduce_fx: One of "mean", "sum", "max", "min".
         batch_size: Weight of each value in the mean; None means the size of the
             batch the step received.
-        sync_dist: Reduce the epoch value over the data-parallel workers (with `reduce_fx`).
+        sync_dist: Reduce the step and epoch values over the data-parallel workers (with `reduce_fx`).
     """
 
     name: str
@@ -185,10 +185,12 @@ class DeviceLogBuffers(nn.Cell):
             level, emptied as the next step starts (`open_window`).
         history_length: Under sinking with a logger, keep the step values of up to this many
             optimizer steps of one chunk (`record_step`); 0 for none.
+        world_size: Data-parallel workers: with more than one, the step values of names logged with
+            `sync_dist=True` are reduced over them inside the graph, as each window closes.
     """
 
     def __init__(self, options: List[LogOptions], single_batch_windows: bool = False, window_is_step: bool = False,
-                 history_length: int = 0):
+                 history_length: int = 0, world_size: int = 1):
         super().__init__(auto_prefix=False)
         self.options = list(options)
         self.index = {opt.name: i for i, opt in enumerate(self.options)}
@@ -221,6 +223,8 @@ class DeviceLogBuffers(nn.Cell):
         # The epoch level is kept only if some name reports it (training_step's default is on_step only).
         self.keeps_epoch = any(opt.on_epoch for opt in self.options)
         self.history = None  # step values of the optimizer steps of one sunk chunk
+        self.sync = _StepSync(self.options, count) if world_size > 1 and any(o.sync_dist for o in self.options) \
+            else None
         if history_length:
             self.history = Parameter(Tensor(np.zeros((history_length,) + self._initial_level.shape, np.float32)),
                                      name="lightms_log.history", requires_grad=False)
@@ -298,12 +302,15 @@ class DeviceLogBuffers(nn.Cell):
                 the step level.
         """
         window = self.window
+        # The step value: this worker's window, with the names logged with sync_dist reduced over the workers.
+        # The epoch level adds this worker's own window (`read_epoch` reduces it), as Lightning does.
+        step = self.sync(window) if self.sync is not None else window
         if history_slot is not None:
-            done = ops.scatter_update(self.history, history_slot.reshape((1,)), window.reshape((1,) + window.shape))
+            done = ops.scatter_update(self.history, history_slot.reshape((1,)), step.reshape((1,) + step.shape))
         elif self.window_is_step:
             done = self.one  # the window stays as the step level (until `open_window`, if it is emptied)
         else:
-            done = ops.assign(self.step, window)
+            done = ops.assign(self.step, step)
         if self.keeps_epoch and self.has_extremes:
             epoch = self.epoch
             added = ops.where(self.max_cells, ops.maximum(epoch, window),
@@ -312,6 +319,8 @@ class DeviceLogBuffers(nn.Cell):
         elif self.keeps_epoch:
             done = ops.depend(done, ops.assign_add(self.epoch, window))
         if self.window_is_step:
+            if self.sync is not None:  # after the epoch level took this worker's own values
+                done = ops.depend(done, ops.assign(window, step))
             return done
         return ops.depend(done, ops.assign(window, self.opened))
 
@@ -410,6 +419,37 @@ class DeviceLogBuffers(nn.Cell):
             ops.assign(level, self.opened)
 
 
+class _StepSync(nn.Cell):
+    """Reduces the sync_dist columns of a (value, weight) level over the workers (graph-parseable).
+
+    One AllReduce (a sum) for every column: weighted sums and their weights add up to the global
+    weighted mean; an AllGather more when a synced name reduces by max or min (CPU's AllReduce
+    has only a sum). Other columns keep this worker's values.
+    """
+
+    def __init__(self, options: List[LogOptions], count: int):
+        super().__init__(auto_prefix=False)
+        from lightms.distributed.reduction import level_reducers
+
+        pad = [False] * (count - len(options))
+        synced = np.array([o.sync_dist for o in options] + pad)
+        value_row, both_rows = np.array([[True], [False]]), np.array([[True], [True]])
+        summed = [o.sync_dist and o.reduce_fx in ("mean", "sum") for o in options] + pad
+        # Sums and means: both rows add up. Max and min: the weight row adds up (it only says "logged").
+        self.sum_cells = Tensor((both_rows & np.array(summed)) | (~value_row & synced))
+        self.max_cells = Tensor(value_row & np.array([o.sync_dist and o.reduce_fx == "max" for o in options] + pad))
+        self.min_cells = Tensor(value_row & np.array([o.sync_dist and o.reduce_fx == "min" for o in options] + pad))
+        self.has_extremes = any(o.sync_dist and o.reduce_fx in ("max", "min") for o in options)
+        self.all_reduce, self.all_gather = level_reducers()
+
+    def construct(self, level):
+        out = ops.where(self.sum_cells, self.all_reduce(level), level)
+        if self.has_extremes:
+            gathered = self.all_gather(ops.expand_dims(level, 0))
+            out = ops.where(self.max_cells, gathered.max(axis=0), ops.where(self.min_cells, gathered.min(axis=0), out))
+        return out
+
+
 def is_metric(value) -> bool:
     """Whether `value` is a `mindspore.train.Metric` (clear / update / eval)."""
     from mindspore.train import Metric
@@ -424,11 +464,19 @@ class HostLogs:
     `mindspore.train.Metric`s. Values are read to Python floats at once and reduced
     like the device buffers; a logged Metric is evaluated (then cleared) at epoch end.
 
+    With several data-parallel workers, a value logged with `sync_dist=True` is reduced over them
+    as it is logged (every worker must log it at the same point): its step value and what it adds
+    to the epoch are the workers' together.
+
+    Args:
+        world_size: Data-parallel workers.
+
     Attributes:
         current_batch_size: Weight of the values logged by the step running now.
     """
 
-    def __init__(self):
+    def __init__(self, world_size: int = 1):
+        self.world_size = world_size
         self.options: Dict[str, LogOptions] = {}
         self._step: Dict[str, float] = {}
         self._epoch: Dict[str, List[float]] = {}  # name -> [reduced value, weight]
@@ -448,8 +496,15 @@ class HostLogs:
         LogRecorder(hook).record(options, value)  # same checks as inside steps
         number = float(value.asnumpy()) if hasattr(value, "asnumpy") else float(value)
         self.options[name] = options
-        self._step[name] = number
         weight = float(batch_size or self.current_batch_size) if reduce_fx == "mean" else 1.0
+        if options.sync_dist and self.world_size > 1:
+            from lightms.distributed.reduction import reduce_logged
+
+            values, weights = reduce_logged([number * weight if reduce_fx == "mean" else number], [weight],
+                                            [reduce_fx])
+            weight = float(weights[0])
+            number = float(values[0]) / weight if reduce_fx == "mean" else float(values[0])
+        self._step[name] = number
         acc = self._epoch.setdefault(name, [_INITIAL[reduce_fx], 0.0])
         if reduce_fx == "mean":
             acc[0] += number * weight

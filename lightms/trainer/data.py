@@ -234,22 +234,53 @@ class DataSource:
         self._epoch_unfinished = False
         self._resume_epochs = 0
         self._resume_batches = 0
-        self._shard = (0, 1)  # (this worker's rank, workers): data parallelism reads every world-th batch
+        self._shard = (0, 1)  # (offset, stride): data parallelism split by batch reads every stride-th batch
+        self._cap = None  # at most this many batches per pass: what every data-parallel worker has
 
     def shard(self, rank: int, world_size: int) -> None:
-        """Makes each pass yield this worker's share: batches rank, rank + world_size, ... .
+        """Makes each pass yield this worker's share of the data.
 
-        Every worker gets `length // world_size` batches (the last few of an epoch that do not
-        fill a round for every worker are dropped), so all take the same number of steps and
-        none waits for the others in a collective at the end of an epoch.
+        A `mindspore.dataset` pipeline is read through MindSpore's `DistributedSampler`
+        (`distributed.sharding`): each worker reads only its rows, padded so that all get the
+        same number. One built with `num_shards`/`shard_id` is already this worker's share.
+        Other data is split by batch: batches rank, rank + world_size, ..., `length // world_size`
+        per worker (the last few that do not fill a round are dropped), and so is a pipeline
+        MindSpore cannot shard exactly, with a warning saying why.
 
         Raises:
-            ValueError: For data without a length (the workers could not agree on an epoch's end).
+            ValueError: For data without a length (the workers could not agree on an epoch's end), or a
+                pipeline built with other shards than this run's workers.
         """
-        if world_size > 1 and self._base_length() is None:
+        self._shard = (rank, world_size)
+        if world_size == 1:
+            return
+        if isinstance(self.data, msds.Dataset):
+            from lightms.distributed.sharding import shard_pipeline, user_shards
+
+            built = user_shards(self.data)
+            if built is not None:
+                if built != (world_size, rank):
+                    raise ValueError(f"{self.argument} was built with num_shards={built[0]}, shard_id={built[1]}, "
+                                     f"but this is worker {rank} of {world_size}: build it with "
+                                     f"num_shards=trainer.world_size, shard_id=trainer.global_rank, or unsharded "
+                                     "(lightms then shards it).")
+                self._shard = (0, 1)
+                return
+            sharded, reason = shard_pipeline(self.data, rank, world_size)
+            if sharded is not None:
+                self.data, self._shard = sharded, (0, 1)
+                return
+            warnings.warn(f"{self.argument}: MindSpore cannot shard this pipeline where it reads ({reason}), so "
+                          f"every worker reads all of it and keeps every {world_size}th batch. Build the source "
+                          "with num_shards=trainer.world_size, shard_id=trainer.global_rank to split the reading.",
+                          stacklevel=3)
+        elif self._base_length() is None:
             raise ValueError(f"{self.argument} has no length, so {world_size} data-parallel workers cannot split its "
                              "batches evenly; pass data with a len() (a list, a Dataset, a class with __len__).")
-        self._shard = (rank, world_size)
+
+    def limit_to(self, batches: int) -> None:
+        """Makes each pass yield at most `batches` batches (the count every worker can take; the rest are dropped)."""
+        self._cap = batches
 
     def resume_at(self, epochs_done: int, batches_done: int) -> None:
         """Makes the next pass continue where a checkpointed run stopped.
@@ -277,7 +308,10 @@ class DataSource:
     def length(self) -> Optional[int]:
         """Returns the number of batches in one pass (this worker's share), or None if the data cannot tell."""
         length = self._base_length()
-        return length if length is None else length // self._shard[1]
+        if length is None:
+            return None
+        length //= self._shard[1]
+        return length if self._cap is None else min(length, self._cap)
 
     def _base_length(self) -> Optional[int]:
         if isinstance(self.data, msds.Dataset):
@@ -292,10 +326,10 @@ class DataSource:
         return _count(limit, self.length(), self.argument)
 
     def _raw(self) -> Iterator:
-        rank, world_size = self._shard
-        if world_size == 1:
+        offset, stride = self._shard
+        if stride == 1 and self._cap is None:
             return self._whole()
-        return itertools.islice(self._whole(), rank, self.length() * world_size, world_size)
+        return itertools.islice(self._whole(), offset, self.length() * stride, stride)
 
     def _whole(self) -> Iterator:
         if not isinstance(self.data, msds.Dataset):

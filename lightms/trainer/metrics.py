@@ -31,7 +31,7 @@ class MetricStore:
         self.logged_metrics: Dict[str, float] = {}
         self.progress_bar_metrics: Dict[str, float] = {}
         self.device: Dict[str, DeviceLogBuffers] = {}
-        self.host: Dict[str, HostLogs] = {stage: HostLogs() for stage in STAGES}
+        self.host: Dict[str, HostLogs] = {stage: HostLogs(world_size) for stage in STAGES}
         self._step_read: Optional[int] = None
         self._step_for_logger: Dict[str, float] = {}
         # The stage whose epoch-end hooks are running (its device values were read): values its hooks log

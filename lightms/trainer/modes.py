@@ -12,20 +12,32 @@ from mindspore import Tensor, ops
 
 def start_data_parallel(trainer, train) -> None:
     """Several workers: the same weights everywhere (rank 0's), the same shuffles (rank 0's dataset seed),
-    each worker its share of the batches; a resumed epoch's logged sums stay on rank 0, which saved them."""
+    each worker its share of the data and the same number of batches (the fewest any worker has); a resumed
+    epoch's logged sums stay on rank 0, which saved them."""
     import random
 
     import mindspore.dataset as msds
 
-    from lightms.distributed.environment import agree_on_seed, broadcast_parameters
+    from lightms.distributed.environment import agree_on_seed, agree_on_minimum, broadcast_parameters
 
     broadcast_parameters(trainer.model.get_parameters())
     if isinstance(train.data, msds.Dataset):  # every worker must cut the same shuffled order
-        msds.config.set_seed(agree_on_seed(trainer.seed if trainer.seed is not None else random.randrange(2 ** 31)))
+        seed = trainer.seed if trainer.seed is not None else msds.config.get_seed()
+        if seed == _UNSET_DATASET_SEED:  # MindSpore's default: each process would shuffle its own way
+            seed = random.randrange(2 ** 31)
+        msds.config.set_seed(agree_on_seed(seed))
     train.shard(trainer.global_rank, trainer.world_size)
+    length = train.length()
+    fewest = agree_on_minimum(length)
+    if fewest < length:
+        train.limit_to(fewest)
     if not trainer.is_global_zero and trainer._pending_engine_state is not None:
         tensors, rest = trainer._pending_engine_state
         trainer._pending_engine_state = (tensors, {key: value for key, value in rest.items() if key != "logs"})
+
+
+# `mindspore.dataset.config.get_seed()` when nobody set one (std::mt19937's default seed).
+_UNSET_DATASET_SEED = 5489
 
 
 def check_manual_optimization(trainer) -> None:
