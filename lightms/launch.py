@@ -45,12 +45,20 @@ def msrun_command(script: str, script_args: List[str], devices: int, num_nodes: 
             f"--cluster_time_out={cluster_timeout}", script, *script_args]
 
 
+# Set by the launcher with its own MS_NODE_TIMEOUT: the Trainer then does not take that value for the user's.
+LAUNCHER_NODE_TIMEOUT = "LIGHTMS_LAUNCHER_NODE_TIMEOUT"
+
+
 def launch_environment(environ=os.environ) -> dict:
-    """The workers' environment: this interpreter first on PATH (msrun starts `python script.py`), and a
-    bounded wait for a worker that died (`MS_NODE_TIMEOUT`, seconds), unless set already."""
+    """The environment of msrun's processes: this interpreter first on PATH (msrun starts `python script.py`),
+    and, unless set already, `MS_NODE_TIMEOUT=10`: msrun's scheduler then ends the run 10 s after its workers
+    are gone. The workers replace it as they join with the script's `DDPStrategy(timeout=...)`, how long they
+    wait for each other (a short wait fails runs whose workers fall out of step, as rank 0 writing a checkpoint).
+    """
     env = dict(environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.setdefault("MS_NODE_TIMEOUT", "10")
+    if "MS_NODE_TIMEOUT" not in env:
+        env["MS_NODE_TIMEOUT"] = env[LAUNCHER_NODE_TIMEOUT] = "10"
     return env
 
 

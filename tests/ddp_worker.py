@@ -1,15 +1,17 @@
 """A training script the data-parallel tests launch on 2 workers (`python -m lightms.launch`).
 
-Usage: ddp_worker.py OUT_DIR [raise | long]. For each configuration it trains a fresh, seeded model
+Usage: ddp_worker.py OUT_DIR [raise | long | hang]. For each configuration it trains a fresh, seeded model
 on the global batches (each worker reads every other one; "dataset" reads its shard of a
 mindspore.dataset pipeline; "resumed" resumes OUT_DIR/one-process.ckpt, which one process wrote)
 and saves its parameters, logged values and step values to OUT_DIR/<config>-rank<r>.npz. With
 "raise", rank 1 raises after its first fit. With "long", one fit of many epochs that writes
-OUT_DIR/training-rank<r> (holding the worker's pid) once it trains, to be signalled or killed.
+OUT_DIR/training-rank<r> (holding the worker's pid) once it trains, to be signalled or killed;
+with "hang", rank 1 then stops answering (it sleeps in a hook) under an 8-second DDPStrategy timeout.
 """
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -36,6 +38,11 @@ class Regressor(lightms.LightningCell):
         self.log("loss_own_max", loss, on_step=False, on_epoch=True, reduce_fx="max")
         log_steps(self, loss)
         return loss
+
+    def on_train_epoch_end(self):
+        # Logged in a hook (on the host): with sync_dist, reduced over the workers as it is logged.
+        self.log("rank_mean", float(self.trainer.global_rank), sync_dist=True)
+        self.log("rank_max", float(self.trainer.global_rank), sync_dist=True, reduce_fx="max")
 
     def configure_optimizers(self):
         return nn.SGD(self.trainable_params(), learning_rate=0.1)
@@ -116,11 +123,31 @@ class Announce(lightms.callbacks.Callback):
                 f.write(str(os.getpid()))
 
 
-def train_long(out_dir: str) -> None:
+class Hang(lightms.callbacks.Callback):
+    """Rank 1 stops answering, as a worker on another machine that died would: its own watchdog is stopped (a
+    dead worker's cannot act), so rank 0 must find out by itself."""
+
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch == 2 and trainer.global_rank == 1:
+            trainer._watchdog.stop()
+            time.sleep(3600)
+
+
+class Stall(lightms.callbacks.Callback):
+    """Rank 1 falls 12 s behind (as rank 0 does writing a large checkpoint): longer than msrun's scheduler is told
+    to wait (the launcher's MS_NODE_TIMEOUT=10), shorter than the strategy's timeout; the run must go on."""
+
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.global_rank == 1:
+            time.sleep(12)
+
+
+def train_long(out_dir: str, hang: bool = False) -> None:
     lightms.seed_everything(0)
     trainer = lightms.Trainer(max_epochs=100000, default_root_dir=out_dir, enable_progress_bar=False,
-                              callbacks=[Announce(out_dir),
-                                         lightms.callbacks.ModelCheckpoint(save_last=True)])
+                              strategy=lightms.DDPStrategy(timeout=8) if hang else "auto",
+                              callbacks=[Announce(out_dir)] + ([Hang()] if hang else [
+                                         lightms.callbacks.ModelCheckpoint(save_last=True)]))
     trainer.fit(Regressor(), global_batches())
 
 
@@ -131,7 +158,8 @@ def main(out_dir: str, fail: bool) -> None:
         lightms.seed_everything(int(os.environ.get("RANK_ID", "0")) if name == "unseeded" else 0)
         model = model_for(name)
         steps = StepValues()
-        callbacks = [steps] + ([lightms.callbacks.TQDMProgressBar(refresh_rate=100)] if name == "unseeded" else [])
+        callbacks = [steps] + ([lightms.callbacks.TQDMProgressBar(refresh_rate=100)] if name == "unseeded" else []) \
+            + ([Stall()] if name == "plain" else [])
         # "auto" data-parallel when msrun started several workers; "ddp" says it.
         trainer = lightms.Trainer(max_epochs=1, default_root_dir=os.path.join(out_dir, name),
                                   strategy="auto" if name == "plain" else "ddp", callbacks=callbacks,
@@ -148,7 +176,7 @@ def main(out_dir: str, fail: bool) -> None:
 
 
 if __name__ == "__main__":
-    if "long" in sys.argv[2:]:
-        train_long(sys.argv[1])
+    if "long" in sys.argv[2:] or "hang" in sys.argv[2:]:
+        train_long(sys.argv[1], hang="hang" in sys.argv[2:])
     else:
         main(sys.argv[1], "raise" in sys.argv[2:])

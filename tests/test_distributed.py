@@ -29,8 +29,7 @@ def launch(out_dir, *script_args):
                os.path.join(HERE, "ddp_worker.py"), str(out_dir), *script_args]
     start = time.monotonic()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
-                              env={**os.environ, "MS_NODE_TIMEOUT": "5"})
+        done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
         code = done.returncode
     except subprocess.TimeoutExpired:
         code = None
@@ -99,6 +98,7 @@ def test_two_workers_equal_one_process_on_the_global_batch(two_workers, config):
     for r in ranks:
         assert float(r["metric:loss_mean"]) == pytest.approx(np.average(own, weights=weights), rel=1e-6)
         assert float(r["metric:loss_max"]) == max(float(q["metric:loss_own_max"]) for q in ranks)
+        assert (float(r["metric:rank_mean"]), float(r["metric:rank_max"])) == (0.5, 1.0)  # logged in a hook
     # Step values: with sync_dist the mean (and min) over the workers, reduced inside the compiled step.
     own = np.stack([r["steps:step_own"] for r in ranks])
     assert own.shape[1] >= 2 and not np.array_equal(own[0], own[1])
@@ -108,6 +108,8 @@ def test_two_workers_equal_one_process_on_the_global_batch(two_workers, config):
 
 
 def test_only_rank_zero_writes_logs_and_checkpoints(two_workers):
+    # (In "plain", rank 1 also fell 12 s behind at its epoch's end, longer than the launcher's MS_NODE_TIMEOUT=10
+    # for msrun's scheduler: the workers waited for each other as long as the strategy says, and the run went on.)
     root = two_workers / "plain"
     versions = sorted(os.listdir(root / "lightning_logs"))
     assert versions == ["version_0"]
@@ -136,6 +138,104 @@ def test_a_worker_that_raises_ends_the_launch_nonzero_within_the_bound(tmp_path)
     assert "rank 1 fails on purpose" in logs
 
 
+def start_long_launch(out_dir, mode):
+    """Starts tests/ddp_worker.py in "long" or "hang" mode on 2 workers; returns the launcher once both train."""
+    command = [sys.executable, "-m", "lightms.launch", "--devices", "2", "--log-dir", str(out_dir / "logs"),
+               os.path.join(HERE, "ddp_worker.py"), str(out_dir), mode]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and launcher.poll() is None and not all(
+            (out_dir / f"training-rank{rank}").exists() for rank in (0, 1)):
+        time.sleep(0.2)
+    return launcher
+
+
+def worker_logs(out_dir) -> str:
+    return "\n".join(open(p, errors="replace").read()[-3000:] for p in glob.glob(str(out_dir / "logs" / "*.log")))
+
+
+def test_a_worker_that_dies_ends_the_launch_nonzero_within_the_bound(tmp_path):
+    import signal
+
+    launcher = start_long_launch(tmp_path, "long")
+    try:
+        assert (tmp_path / "training-rank1").exists(), "the workers did not start training"
+        time.sleep(0.5)  # inside an epoch
+        os.kill(int((tmp_path / "training-rank1").read_text()), signal.SIGKILL)
+        killed = time.monotonic()
+        code = launcher.wait(timeout=90)
+        seconds = time.monotonic() - killed
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    # On one machine msrun sees the death and ends the other worker at once.
+    assert code not in (0, None) and seconds < 30, (code, seconds, worker_logs(tmp_path))
+
+
+def test_a_worker_that_stops_answering_ends_the_run_after_the_strategys_timeout(tmp_path):
+    # What a worker sees when a worker on another machine died: no answer. Rank 1 sleeps in a hook; without the
+    # watchdog rank 0 would wait in its next collective forever (MindSpore's collectives have no timeout).
+    launcher = start_long_launch(tmp_path, "hang")
+    try:
+        assert (tmp_path / "training-rank0").exists(), "the workers did not start training"
+        started = time.monotonic()
+        code = launcher.wait(timeout=90)
+        seconds = time.monotonic() - started
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    logs = worker_logs(tmp_path)
+    assert code not in (0, None), logs
+    assert seconds < 8 + 30, logs  # DDPStrategy(timeout=8), then msrun ends the rest
+    # Whichever comes first says so: the watchdog, or MindSpore's collective (it waits as long, MS_NODE_TIMEOUT).
+    assert "lightms: worker 0 stops" in logs and "DDPStrategy(timeout=seconds)" in logs, logs
+
+
+def test_the_workers_wait_for_each_other_as_long_as_the_strategy_says(monkeypatch):
+    from lightms.distributed.watchdog import explain_collective_failure
+    from lightms.launch import LAUNCHER_NODE_TIMEOUT, launch_environment
+
+    # The launcher's MS_NODE_TIMEOUT is for msrun's scheduler; the user's is the workers' wait.
+    env = launch_environment({"PATH": "/bin"})
+    assert env["MS_NODE_TIMEOUT"] == "10" and LAUNCHER_NODE_TIMEOUT in env
+    assert LAUNCHER_NODE_TIMEOUT not in launch_environment({"MS_NODE_TIMEOUT": "60"})
+    monkeypatch.setenv("MS_NODE_TIMEOUT", "77")
+    assert lightms.Trainer().ddp.timeout == 77.0
+    monkeypatch.setenv(LAUNCHER_NODE_TIMEOUT, "10")
+    assert lightms.Trainer().ddp.timeout == 1800.0
+    # What MindSpore 2.10's CPU AllReduce raised when the other worker did not answer in time (from a worker log).
+    error = RuntimeError("Launch kernel failed, name:Default/AllReduce-op1\n\n- C++ Call Stack: ...")
+    explained = explain_collective_failure(error, 0, "epoch 2, step 12", 60)
+    assert "worker 0 stops at epoch 2, step 12: a collective with the other workers failed" in str(explained)
+    assert explain_collective_failure(RuntimeError("Launch kernel failed, name:Default/MatMul-op3"), 0, "", 1) is None
+    assert explain_collective_failure(ValueError("AllReduce"), 0, "", 1) is None
+
+
+def test_ddp_strategy_takes_seconds_or_a_timedelta():
+    import datetime
+
+    assert lightms.DDPStrategy().timeout == 1800.0
+    assert lightms.DDPStrategy(timeout=datetime.timedelta(minutes=2)).timeout == 120.0
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        lightms.DDPStrategy(timeout=0)
+    with pytest.raises(RuntimeError, match="python -m lightms.launch"):
+        lightms.Trainer(strategy=lightms.DDPStrategy(timeout=60))  # data-parallel: needs msrun
+
+
+def test_the_watchdog_ends_the_process_only_without_beats():
+    from lightms.distributed.watchdog import Watchdog
+
+    ended = []
+    watchdog = Watchdog(0.4, rank=0, end=ended.append).start()
+    for step in range(6):
+        time.sleep(0.2)
+        watchdog.beat(f"step {step}")
+    assert ended == []
+    time.sleep(1.2)
+    watchdog.stop()
+    assert ended == [1]
+
+
 def test_ddp_outside_msrun_says_how_to_launch_and_the_command_is_msruns():
     assert msrun_workers({}) == 0
     with pytest.raises(RuntimeError, match="python -m lightms.launch --devices N"):
@@ -155,14 +255,8 @@ def test_sigterm_to_the_launcher_stops_every_worker_with_one_resumable_checkpoin
     import signal
 
     log_dir = tmp_path / "logs"
-    command = [sys.executable, "-m", "lightms.launch", "--devices", "2", "--log-dir", str(log_dir),
-               os.path.join(HERE, "ddp_worker.py"), str(tmp_path), "long"]
-    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "MS_NODE_TIMEOUT": "5"})
+    launcher = start_long_launch(tmp_path, "long")
     try:
-        deadline = time.monotonic() + 90
-        while not (tmp_path / "training-rank0").exists() and time.monotonic() < deadline and launcher.poll() is None:
-            time.sleep(0.2)
         assert (tmp_path / "training-rank0").exists(), "the workers did not start training"
         launcher.send_signal(signal.SIGTERM)
         code = launcher.wait(timeout=90)

@@ -9,6 +9,7 @@ each process its role through environment variables: `MS_ROLE` (`MS_WORKER` or
 """
 
 import atexit
+import math
 import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -51,15 +52,22 @@ def is_msrun_scheduler(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get("MS_ROLE") == "MS_SCHED" and msrun_workers(environ) > 0
 
 
-def join_cluster() -> ClusterEnvironment:
+def join_cluster(collective_timeout: Optional[float] = None) -> ClusterEnvironment:
     """Initialises MindSpore's communication (once per process) and returns this worker's place.
 
     In msrun's scheduler process, `init()` serves the workers and ends the process when they
     are done: nothing after it runs there. Communication is released when the process exits.
+
+    Args:
+        collective_timeout: Seconds a collective waits for the other workers before it fails (MindSpore
+            reads it from `MS_NODE_TIMEOUT` as it joins; its default, tens of seconds, fails a run whose
+            rank 0 takes longer to write a checkpoint). None: MindSpore's setting.
     """
     from mindspore import communication
 
     if not _joined():
+        if collective_timeout is not None:
+            os.environ["MS_NODE_TIMEOUT"] = str(math.ceil(collective_timeout))
         communication.init()
         atexit.register(leave_cluster)  # after the script's last fit: a worker may fit several times
     return ClusterEnvironment(communication.get_group_size(), communication.get_rank(),
@@ -83,8 +91,10 @@ def leave_cluster() -> None:
         communication.release()
 
 
-def resolve_environment(strategy: str, devices, num_nodes: int) -> Optional[ClusterEnvironment]:
-    """The run's environment for the Trainer's `strategy`, `devices` and `num_nodes`.
+def resolve_environment(strategy: str, devices, num_nodes: int,
+                        collective_timeout: Optional[float] = None) -> Optional[ClusterEnvironment]:
+    """The run's environment for the Trainer's `strategy`, `devices` and `num_nodes` (and `join_cluster`'s
+    `collective_timeout`).
 
     Returns:
         None for a single process; otherwise the environment after joining the cluster.
@@ -105,7 +115,7 @@ def resolve_environment(strategy: str, devices, num_nodes: int) -> Optional[Clus
     if expected is not None and expected != workers:
         raise RuntimeError(f"Trainer(devices={devices}, num_nodes={num_nodes}) expects {expected} workers, but msrun "
                            f"started {workers}; launch with as many workers as devices * num_nodes.")
-    return join_cluster()
+    return join_cluster(collective_timeout)
 
 
 def serve_if_scheduler() -> None:

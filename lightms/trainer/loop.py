@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from lightms._mindspore import GraphDumpGuard
 from lightms.checkpoint.run_state import restore_run_state
+from lightms.distributed.watchdog import explain_collective_failure
 from lightms.engine.binding import ModuleBinding
 from lightms.engine.engine import Counters, TrainEngine
 from lightms.engine.eval_step import EvalStep, module_metrics
@@ -138,10 +139,18 @@ class TrainingLoop:
             if moved:
                 warnings.warn(f"MindSpore's compile report (rank_0/om/analyze_fail.ir) was moved out of the "
                               f"working directory to {moved}.", stacklevel=3)
+            failure = explain_collective_failure(
+                exception, self.global_rank, f"epoch {self.state.current_epoch}, step {self.state.global_step}",
+                self.ddp.timeout) if self.world_size > 1 else None
             for cb in self.callbacks:
-                cb.on_exception(self, model, exception)
+                cb.on_exception(self, model, failure or exception)
+            if failure is not None:
+                raise failure from exception
             raise
         finally:
+            if self._watchdog is not None:
+                self._watchdog.stop()
+                self._watchdog = None
             for lg in self.loggers:
                 lg.finalize(status)
             if self._planner is not None:
@@ -177,6 +186,9 @@ class TrainingLoop:
         self._train_source = train
         if self.world_size > 1:
             start_data_parallel(self, train)
+            from lightms.distributed.watchdog import Watchdog
+
+            self._watchdog = Watchdog(self.ddp.timeout, self.global_rank).start()
         self.num_training_batches = train.batch_count(self.limit_train_batches)
         if self.num_training_batches == 0:
             if train.length() == 0:

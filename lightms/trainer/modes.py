@@ -119,6 +119,8 @@ def agree_on_stopping(trainer) -> None:
     from lightms.distributed.reduction import any_worker
 
     interrupted, stopping = any_worker([trainer._interrupt_signal is not None, trainer.state.should_stop])
+    if trainer._watchdog is not None:
+        trainer._watchdog.beat(f"epoch {trainer.state.current_epoch}, step {trainer.state.global_step}")
     if interrupted and trainer._interrupt_signal is None:
         trainer._interrupt_signal = signal.SIGTERM
     trainer._stop_agreed = interrupted  # a signal arriving after this waits for the next agreement

@@ -9,12 +9,14 @@ import warnings
 
 from lightms._mindspore import mindspore as ms
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from lightms.checkpoint.io import write_checkpoint
 from lightms.checkpoint.run_state import collect_run_state
 from lightms.callbacks.model_checkpoint import ModelCheckpoint
 from lightms.distributed.environment import ClusterEnvironment, is_msrun_scheduler, join_cluster, resolve_environment
+from lightms.distributed.strategy import DDPStrategy
+from lightms.launch import LAUNCHER_NODE_TIMEOUT
 from lightms.callbacks.timer import Timer
 from lightms.loggers.logger import Logger
 from lightms.module.cell import LightningCell
@@ -145,7 +147,8 @@ class Trainer(TrainingLoop):
         plugins: `lightms.privacy.DPSGD(...)` (or a list holding it) for differentially
             private training: per-example clipping and noise in the compiled step.
         strategy: "auto" (single-process, or data-parallel when the script was started by
-            msrun with several workers) or "ddp" (data-parallel; needs msrun).
+            msrun with several workers), "ddp" (data-parallel; needs msrun), or a
+            `lightms.DDPStrategy(timeout=...)` (data-parallel with its options).
         devices: Workers per machine ("auto": what msrun started).
         num_nodes: Machines.
         accelerator: "auto", "cpu", "gpu" or "ascend": MindSpore's device target.
@@ -184,7 +187,7 @@ class Trainer(TrainingLoop):
         max_time=None,
         detect_anomaly: bool = False,
         plugins=None,
-        strategy: str = "auto",
+        strategy: Union[str, DDPStrategy] = "auto",
         devices="auto",
         num_nodes: int = 1,
         accelerator: str = "auto",
@@ -237,7 +240,17 @@ class Trainer(TrainingLoop):
             self.val_check_interval, self.check_val_every_n_epoch = None, 1
             logger = False
 
-        self.strategy = check.check_choice("strategy", strategy, ("auto", "ddp"))
+        # How long the workers may wait for each other: the strategy's timeout, else MS_NODE_TIMEOUT if the user
+        # set it (not lightms.launch, for msrun's scheduler), else DDPStrategy's default. MindSpore's collectives
+        # (through MS_NODE_TIMEOUT, set as the worker joins) and the watchdog use it.
+        if isinstance(strategy, DDPStrategy):
+            self.ddp = strategy
+        else:
+            self.strategy = check.check_choice("strategy", strategy, ("auto", "ddp"))
+            node_timeout = os.environ.get("MS_NODE_TIMEOUT", "") if LAUNCHER_NODE_TIMEOUT not in os.environ else ""
+            self.ddp = DDPStrategy(float(node_timeout)) if node_timeout.isdigit() and int(node_timeout) > 0 \
+                else DDPStrategy()
+        self.strategy = "ddp" if isinstance(strategy, DDPStrategy) else strategy
         if devices != "auto":
             devices = check.check_int("devices", devices, 1)
         self.num_nodes = check.check_int("num_nodes", num_nodes, 1)
@@ -246,7 +259,8 @@ class Trainer(TrainingLoop):
             ms.set_device({"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}[self.accelerator])
         if is_msrun_scheduler():
             join_cluster()  # msrun's scheduler: serves the workers, and the process ends when they are done
-        self.cluster = resolve_environment(self.strategy, devices, self.num_nodes) or ClusterEnvironment()
+        self.cluster = resolve_environment(self.strategy, devices, self.num_nodes, self.ddp.timeout) \
+            or ClusterEnvironment()
         if not self.cluster.is_global_zero:  # loggers and the progress bar run on rank 0 only
             logger, enable_progress_bar = False, False
             if callbacks is not None:
@@ -284,6 +298,7 @@ class Trainer(TrainingLoop):
         self._extra_host_reads = 0
         self._interrupt_signal: Optional[int] = None
         self._stop_agreed = False  # data parallelism: the workers agreed to stop (modes.agree_on_stopping)
+        self._watchdog = None  # data parallelism: ends this worker when the others stop answering (during fit)
         self._validation_runs = 0  # validations (not sanity checks) in the current or last fit
         self._finite_check = None
 

@@ -1,0 +1,88 @@
+"""A bound on waiting for a worker that died or hangs.
+
+On one machine msrun ends the other workers when one exits. Across machines nobody does:
+a worker whose peer died waits in its next collective forever (MindSpore 2.10's collectives
+have no timeout, and its scheduler does not end a run for one silent node). So each worker
+keeps a watchdog thread: when the workers have not agreed (a collective returned) for
+`timeout` seconds, it says so and ends this worker's process, which msrun then reports and
+the rest of the run follows (PyTorch's process-group timeout plays this part in Lightning).
+"""
+
+import os
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+
+class Watchdog:
+    """Ends this process when `beat` has not been called for `timeout` seconds.
+
+    Args:
+        timeout: Seconds the workers may go without agreeing.
+        rank: This worker's rank, for the message.
+        end: Ends the process with an exit code (`os._exit`: the main thread may be stuck in a
+            collective, where no Python exception or signal handler can reach it).
+    """
+
+    def __init__(self, timeout: float, rank: int, end: Callable[[int], None] = os._exit):
+        self.timeout, self.rank, self._end = timeout, rank, end
+        self._last, self._where = time.monotonic(), "the start of fit"
+        self._stopped = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "Watchdog":
+        """Starts watching (a daemon thread); returns self."""
+        self._last = time.monotonic()
+        self._thread = threading.Thread(target=self._watch, name="lightms-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def beat(self, where: str) -> None:
+        """Records that the workers agreed just now, at `where` ("epoch 2, step 40")."""
+        self._last, self._where = time.monotonic(), where
+
+    def stop(self) -> None:
+        """Stops watching (at the end of fit, however it ended)."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(min(1.0, self.timeout / 4)):
+            waited = time.monotonic() - self._last
+            if waited > self.timeout:
+                print(f"lightms: worker {self.rank} stops: the workers have not agreed for {waited:.0f} s (last at "
+                      f"{self._where}), so a worker has died or is stuck (this one or another: see the workers' logs). "
+                      "Ending this worker with "
+                      "exit code 1; if a step, a validation or a checkpoint legitimately takes longer, raise "
+                      "Trainer(strategy=DDPStrategy(timeout=seconds)).", file=sys.stderr, flush=True)
+                self._end(1)
+                return
+
+
+# How MindSpore's CPU collectives report a peer that did not answer within MS_NODE_TIMEOUT.
+_COLLECTIVES = ("AllReduce", "AllGather", "Broadcast", "ReduceScatter")
+
+
+def explain_collective_failure(error: BaseException, rank: int, where: str, timeout: float) -> Optional[RuntimeError]:
+    """A clear error for MindSpore's failure of a collective (its kernel's launch), or None for other errors.
+
+    Args:
+        error: What fit raised.
+        rank: This worker's rank.
+        where: Where the run was ("epoch 2, step 40").
+        timeout: The strategy's timeout, in seconds.
+    """
+    message = str(error)
+    if not isinstance(error, RuntimeError) or "Launch kernel failed" not in message or not any(
+            name in message for name in _COLLECTIVES):
+        return None
+    first = next((line for line in message.splitlines() if "Launch kernel failed" in line), message)
+    return RuntimeError(f"lightms: worker {rank} stops at {where}: a collective with the other workers failed "
+                        f"(MindSpore: {first.strip()!r}), so a worker has died or did not answer within "
+                        f"{timeout:.0f} s (this one or another: see the workers' logs). If a step, a validation or a "
+                        "checkpoint legitimately takes longer, raise Trainer(strategy=DDPStrategy(timeout=seconds)).")
+
+
+__all__ = ["Watchdog", "explain_collective_failure"]
