@@ -59,15 +59,17 @@ def join_cluster(collective_timeout: Optional[float] = None) -> ClusterEnvironme
     are done: nothing after it runs there. Communication is released when the process exits.
 
     Args:
-        collective_timeout: Seconds a collective waits for the other workers before it fails (MindSpore
-            reads it from `MS_NODE_TIMEOUT` as it joins; its default, tens of seconds, fails a run whose
-            rank 0 takes longer to write a checkpoint). None: MindSpore's setting.
+        collective_timeout: Seconds a collective waits for the other workers before it fails. MindSpore
+            reads it as the worker joins, from `MS_CPU_COMM_OP_TIMEOUT` (on CPU; set here unless the user
+            set it) or else `MS_NODE_TIMEOUT` (its default, tens of seconds, fails a run whose rank 0
+            takes longer to write a checkpoint). None: MindSpore's settings.
     """
     from mindspore import communication
 
     if not _joined():
         if collective_timeout is not None:
             os.environ["MS_NODE_TIMEOUT"] = str(math.ceil(collective_timeout))
+            os.environ.setdefault("MS_CPU_COMM_OP_TIMEOUT", str(math.ceil(collective_timeout)))
         communication.init()
         atexit.register(leave_cluster)  # after the script's last fit: a worker may fit several times
     return ClusterEnvironment(communication.get_group_size(), communication.get_rank(),
