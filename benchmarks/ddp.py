@@ -17,8 +17,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 WORKER = r'''
 import json, sys, time
 import numpy as np
