@@ -2,7 +2,7 @@
 
 Usage: ddp_worker.py OUT_DIR [raise | long | hang]. For each configuration it trains a fresh, seeded model
 on the global batches (each worker reads every other one; "dataset" reads its shard of a
-mindspore.dataset pipeline; "resumed" resumes OUT_DIR/one-process.ckpt, which one process wrote)
+mindspore.dataset pipeline; "resumed" and "resumed_end" resume checkpoints one process wrote)
 and saves its parameters, logged values and step values to OUT_DIR/<config>-rank<r>.npz. With
 "raise", rank 1 raises after its first fit. With "long", one fit of many epochs that writes
 OUT_DIR/training-rank<r> (holding the worker's pid) once it trains, to be signalled or killed;
@@ -20,8 +20,10 @@ import lightms.callbacks
 from mindspore import nn
 
 CONFIGS = {"plain": {}, "acc2": {"accumulate": 2}, "sink2": {"sink_size": 2}, "clip": {"gradient_clip_val": 0.05},
-           "mixed": {"precision": "16-mixed"}, "manual": {}, "unseeded": {}, "dataset": {}, "resumed": {}}
-RESUMED_FROM = "one-process.ckpt"
+           "mixed": {"precision": "16-mixed"}, "manual": {}, "unseeded": {}, "dataset": {}, "resumed": {},
+           "resumed_end": {}}
+# What one process wrote after 4 of the 8 batches, and after all 8 (before the epoch's end).
+RESUMED_FROM = {"resumed": "one-process.ckpt", "resumed_end": "one-process-end.ckpt"}
 
 
 class Regressor(lightms.LightningCell):
@@ -78,13 +80,14 @@ def log_steps(module, loss):
     module.log("step_mean", loss, sync_dist=True)
     module.log("step_min", loss, sync_dist=True, reduce_fx="min")
     module.log("step_own_min", loss, reduce_fx="min")  # of an accumulation window's micro-batches
+    module.log("batches", loss * 0 + 1, reduce_fx="sum", sync_dist=True, on_step=True, on_epoch=True)
 
 
 class StepValues(lightms.callbacks.Callback):
     """Reads the step values after every optimizer step."""
 
     def __init__(self):
-        self.values = {"step_own": [], "step_mean": [], "step_min": [], "step_own_min": []}
+        self.values = {"step_own": [], "step_mean": [], "step_min": [], "step_own_min": [], "batches_step": []}
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         for name, values in self.values.items():
@@ -165,7 +168,7 @@ def main(out_dir: str, fail: bool) -> None:
                                   strategy="auto" if name == "plain" else "ddp", callbacks=callbacks,
                                   enable_progress_bar=name == "unseeded", **options)
         data = pipeline(4) if name == "dataset" else global_batches()
-        trainer.fit(model, data, ckpt_path=os.path.join(out_dir, RESUMED_FROM) if name == "resumed" else None)
+        trainer.fit(model, data, ckpt_path=os.path.join(out_dir, RESUMED_FROM[name]) if name in RESUMED_FROM else None)
         params = {p.name: p.asnumpy() for p in model.trainable_params()}
         metrics = {f"metric:{k}": np.float64(v) for k, v in trainer.callback_metrics.items()}
         np.savez(os.path.join(out_dir, f"{name}-rank{trainer.global_rank}.npz"), world_size=trainer.world_size,

@@ -72,6 +72,12 @@ def join_cluster(collective_timeout: Optional[float] = None) -> ClusterEnvironme
             os.environ.setdefault("MS_CPU_COMM_OP_TIMEOUT", str(math.ceil(collective_timeout)))
         communication.init()
         atexit.register(leave_cluster)  # after the script's last fit: a worker may fit several times
+    elif collective_timeout is not None and os.environ.get("MS_NODE_TIMEOUT") != str(math.ceil(collective_timeout)):
+        import warnings
+
+        warnings.warn(f"This worker joined the others with a {os.environ.get('MS_NODE_TIMEOUT')} s wait for "
+                      f"collectives, which MindSpore keeps for the process: a timeout of {collective_timeout:.0f} s "
+                      "(DDPStrategy) applies to lightms's watchdog only.", stacklevel=4)
     return ClusterEnvironment(communication.get_group_size(), communication.get_rank(),
                               communication.get_local_rank())
 

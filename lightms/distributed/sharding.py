@@ -36,15 +36,29 @@ def _chain(dataset) -> Tuple[list, Optional[str]]:
     return nodes, None
 
 
+def _shards_of(source) -> Optional[Tuple[int, int]]:
+    """(num_shards, shard_id) of a source built sharded: through its arguments, or a DistributedSampler in its
+    sampler chain (`sampler=DistributedSampler(...)` leaves its `num_shards` at 1)."""
+    num_shards = getattr(source, "num_shards", None)
+    if num_shards is not None and num_shards > 1:
+        return int(num_shards), int(getattr(source, "shard_id", 0) or 0)
+    sampler = getattr(source, "sampler", None)
+    while sampler is not None:
+        if isinstance(sampler, msds.DistributedSampler) and sampler.num_shards > 1:
+            return int(sampler.num_shards), int(sampler.shard_id)
+        sampler = getattr(sampler, "child_sampler", None)
+    return None
+
+
 def user_shards(dataset) -> Optional[Tuple[int, int]]:
     """(num_shards, shard_id) when a source of the pipeline was built sharded, else None."""
     pending = [dataset]
     while pending:
         node = pending.pop()
         pending.extend(node.children)
-        num_shards = getattr(node, "num_shards", None) if not node.children else None
-        if num_shards is not None and num_shards > 1:
-            return int(num_shards), int(getattr(node, "shard_id", 0) or 0)
+        shards = None if node.children else _shards_of(node)
+        if shards is not None:
+            return shards
     return None
 
 

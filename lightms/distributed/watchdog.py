@@ -1,11 +1,12 @@
 """A bound on waiting for a worker that died or hangs.
 
-On one machine msrun ends the other workers when one exits. Across machines nobody does:
-a worker whose peer died waits in its next collective forever (MindSpore 2.10's collectives
-have no timeout, and its scheduler does not end a run for one silent node). So each worker
-keeps a watchdog thread: when the workers have not agreed (a collective returned) for
-`timeout` seconds, it says so and ends this worker's process, which msrun then reports and
-the rest of the run follows (PyTorch's process-group timeout plays this part in Lightning).
+On one machine msrun ends the other workers when one exits. Across machines nobody does: a
+worker whose peer died waits in its next collective until the collective gives up. MindSpore's
+CPU collectives give up after `MS_CPU_COMM_OP_TIMEOUT` (which lightms sets from the strategy's
+timeout); other backends' may wait forever. So each worker keeps a watchdog thread: when this
+worker has made no progress (a chunk of steps, a validation, an agreement of the workers) for
+`timeout` seconds, it says so and ends this worker's process, which msrun then reports and the
+rest of the run follows (PyTorch's process-group timeout plays this part in Lightning).
 """
 
 import os
@@ -16,7 +17,7 @@ from typing import Callable, Optional
 
 
 class Watchdog:
-    """Ends this process when `beat` has not been called for `timeout` seconds.
+    """Ends this process when `beat` (this worker made progress) has not been called for `timeout` seconds.
 
     Args:
         timeout: Seconds the workers may go without agreeing.
@@ -39,7 +40,7 @@ class Watchdog:
         return self
 
     def beat(self, where: str) -> None:
-        """Records that the workers agreed just now, at `where` ("epoch 2, step 40")."""
+        """Records that this worker got past `where` ("epoch 2, step 40") just now."""
         self._last, self._where = time.monotonic(), where
 
     def stop(self) -> None:
@@ -52,7 +53,7 @@ class Watchdog:
         while not self._stopped.wait(min(1.0, self.timeout / 4)):
             waited = time.monotonic() - self._last
             if waited > self.timeout:
-                print(f"lightms: worker {self.rank} stops: the workers have not agreed for {waited:.0f} s (last at "
+                print(f"lightms: worker {self.rank} stops: it has made no progress for {waited:.0f} s (last past "
                       f"{self._where}), so a worker has died or is stuck (this one or another: see the workers' logs). "
                       "Ending this worker with "
                       "exit code 1; if a step, a validation or a checkpoint legitimately takes longer, raise "

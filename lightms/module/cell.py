@@ -165,7 +165,7 @@ class LightningCell(nn.Cell):
             reduce_fx: "mean", "sum", "max" or "min".
             batch_size: Weight for the mean; default the size of the current batch.
             sync_dist: Under data parallelism, reduce the value over the workers (with
-                `reduce_fx`; the mean weighs each worker's batches): in training_step each
+                `reduce_fx`; an epoch mean weighs each worker's batches): in training_step each
                 step value inside the compiled step (one AllReduce per optimizer step for all
                 such names), the epoch value at the epoch's end; in a hook, as it is logged
                 (every worker must log it). Without it each worker keeps its own, and rank

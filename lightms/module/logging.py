@@ -223,8 +223,9 @@ class DeviceLogBuffers(nn.Cell):
         # The epoch level is kept only if some name reports it (training_step's default is on_step only).
         self.keeps_epoch = any(opt.on_epoch for opt in self.options)
         self.history = None  # step values of the optimizer steps of one sunk chunk
-        self.sync = _StepSync(self.options, count) if world_size > 1 and any(o.sync_dist for o in self.options) \
-            else None
+        # Only names that report step values: the epoch level is reduced at the epoch's end (`read_epoch`).
+        self.sync = _StepSync(self.options, count) if world_size > 1 and any(
+            o.sync_dist and o.on_step for o in self.options) else None
         if history_length:
             self.history = Parameter(Tensor(np.zeros((history_length,) + self._initial_level.shape, np.float32)),
                                      name="lightms_log.history", requires_grad=False)
@@ -420,7 +421,8 @@ class DeviceLogBuffers(nn.Cell):
 
 
 class _StepSync(nn.Cell):
-    """Reduces the sync_dist columns of a (value, weight) level over the workers (graph-parseable).
+    """Reduces the columns of names logged with sync_dist and on_step of a (value, weight) level over the workers
+    (graph-parseable).
 
     One AllReduce (a sum) for every column: weighted sums and their weights add up to the global
     weighted mean; an AllGather more when a synced name reduces by max or min (CPU's AllReduce
@@ -432,14 +434,16 @@ class _StepSync(nn.Cell):
         from lightms.distributed.reduction import level_reducers
 
         pad = [False] * (count - len(options))
-        synced = np.array([o.sync_dist for o in options] + pad)
+        synced = [o.sync_dist and o.on_step for o in options]
         value_row, both_rows = np.array([[True], [False]]), np.array([[True], [True]])
-        summed = [o.sync_dist and o.reduce_fx in ("mean", "sum") for o in options] + pad
+        summed = [s and o.reduce_fx in ("mean", "sum") for s, o in zip(synced, options)] + pad
         # Sums and means: both rows add up. Max and min: the weight row adds up (it only says "logged").
-        self.sum_cells = Tensor((both_rows & np.array(summed)) | (~value_row & synced))
-        self.max_cells = Tensor(value_row & np.array([o.sync_dist and o.reduce_fx == "max" for o in options] + pad))
-        self.min_cells = Tensor(value_row & np.array([o.sync_dist and o.reduce_fx == "min" for o in options] + pad))
-        self.has_extremes = any(o.sync_dist and o.reduce_fx in ("max", "min") for o in options)
+        self.sum_cells = Tensor((both_rows & np.array(summed)) | (~value_row & np.array(synced + pad)))
+        self.max_cells = Tensor(value_row & np.array([s and o.reduce_fx == "max" for s, o in zip(synced, options)]
+                                                     + pad))
+        self.min_cells = Tensor(value_row & np.array([s and o.reduce_fx == "min" for s, o in zip(synced, options)]
+                                                     + pad))
+        self.has_extremes = any(s and o.reduce_fx in ("max", "min") for s, o in zip(synced, options))
         self.all_reduce, self.all_gather = level_reducers()
 
     def construct(self, level):

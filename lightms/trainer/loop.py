@@ -185,10 +185,10 @@ class TrainingLoop:
                 self._step_schedulers("epoch", state.current_epoch, resuming=True)
         self._train_source = train
         if self.world_size > 1:
-            start_data_parallel(self, train)
             from lightms.distributed.watchdog import Watchdog
 
-            self._watchdog = Watchdog(self.ddp.timeout, self.global_rank).start()
+            self._watchdog = Watchdog(self.ddp.timeout, self.global_rank).start()  # before the first collective
+            start_data_parallel(self, train)
         self.num_training_batches = train.batch_count(self.limit_train_batches)
         if self.num_training_batches == 0:
             if train.length() == 0:
@@ -212,6 +212,7 @@ class TrainingLoop:
             self._call("on_sanity_check_start")
             limit = None if self.num_sanity_val_steps == -1 else self.num_sanity_val_steps
             self._eval_loop("validation", self._val_source, limit)
+            self._progressed("the sanity check")
             self._call("on_sanity_check_end")
             state.sanity_checking = False
         self._call("on_train_start")
@@ -303,6 +304,7 @@ class TrainingLoop:
         """
         state = self.state
         first, last = chunk.batches[0], chunk.batches[-1]
+        self._progressed(f"epoch {state.current_epoch}, batch {first.index}")
         state.batch_idx = first.index
         self.sink_batches = range(first.index, last.index + 1)
         end_epoch = False
@@ -452,6 +454,12 @@ class TrainingLoop:
     def _run_validation(self) -> None:
         self._eval_loop("validation", self._val_source, self.limit_val_batches)
         self._validation_runs += 1
+        self._progressed(f"epoch {self.state.current_epoch}, after validation")
+
+    def _progressed(self, where: str) -> None:
+        """Tells the data-parallel watchdog that this worker got past `where` (no-op in one process)."""
+        if self._watchdog is not None:
+            self._watchdog.beat(where)
 
     def _eval_loop(self, stage: str, source: DataSource, limit):
         """Runs one pass of validation, test or predict. Returns metrics, or outputs for predict."""

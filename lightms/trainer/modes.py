@@ -13,7 +13,11 @@ from mindspore import Tensor, ops
 def start_data_parallel(trainer, train) -> None:
     """Several workers: the same weights everywhere (rank 0's), the same shuffles (rank 0's dataset seed),
     each worker its share of the data and the same number of batches (the fewest any worker has); a resumed
-    epoch's logged sums stay on rank 0, which saved them."""
+    epoch's logged sums stay on rank 0, which saved them.
+
+    Raises:
+        ValueError: For data a worker cannot take its share of (`DataSource.shard`).
+    """
     import random
 
     import mindspore.dataset as msds
@@ -32,8 +36,15 @@ def start_data_parallel(trainer, train) -> None:
     if fewest < length:
         train.limit_to(fewest)
     if not trainer.is_global_zero and trainer._pending_engine_state is not None:
+        # The names stay (every worker must build the same buffers: their epoch ends reduce together); the sums
+        # so far are rank 0's alone, so the other workers start theirs from nothing.
         tensors, rest = trainer._pending_engine_state
-        trainer._pending_engine_state = (tensors, {key: value for key, value in rest.items() if key != "logs"})
+        if "logs" in rest:
+            from lightms.module.logging import DeviceLogBuffers, LogOptions
+
+            empty = DeviceLogBuffers([LogOptions(**options) for options in rest["logs"]["options"]])
+            rest = {**rest, "logs": empty.state_dict(with_window=False)}
+        trainer._pending_engine_state = (tensors, rest)
 
 
 # `mindspore.dataset.config.get_seed()` when nobody set one (std::mt19937's default seed).
@@ -119,8 +130,7 @@ def agree_on_stopping(trainer) -> None:
     from lightms.distributed.reduction import any_worker
 
     interrupted, stopping = any_worker([trainer._interrupt_signal is not None, trainer.state.should_stop])
-    if trainer._watchdog is not None:
-        trainer._watchdog.beat(f"epoch {trainer.state.current_epoch}, step {trainer.state.global_step}")
+    trainer._progressed(f"epoch {trainer.state.current_epoch}, step {trainer.state.global_step}")
     if interrupted and trainer._interrupt_signal is None:
         trainer._interrupt_signal = signal.SIGTERM
     trainer._stop_agreed = interrupted  # a signal arriving after this waits for the next agreement

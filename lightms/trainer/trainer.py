@@ -59,16 +59,20 @@ class LoopState:
 
         A checkpoint of a run on another number of data-parallel workers continues at the same place
         in the data: its workers had read `batches_done * its world size` batches of the epoch
-        (worker r every world-th from r), so this run's workers skip that many between them.
+        between them, so this run's workers skip that many between them. Exact for data split by
+        batch and for sampler-sharded pipelines (rows dealt out in turn); a `.shuffle()` operation
+        above a sharded source shuffles each worker's share its own way, which no mapping replays.
 
         Raises:
             ValueError: If that many batches cannot be split evenly over `world_size` workers, or the
-                checkpoint was written inside an accumulation window by another number of workers.
+                checkpoint was written inside an accumulation window by or for a data-parallel run.
         """
         saved_world, batches = state.get("world_size", 1), state["batches_done"]
-        if saved_world != world_size and window:
-            raise ValueError(f"The checkpoint was written inside an accumulation window by {saved_world} worker(s); "
-                             f"this run has {world_size}, whose window would mix other gradients. Resume from a "
+        if window and max(saved_world, world_size) > 1:
+            # Only rank 0's partial gradients are in the checkpoint: every other worker's would be lost.
+            raise ValueError(f"The checkpoint was written inside an accumulation window, and this run or the one that "
+                             f"wrote it ({saved_world} worker(s); this run has {world_size}) is data-parallel: "
+                             "each worker's partial gradients are its own and only rank 0's were saved. Resume from a "
                              "checkpoint written at the end of a window.")
         if saved_world != world_size and batches:
             if batches * saved_world % world_size:
