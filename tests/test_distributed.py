@@ -178,6 +178,19 @@ def start_long_launch(out_dir, mode, **environ):
     return launcher
 
 
+def wait_for_end(launcher, start=None):
+    """(exit code or None after 90 s, seconds from `start` or now); kills the launch if it is still running."""
+    start = time.monotonic() if start is None else start
+    try:
+        code = launcher.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    return code, time.monotonic() - start
+
+
 def worker_logs(out_dir) -> str:
     return "\n".join(open(p, errors="replace").read()[-3000:] for p in glob.glob(str(out_dir / "logs" / "*.log")))
 
@@ -186,32 +199,22 @@ def test_a_worker_that_dies_ends_the_launch_nonzero_within_the_bound(tmp_path):
     import signal
 
     launcher = start_long_launch(tmp_path, "long")
-    try:
-        assert (tmp_path / "training-rank1").exists(), "the workers did not start training"
+    if (tmp_path / "training-rank1").exists():
         time.sleep(0.5)  # inside an epoch
         os.kill(int((tmp_path / "training-rank1").read_text()), signal.SIGKILL)
-        killed = time.monotonic()
-        code = launcher.wait(timeout=90)
-        seconds = time.monotonic() - killed
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    code, seconds = wait_for_end(launcher)
+    assert (tmp_path / "training-rank1").exists(), "the workers did not start training"
     # On one machine msrun sees the death and ends the other worker at once.
     assert code not in (0, None) and seconds < 30, (code, seconds, worker_logs(tmp_path))
 
 
 def test_a_worker_that_stops_answering_ends_the_run_after_the_strategys_timeout(tmp_path):
-    # What a worker sees when a worker on another machine died: no answer. Rank 1 sleeps in a hook; without the
-    # watchdog rank 0 would wait in its next collective forever (MindSpore's collectives have no timeout).
-    launcher = start_long_launch(tmp_path, "hang", MS_CPU_COMM_OP_TIMEOUT="600")  # MindSpore's wait: longer
-    try:
-        assert (tmp_path / "training-rank0").exists(), "the workers did not start training"
-        started = time.monotonic()
-        code = launcher.wait(timeout=90)
-        seconds = time.monotonic() - started
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    # What a worker sees when a worker on another machine died: no answer. Rank 1 sleeps in a hook with its own
+    # watchdog stopped. MindSpore's CPU collectives are told to wait 600 s (other backends' may wait forever), so
+    # only rank 0's watchdog can end the run in time.
+    launcher = start_long_launch(tmp_path, "hang", MS_CPU_COMM_OP_TIMEOUT="600")
+    code, seconds = wait_for_end(launcher)
+    assert (tmp_path / "training-rank0").exists(), "the workers did not start training"
     logs = worker_logs(tmp_path)
     assert code not in (0, None), logs
     assert seconds < 8 + 30, logs  # DDPStrategy(timeout=8), then msrun ends the rest
@@ -284,13 +287,10 @@ def test_sigterm_to_the_launcher_stops_every_worker_with_one_resumable_checkpoin
 
     log_dir = tmp_path / "logs"
     launcher = start_long_launch(tmp_path, "long")
-    try:
-        assert (tmp_path / "training-rank0").exists(), "the workers did not start training"
+    if (tmp_path / "training-rank0").exists():
         launcher.send_signal(signal.SIGTERM)
-        code = launcher.wait(timeout=90)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    code, _ = wait_for_end(launcher)
+    assert (tmp_path / "training-rank0").exists(), "the workers did not start training"
     logs = "\n".join(open(p, errors="replace").read()[-2000:] for p in glob.glob(str(log_dir / "worker_*.log")))
     assert code == 128 + signal.SIGTERM, logs
     folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
