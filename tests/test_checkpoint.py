@@ -255,6 +255,19 @@ def test_checkpoint_inside_an_accumulation_window_and_module_hooks(tmp_path):
         quiet_trainer(max_epochs=2, accumulate=2).fit(smaller, batches, ckpt_path=path)
     assert (os.path.getsize(path), os.path.getmtime(path)) == before
     assert not hasattr(smaller, "loaded_note")
+    # Written inside a window by 2 data-parallel workers (only rank 0's partial gradients are in it): refused
+    # before any weight is copied.
+    from lightms.checkpoint.io import read_checkpoint, write_checkpoint
+
+    saved, meta = read_checkpoint(path)
+    two_workers = str(tmp_path / "mid-window-2-workers.ckpt")
+    write_checkpoint(two_workers, saved.items(), {**meta, "loop": {**meta["loop"], "world_size": 2}})
+    untouched = fresh_model(cls=Hooked)
+    weights = parameters_of(untouched)
+    with pytest.raises(ValueError, match="only rank 0's were saved"):
+        quiet_trainer(max_epochs=2, accumulate=3).fit(untouched, batches, ckpt_path=two_workers)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(parameters_of(untouched)[name], value)
 
 
 def test_a_changed_byte_is_caught_by_the_crc(tmp_path):

@@ -412,3 +412,27 @@ def test_a_pipeline_sharded_through_its_sampler_is_not_sharded_again():
     source = DataSource(built, "train_dataloaders")
     source.shard(0, 2)
     assert [b.data[0].asnumpy().tolist() for b in source.batches()] == [[0, 2], [4, 6]]
+
+
+def test_only_names_reporting_step_values_are_reduced_inside_the_step():
+    from lightms.module.logging import DeviceLogBuffers, LogOptions
+
+    # An epoch-only name is reduced at the epoch's end: no collective in every step for it.
+    epoch_only = LogOptions("loss", False, True, on_step=False, on_epoch=True, reduce_fx="max", batch_size=None,
+                            sync_dist=True)
+    assert DeviceLogBuffers([epoch_only], world_size=2).sync is None
+
+
+def test_a_later_trainer_with_another_timeout_is_told_mindspore_keeps_the_first(monkeypatch):
+    import types
+
+    from lightms.distributed import environment
+
+    fake = types.SimpleNamespace(get_group_size=lambda: 2, get_rank=lambda: 1, get_local_rank=lambda: 1)
+    monkeypatch.setattr("mindspore.communication.get_group_size", fake.get_group_size)
+    monkeypatch.setattr("mindspore.communication.get_rank", fake.get_rank)
+    monkeypatch.setattr("mindspore.communication.get_local_rank", fake.get_local_rank)
+    monkeypatch.setattr(environment, "_joined", lambda: True)
+    monkeypatch.setenv("MS_NODE_TIMEOUT", "1800")
+    with pytest.warns(UserWarning, match="joined the others with a 1800 s wait"):
+        assert environment.join_cluster(60).global_rank == 1

@@ -79,9 +79,9 @@ def restore_run_state(trainer, path: str) -> Tuple[Dict, Dict]:
 
     Raises:
         ValueError: If the checkpoint does not fit the model or optimizer, holds weights only or no
-            optimizer state, holds NaN or infinite weights or optimizer state, or was written inside
-            an accumulation window that the Trainer's `accumulate` cannot finish. Nothing is
-            restored then.
+            optimizer state, holds NaN or infinite weights or optimizer state, was written inside
+            an accumulation window that the Trainer's `accumulate` cannot finish, or has a loop
+            position this run cannot take (`LoopState.load_state_dict`). Nothing is restored then.
     """
     saved, meta = read_checkpoint(path)
     if not meta or meta.get("weights_only", True) or "loop" not in meta:
@@ -110,6 +110,7 @@ def restore_run_state(trainer, path: str) -> Tuple[Dict, Dict]:
     if window:  # the window's gradients go into the engine once it is built: checked against the optimizer now
         check_parameters({f"lightms_accum.{p.name}": p for opt in trainer.optimizers for p in opt.parameters},
                          groups.get("accumulator", {}), "accumulation window", path)
+    type(trainer.state)().load_state_dict(meta["loop"], window, trainer.world_size)  # its refusals, on a scratch copy
     assign_checked(pairs)
     trainer.state.load_state_dict(meta["loop"], window, trainer.world_size)
     by_key = meta.get("callbacks", {})

@@ -10,10 +10,11 @@ class DDPStrategy:
     """Data-parallel training on msrun (`Trainer(strategy="ddp")` is `DDPStrategy()`).
 
     Args:
-        timeout: How long the workers may go without agreeing (seconds or a `datetime.timedelta`)
-            before a worker decides another has died or hangs and ends (`distributed.watchdog`).
-            30 minutes by default, PyTorch's default process-group timeout. Each chunk of steps,
-            each validation and each checkpoint must fit in it.
+        timeout: How long a worker may wait for the others (seconds or a `datetime.timedelta`):
+            MindSpore's collectives give up after it, and a worker that made no progress for that
+            long decides a worker has died or hangs and ends (`distributed.watchdog`). 30 minutes
+            by default, PyTorch's default process-group timeout. Each chunk of steps (the first
+            with its compilation), each validation and each checkpoint must fit in it.
 
     Raises:
         ValueError: For a timeout that is not positive.

@@ -20,7 +20,7 @@ class Watchdog:
     """Ends this process when `beat` (this worker made progress) has not been called for `timeout` seconds.
 
     Args:
-        timeout: Seconds the workers may go without agreeing.
+        timeout: Seconds this worker may go without progress.
         rank: This worker's rank, for the message.
         end: Ends the process with an exit code (`os._exit`: the main thread may be stuck in a
             collective, where no Python exception or signal handler can reach it).
@@ -62,7 +62,7 @@ class Watchdog:
                 return
 
 
-# How MindSpore's CPU collectives report a peer that did not answer within MS_NODE_TIMEOUT.
+# How MindSpore's CPU collectives report a peer that did not answer within MS_CPU_COMM_OP_TIMEOUT.
 _COLLECTIVES = ("AllReduce", "AllGather", "Broadcast", "ReduceScatter")
 
 

@@ -166,8 +166,8 @@ class LightningCell(nn.Cell):
             batch_size: Weight for the mean; default the size of the current batch.
             sync_dist: Under data parallelism, reduce the value over the workers (with
                 `reduce_fx`; an epoch mean weighs each worker's batches): in training_step each
-                step value inside the compiled step (one AllReduce per optimizer step for all
-                such names), the epoch value at the epoch's end; in a hook, as it is logged
+                step value inside the compiled step (one AllReduce per optimizer step for the
+                names with on_step), the epoch value at the epoch's end; in a hook, as it is logged
                 (every worker must log it). Without it each worker keeps its own, and rank
                 0's is reported, as in Lightning.
 

@@ -148,7 +148,7 @@ class TrainingLoop:
                 raise failure from exception
             raise
         finally:
-            if self._watchdog is not None:
+            if stage == "fit" and self._watchdog is not None:  # (not a validate() called inside fit)
                 self._watchdog.stop()
                 self._watchdog = None
             for lg in self.loggers:
@@ -225,6 +225,9 @@ class TrainingLoop:
         self._call("on_fit_end")
         agree_on_stopping(self)
         stop_if_interrupted(self)
+        if self._watchdog is not None:  # no collective is left: a long teardown on one worker is no failure
+            self._watchdog.stop()
+            self._watchdog = None
 
     def _train_epoch(self) -> None:
         state, metrics = self.state, self._metrics

@@ -246,7 +246,7 @@ class Trainer(TrainingLoop):
 
         # How long the workers may wait for each other: the strategy's timeout, else MS_NODE_TIMEOUT if the user
         # set it (not lightms.launch, for msrun's scheduler), else DDPStrategy's default. MindSpore's collectives
-        # (through MS_NODE_TIMEOUT, set as the worker joins) and the watchdog use it.
+        # (through MS_NODE_TIMEOUT and MS_CPU_COMM_OP_TIMEOUT, set as the worker joins) and the watchdog use it.
         if isinstance(strategy, DDPStrategy):
             self.ddp = strategy
         else:
