@@ -415,7 +415,8 @@ def test_a_pipeline_sharded_through_its_sampler_is_not_sharded_again():
 
 
 def test_only_names_reporting_step_values_are_reduced_inside_the_step():
-    from lightms.module.logging import DeviceLogBuffers, LogOptions
+    from lightms.module.device_logs import DeviceLogBuffers
+    from lightms.module.logging import LogOptions
 
     # An epoch-only name is reduced at the epoch's end: no collective in every step for it.
     epoch_only = LogOptions("loss", False, True, on_step=False, on_epoch=True, reduce_fx="max", batch_size=None,

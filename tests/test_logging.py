@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from lightms.callbacks import Callback
-from lightms.module.logging import DeviceLogBuffers, LogOptions
+from lightms.module.device_logs import DeviceLogBuffers
+from lightms.module.logging import LogOptions
 from conftest import RecordingLogger, TinyRegressor, batches_of, fresh_model, make_data, quiet_trainer
 
 

@@ -33,7 +33,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from lightms.engine.gradients import automatic_gradients, manual_gradients
 from lightms.engine.plan import StepPlan
 from lightms.trainer.chunks import batch_passing, row, take_micro_batch
-from lightms.module.logging import DeviceLogBuffers
+from lightms.module.device_logs import DeviceLogBuffers
 
 _hyper_map = ops.HyperMap()
 

@@ -7,7 +7,8 @@ from lightms._mindspore import mindspore as ms
 from lightms.engine.dry_run import dry_run
 from lightms.engine.engine import compile_function
 from lightms.trainer.chunks import batch_passing
-from lightms.module.logging import DeviceLogBuffers, HostLogs, is_metric
+from lightms.module.device_logs import DeviceLogBuffers
+from lightms.module.logging import HostLogs, is_metric
 
 
 def module_metrics(module) -> list:

@@ -1,6 +1,7 @@
-"""The run: `fit`, `validate`, `test` and `predict`, and the loops between them.
+"""The run: `fit` and its loops, and what every run shares (`_run`: binding, setup, teardown).
 
-Mixed into `Trainer`, which holds the arguments and the public state. A fit reads
+Mixed into `Trainer`, which holds the arguments and the public state (validate, test and
+predict: `evaluation.py`). A fit reads
 top-down: epochs; in each, the chunks `ChunkPlanner` cuts; for each chunk the batch
 hooks, `engine.run(chunk)`, bookkeeping, schedulers, step logs, validation and stop
 checks. What the device computes is the engine's (`lightms.engine`); host reads of
@@ -9,21 +10,22 @@ device values happen only where marked (logging steps, epoch ends, `detect_anoma
 
 import sys
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Optional
 
 from lightms._mindspore import GraphDumpGuard
 from lightms.checkpoint.run_state import restore_run_state
 from lightms.distributed.watchdog import explain_collective_failure
 from lightms.engine.binding import ModuleBinding
 from lightms.engine.engine import Counters, TrainEngine
-from lightms.engine.eval_step import EvalStep, module_metrics
 from lightms.engine.explain import explain_graph_failure
 from lightms.engine.plan import frozen_parameters, plan_training
 from lightms.module.cell import LightningCell
-from lightms.module.logging import DeviceLogBuffers, LogOptions
+from lightms.module.device_logs import DeviceLogBuffers
+from lightms.module.logging import LogOptions
 from lightms.precision.precision import warn_half_optimizer
 from lightms.trainer.chunks import Chunk, ChunkPlanner, resolve_sink_length
-from lightms.trainer.data import DataSource, eval_source, fit_sources
+from lightms.trainer.data import DataSource, fit_sources
+from lightms.trainer.evaluation import EvaluationLoop
 from lightms.trainer.hooks import hook_receivers
 from lightms.trainer.interrupts import Interrupted, stop_if_interrupted, stop_requests
 from lightms.trainer.anomaly import check_nonfinite
@@ -32,11 +34,9 @@ from lightms.trainer.modes import (agree_on_stopping, check_manual_optimization,
 from lightms.trainer.optimizers import name_optimizer_states, read_optimizer_config, step_schedulers
 from lightms.trainer.seed import seed_everything
 
-EVAL_HOOKS = {"validation": "validation_step", "test": "test_step", "predict": "predict_step"}
-
-
-class TrainingLoop:
-    """The run half of `Trainer` (a mixin: it uses the Trainer's arguments, state and hooks)."""
+class TrainingLoop(EvaluationLoop):
+    """The run half of `Trainer` (a mixin: it uses the Trainer's arguments, state and hooks); validate, test
+    and predict and the evaluation pass come from `EvaluationLoop`."""
 
     # ---- entry points -------------------------------------------------------------------
     def fit(self, model: LightningCell, train_dataloaders=None, val_dataloaders=None, datamodule=None,
@@ -75,39 +75,7 @@ class TrainingLoop:
             self.interrupted = True
             raise SystemExit(128 + interruption.signum) from None
 
-    def validate(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Dict[str, float]]:
-        """Runs validation_step over the data; returns `[metrics]` as Lightning does."""
-        return self._evaluate("validate", "validation", model, dataloaders, datamodule)
-
-    def test(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Dict[str, float]]:
-        """Runs test_step over the data; returns `[metrics]` as Lightning does."""
-        return self._evaluate("test", "test", model, dataloaders, datamodule)
-
-    def predict(self, model: LightningCell, dataloaders=None, datamodule=None) -> List[Any]:
-        """Runs predict_step over the data; returns the list of per-batch outputs."""
-        self._check_model(model)
-        source = eval_source(self, "predict", datamodule, dataloaders)
-        outputs: List[Any] = []
-        self._run("predict", model, lambda: outputs.extend(self._eval_loop("predict", source,
-                                                                          self.limit_predict_batches)))
-        return outputs
-
     # ---- scaffolding ----------------------------------------------------------------------
-    def _check_model(self, model) -> None:
-        if not isinstance(model, LightningCell):
-            raise TypeError(f"Trainer expects a lightms.LightningCell, got {type(model).__name__}.")
-
-    def _evaluate(self, entry: str, stage: str, model, dataloaders, datamodule) -> List[Dict[str, float]]:
-        self._check_model(model)
-        if not callable(getattr(model, EVAL_HOOKS[stage], None)):
-            raise NotImplementedError(f"Trainer.{entry} needs {type(model).__name__}.{EVAL_HOOKS[stage]}(batch, "
-                                      "batch_idx).")
-        source = eval_source(self, entry, datamodule, dataloaders)
-        limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
-        results: List[Dict[str, float]] = []
-        self._run(entry, model, lambda: results.append(self._eval_loop(stage, source, limit)))
-        return results
-
     def _run(self, stage: str, model: LightningCell, body) -> None:
         """Binds the model, runs `body` with setup/teardown around it, and always unbinds."""
         if self.seed is not None:
@@ -463,54 +431,3 @@ class TrainingLoop:
         """Tells the data-parallel watchdog that this worker got past `where` (no-op in one process)."""
         if self._watchdog is not None:
             self._watchdog.beat(where)
-
-    def _eval_loop(self, stage: str, source: DataSource, limit):
-        """Runs one pass of validation, test or predict. Returns metrics, or outputs for predict."""
-        metrics = self._metrics
-        with self._binding.evaluating():
-            self.num_eval_batches = source.batch_count(limit)
-            metrics.start_epoch(stage)
-            for metric in module_metrics(self.model):
-                metric.clear()  # e.g. updates of the sanity check do not count
-            self._call(f"on_{stage}_start")  # also while sanity checking, as Lightning does
-            self._call(f"on_{stage}_epoch_start")
-            outputs = []
-            for batch in source.batches(limit):
-                self._call(f"on_{stage}_batch_start", batch.data, batch.index)
-                if stage not in self._eval_steps:
-                    self._eval_steps[stage] = self._build_eval_step(stage, batch)
-                output = self._eval_steps[stage](batch)
-                if stage == "predict":
-                    outputs.append(output)
-                self._call(f"on_{stage}_batch_end", output, batch.data, batch.index)
-            reported = not self.sanity_checking and stage != "predict"
-            if reported:
-                metrics.end_epoch(stage)  # before the hook: its callbacks see the epoch values, as in Lightning
-            self._call(f"on_{stage}_epoch_end")
-            results: Dict[str, float] = {}
-            if reported:
-                logged = metrics.epoch_ended()
-                if self.state.stage == "fit":
-                    self._logger_write(logged)
-                results = {name: value for name, value in metrics.callback_metrics.items()
-                           if name in self._stage_names(stage)}
-            self._call(f"on_{stage}_end")
-        return outputs if stage == "predict" else results
-
-    def _build_eval_step(self, stage: str, batch) -> EvalStep:
-        hook = EVAL_HOOKS[stage]
-        step = EvalStep(self.model, stage, hook, batch, self._metrics.host[stage], self._binding, self.compile,
-                        self.precision.autocast, self._explainer(hook))
-        if step.logs is not None:
-            self._metrics.device[stage] = step.logs
-        return step
-
-    def _stage_names(self, stage: str) -> set:
-        names = set()
-        device = self._metrics.device.get(stage)
-        options = list(device.options) if device is not None else []
-        options += list(self._metrics.host[stage].options.values())
-        for opt in options:
-            names.update(opt.reported_names().values())
-            names.add(opt.name)
-        return names

@@ -8,7 +8,8 @@ end of an epoch.
 
 from typing import Dict, List, Optional, Tuple
 
-from lightms.module.logging import DeviceLogBuffers, HostLogs, LogOptions
+from lightms.module.device_logs import DeviceLogBuffers
+from lightms.module.logging import HostLogs, LogOptions
 
 STAGES = ("train", "validation", "test", "predict")
 

@@ -40,7 +40,8 @@ def start_data_parallel(trainer, train) -> None:
         # so far are rank 0's alone, so the other workers start theirs from nothing.
         tensors, rest = trainer._pending_engine_state
         if "logs" in rest:
-            from lightms.module.logging import DeviceLogBuffers, LogOptions
+            from lightms.module.device_logs import DeviceLogBuffers
+            from lightms.module.logging import LogOptions
 
             empty = DeviceLogBuffers([LogOptions(**options) for options in rest["logs"]["options"]])
             rest = {**rest, "logs": empty.state_dict(with_window=False)}
