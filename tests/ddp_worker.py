@@ -34,11 +34,7 @@ class Regressor(lightms.LightningCell):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = ((self.net(x) - y) ** 2).mean()
-        self.log("loss", loss, on_step=False, on_epoch=True)
-        self.log("loss_mean", loss, on_step=False, on_epoch=True, sync_dist=True)
-        self.log("loss_max", loss, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
-        self.log("loss_own_max", loss, on_step=False, on_epoch=True, reduce_fx="max")
-        log_steps(self, loss)
+        log_losses(self, loss)
         return loss
 
     def on_train_epoch_end(self):
@@ -66,16 +62,17 @@ class ManualRegressor(Regressor):
 
         loss, grads = self.value_and_grad(loss_fn, opt)(x, y)
         self.optimizer_step(opt, grads)
-        self.log("loss", loss, on_step=False, on_epoch=True)
-        self.log("loss_mean", loss, on_step=False, on_epoch=True, sync_dist=True)
-        self.log("loss_max", loss, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
-        self.log("loss_own_max", loss, on_step=False, on_epoch=True, reduce_fx="max")
-        log_steps(self, loss)
+        log_losses(self, loss)
         return loss
 
 
-def log_steps(module, loss):
-    """Step values: this worker's own, and reduced over the workers inside the compiled step."""
+def log_losses(module, loss):
+    """Epoch values: this worker's own, and reduced over the workers at the epoch's end; step values: this worker's
+    own, and reduced over the workers inside the compiled step."""
+    module.log("loss", loss, on_step=False, on_epoch=True)
+    module.log("loss_mean", loss, on_step=False, on_epoch=True, sync_dist=True)
+    module.log("loss_max", loss, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+    module.log("loss_own_max", loss, on_step=False, on_epoch=True, reduce_fx="max")
     module.log("step_own", loss)
     module.log("step_mean", loss, sync_dist=True)
     module.log("step_min", loss, sync_dist=True, reduce_fx="min")
