@@ -28,7 +28,7 @@ class Watchdog:
 
     def __init__(self, timeout: float, rank: int, end: Callable[[int], None] = os._exit):
         self.timeout, self.rank, self._end = timeout, rank, end
-        self._last, self._where = time.monotonic(), "the start of fit"
+        self._last, self._where = time.monotonic(), ("the start of fit", ())
         self._stopped = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -39,9 +39,10 @@ class Watchdog:
         self._thread.start()
         return self
 
-    def beat(self, where: str) -> None:
-        """Records that this worker got past `where` ("epoch 2, step 40") just now."""
-        self._last, self._where = time.monotonic(), where
+    def beat(self, where: str, *args) -> None:
+        """Records that this worker got past `where % args` ("epoch %d, step %d", 2, 40) just now (formatted only
+        when reported: a beat is made once per chunk)."""
+        self._last, self._where = time.monotonic(), (where, args)
 
     def stop(self) -> None:
         """Stops watching (at the end of fit, however it ended)."""
@@ -53,11 +54,12 @@ class Watchdog:
         while not self._stopped.wait(min(1.0, self.timeout / 4)):
             waited = time.monotonic() - self._last
             if waited > self.timeout:
+                where, args = self._where
                 print(f"lightms: worker {self.rank} stops: it has made no progress for {waited:.0f} s (last past "
-                      f"{self._where}), so a worker has died or is stuck (this one or another: see the workers' logs). "
-                      "Ending this worker with "
-                      "exit code 1; if a step, a validation or a checkpoint legitimately takes longer, raise "
-                      "Trainer(strategy=DDPStrategy(timeout=seconds)).", file=sys.stderr, flush=True)
+                      f"{where % args if args else where}), so a worker has died or is stuck (this one or another: "
+                      "see the workers' logs). Ending this worker with exit code 1; if a step, a validation or a "
+                      "checkpoint legitimately takes longer, raise Trainer(strategy=DDPStrategy(timeout=seconds)).",
+                      file=sys.stderr, flush=True)
                 self._end(1)
                 return
 

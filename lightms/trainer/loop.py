@@ -275,7 +275,7 @@ class TrainingLoop(EvaluationLoop):
         """
         state = self.state
         first, last = chunk.batches[0], chunk.batches[-1]
-        self._progressed(f"epoch {state.current_epoch}, batch {first.index}")
+        self._progressed("epoch %d, batch %d", state.current_epoch, first.index)  # formatted only if reported
         state.batch_idx = first.index
         self.sink_batches = range(first.index, last.index + 1)
         end_epoch = False
@@ -427,7 +427,7 @@ class TrainingLoop(EvaluationLoop):
         self._validation_runs += 1
         self._progressed(f"epoch {self.state.current_epoch}, after validation")
 
-    def _progressed(self, where: str) -> None:
-        """Tells the data-parallel watchdog that this worker got past `where` (no-op in one process)."""
+    def _progressed(self, where: str, *args) -> None:
+        """Tells the data-parallel watchdog that this worker got past `where % args` (no-op in one process)."""
         if self._watchdog is not None:
-            self._watchdog.beat(where)
+            self._watchdog.beat(where, *args)

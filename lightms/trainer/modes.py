@@ -131,7 +131,7 @@ def agree_on_stopping(trainer) -> None:
     from lightms.distributed.reduction import any_worker
 
     interrupted, stopping = any_worker([trainer._interrupt_signal is not None, trainer.state.should_stop])
-    trainer._progressed(f"epoch {trainer.state.current_epoch}, step {trainer.state.global_step}")
+    trainer._progressed("epoch %d, step %d", trainer.state.current_epoch, trainer.state.global_step)
     if interrupted and trainer._interrupt_signal is None:
         trainer._interrupt_signal = signal.SIGTERM
     trainer._stop_agreed = interrupted  # a signal arriving after this waits for the next agreement
