@@ -136,16 +136,22 @@ def test_ckpt_path_last_in_a_new_trainer_finds_the_default_folders_newest_checkp
 
 
 def test_temporary_files_of_killed_writes_are_removed_and_others_kept(tmp_path):
+    import re
+    import socket
+
     exited = subprocess.Popen(["true"])
     exited.wait()  # its pid no longer runs
-    dead = f".epoch=0-step=1.ckpt.{exited.pid}.tmp.tmp"
-    dead_renamed = f".epoch=0-step=1.ckpt.{exited.pid}.tmp.ckpt"
-    alive = f".epoch=0-step=2.ckpt.{os.getppid()}.tmp.tmp"  # a live writer's: still being written
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+    dead = f".epoch=0-step=1.ckpt.{host}.{exited.pid}.tmp.tmp"
+    dead_renamed = f".epoch=0-step=1.ckpt.{host}.{exited.pid}.tmp.ckpt"
+    alive = f".epoch=0-step=2.ckpt.{host}.{os.getppid()}.tmp.tmp"  # a live writer's: still being written
+    # Another machine's write into a shared folder: its pid means nothing here, so it is kept.
+    elsewhere = f".epoch=0-step=3.ckpt.other-node.{exited.pid}.tmp.ckpt"
     users = [".notes.ckpt", "mine.tmp"]
-    for name in [dead, dead_renamed, alive] + users:
+    for name in [dead, dead_renamed, alive, elsewhere] + users:
         (tmp_path / name).write_bytes(b"x" * 100)
     fit(1, ModelCheckpoint(dirpath=str(tmp_path)))
-    assert sorted(os.listdir(tmp_path)) == sorted([alive, "epoch=0-step=5.ckpt"] + users)
+    assert sorted(os.listdir(tmp_path)) == sorted([alive, elsewhere, "epoch=0-step=5.ckpt"] + users)
 
 
 def test_resuming_from_a_copy_elsewhere_into_the_old_folder_leaves_its_files_alone(tmp_path):

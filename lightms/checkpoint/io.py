@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -27,8 +28,14 @@ OPTIMIZER_PREFIX = "lightms.optimizer."
 # MindSpore ends a checkpoint written with crc_check=True with b"crc_num" and the CRC32 in 10 big-endian bytes.
 _CRC_MARK, _CRC_BYTES = b"crc_num", 10
 # What `write_checkpoint` leaves behind when its process dies mid-write: its own temporary name, and the
-# one MindSpore writes first (the same with ".ckpt" replaced by ".tmp"). The number is the writer's pid.
-_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp\.(ckpt|tmp)$")
+# one MindSpore writes first (the same with ".ckpt" replaced by ".tmp"). They name the writer's host and pid:
+# a pid says whether its writer still runs only on the writer's own host (a folder may be shared by machines).
+_TEMPORARY = re.compile(r"^\..+\.([A-Za-z0-9-]+)\.(\d+)\.tmp\.(ckpt|tmp)$")
+
+
+def _host() -> str:
+    """This machine's name, as temporary names hold it (letters, digits and dashes)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
 def optimizer_state(optimizer, module_parameter_names) -> List[Parameter]:
@@ -51,7 +58,7 @@ def _temporaries(path: str) -> Tuple[str, str]:
     """(lightms's temporary name for a write of `path`, the name MindSpore writes first)."""
     folder, base = os.path.split(os.path.abspath(path))
     # MindSpore appends ".ckpt" to names without it, so lightms's temporary name ends in ".ckpt" too.
-    ours = os.path.join(folder, f".{base}.{os.getpid()}.tmp.ckpt")
+    ours = os.path.join(folder, f".{base}.{_host()}.{os.getpid()}.tmp.ckpt")
     return ours, ours[:-len(".ckpt")] + ".tmp"
 
 
@@ -104,8 +111,9 @@ def _sync(path: str) -> None:
 def remove_stale_temporaries(folder: str) -> List[str]:
     """Deletes the temporary files of checkpoint writes whose process died (SIGKILL, power loss) in `folder`.
 
-    Only files named as `write_checkpoint` names them, of a process that no longer runs (or
-    of this process, which writes one checkpoint at a time and is not writing now).
+    Only files named as `write_checkpoint` names them, written on this machine by a process that
+    no longer runs (or by this process, which writes one checkpoint at a time and is not writing
+    now). Another machine's are kept: this one cannot tell whether their writer still runs.
 
     Returns:
         The paths removed.
@@ -117,9 +125,9 @@ def remove_stale_temporaries(folder: str) -> List[str]:
         match = _TEMPORARY.match(name)
         if match is None:
             continue
-        pid = int(match.group(1))
-        if pid != os.getpid() and _process_alive(pid):
-            continue  # another run is writing it now
+        host, pid = match.group(1), int(match.group(2))
+        if host != _host() or (pid != os.getpid() and _process_alive(pid)):
+            continue  # another machine's, or another run is writing it now
         path = os.path.join(folder, name)
         try:
             os.remove(path)
