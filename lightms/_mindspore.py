@@ -17,30 +17,33 @@ os.environ.setdefault("GLOG_v", "3")
 import mindspore  # noqa: E402  (must come after GLOG_v is set)
 
 
-def _dump_folder() -> str:
-    return os.path.join(os.getcwd(), "rank_0")
-
-
 class GraphDumpGuard:
     """Moves MindSpore's compile-failure report out of the working directory.
 
-    A graph that fails to compile makes MindSpore write `rank_0/om/analyze_fail.ir`
-    into the working directory, whatever `save_graphs_path` says (seen with 2.10).
-    When a run fails and leaves a `rank_0` folder that was not there before, the
-    guard moves it under the temp folder and says where it went.
+    A graph that fails to compile makes MindSpore write `rank_<rank>/om/analyze_fail.ir`
+    into the working directory, whatever `save_graphs_path` says (seen with 2.10; the
+    rank is the data-parallel worker's, 0 in one process). When a run fails and leaves
+    its rank's folder that was not there before, the guard moves it under the temp
+    folder and says where it went; other workers' folders in a shared directory are theirs.
+
+    Args:
+        rank: This process's data-parallel rank.
     """
 
-    def __init__(self):
-        self.existed = os.path.exists(_dump_folder())
+    def __init__(self, rank: int = 0):
+        self.folder = os.path.join(os.getcwd(), f"rank_{rank}")
+        self.existed = os.path.exists(self.folder)
 
     def tidy(self) -> Optional[str]:
-        """Moves a `rank_0` folder created since construction; returns its new path, or None."""
-        source = _dump_folder()
-        if self.existed or not os.path.isdir(source):
+        """Moves this rank's folder if created since construction; returns its new path, or None."""
+        if self.existed or not os.path.isdir(self.folder):
             return None
         target = tempfile.mkdtemp(prefix="lightms-analyze-fail-")
-        shutil.move(source, target)
-        return os.path.join(target, "rank_0")
+        try:
+            shutil.move(self.folder, target)
+        except OSError:  # gone or unmovable: the run's own error matters more than this tidying
+            return None
+        return os.path.join(target, os.path.basename(self.folder))
 
 
 def compiled_graph_count() -> int:

@@ -2,6 +2,7 @@
 
 import functools
 import inspect
+import os
 
 import pytest
 
@@ -172,3 +173,17 @@ def test_a_dict_changed_under_a_python_condition_compiles_and_logs_every_key():
     trainer.fit(fresh_model(cls=PythonFlag), batches_of(x, y, 8))
     metrics = trainer.callback_metrics
     assert metrics["b_epoch"] == pytest.approx(2 * metrics["a_epoch"], rel=1e-6)
+
+
+def test_the_compile_report_guard_moves_only_its_own_ranks_new_folder(tmp_path, monkeypatch):
+    from lightms._mindspore import GraphDumpGuard
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rank_0").mkdir()  # there before the run (a user's, or another worker's): left alone
+    guard = GraphDumpGuard(rank=1)
+    (tmp_path / "rank_1" / "om").mkdir(parents=True)
+    (tmp_path / "rank_1" / "om" / "analyze_fail.ir").write_text("report")
+    moved = guard.tidy()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_0"]
+    assert open(os.path.join(moved, "om", "analyze_fail.ir")).read() == "report"
+    assert GraphDumpGuard(rank=0).tidy() is None

@@ -89,7 +89,7 @@ class TrainingLoop(EvaluationLoop):
         self._hook_receivers = {}  # hook -> who receives it, for this run's model
         self.state.stage = stage
         status = "failed"
-        dump_guard = GraphDumpGuard()
+        dump_guard = GraphDumpGuard(self.global_rank)
         binding = self._binding = ModuleBinding(model, self, LightningCell)
         try:
             with binding:
@@ -105,8 +105,8 @@ class TrainingLoop(EvaluationLoop):
                 status = "interrupted"
             moved = dump_guard.tidy()
             if moved:
-                warnings.warn(f"MindSpore's compile report (rank_0/om/analyze_fail.ir) was moved out of the "
-                              f"working directory to {moved}.", stacklevel=3)
+                warnings.warn(f"MindSpore's compile report (rank_{self.global_rank}/om/analyze_fail.ir) was moved out "
+                              f"of the working directory to {moved}.", stacklevel=3)
             failure = explain_collective_failure(
                 exception, self.global_rank, f"epoch {self.state.current_epoch}, step {self.state.global_step}",
                 self.ddp.timeout) if self.world_size > 1 else None
