@@ -37,6 +37,13 @@ class Regressor(lightms.LightningCell):
         log_losses(self, loss)
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        # Every worker validates all the data: its values are the whole data's, sync_dist or not.
+        x, y = batch
+        loss = ((self.net(x) - y) ** 2).mean()
+        self.log("val_loss", loss, sync_dist=True)
+        self.log("val_rows", loss * 0 + x.shape[0], reduce_fx="sum", sync_dist=True)
+
     def on_train_epoch_end(self):
         # Logged in a hook (on the host): with sync_dist, reduced over the workers as it is logged.
         self.log("rank_mean", float(self.trainer.global_rank), sync_dist=True)
@@ -165,7 +172,8 @@ def main(out_dir: str, fail: bool) -> None:
                                   strategy="auto" if name == "plain" else "ddp", callbacks=callbacks,
                                   enable_progress_bar=name == "unseeded", **options)
         data = pipeline(4) if name == "dataset" else global_batches()
-        trainer.fit(model, data, ckpt_path=os.path.join(out_dir, RESUMED_FROM[name]) if name in RESUMED_FROM else None)
+        trainer.fit(model, data, global_batches() if name == "plain" else None,
+                    ckpt_path=os.path.join(out_dir, RESUMED_FROM[name]) if name in RESUMED_FROM else None)
         params = {p.name: p.asnumpy() for p in model.trainable_params()}
         metrics = {f"metric:{k}": np.float64(v) for k, v in trainer.callback_metrics.items()}
         np.savez(os.path.join(out_dir, f"{name}-rank{trainer.global_rank}.npz"), world_size=trainer.world_size,

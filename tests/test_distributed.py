@@ -134,6 +134,19 @@ def test_a_resume_with_nothing_left_in_the_epoch_ends_it_on_every_worker(two_wor
             np.testing.assert_array_equal(r[name], saved[name].asnumpy())
 
 
+def test_every_worker_validates_all_the_data(two_workers):
+    # "plain" validated on the 8 batches (32 rows) after its epoch: each worker over all of them, so the values
+    # are the whole data's (a sum logged with sync_dist is not doubled), equal to numpy with the final weights.
+    x = np.concatenate([b[0] for b in ddp_worker.global_batches()])
+    y = np.concatenate([b[1] for b in ddp_worker.global_batches()])
+    for rank in (0, 1):
+        r = np.load(two_workers / f"plain-rank{rank}.npz")
+        hidden = np.tanh(x @ r["net.0.weight"].T + r["net.0.bias"])
+        mse = float((((hidden @ r["net.2.weight"].T + r["net.2.bias"]) - y) ** 2).mean())
+        assert float(r["metric:val_loss"]) == pytest.approx(mse, rel=1e-5)
+        assert float(r["metric:val_rows"]) == 32
+
+
 def test_only_rank_zero_writes_logs_and_checkpoints(two_workers):
     # (In "plain", rank 1 also fell 12 s behind at its epoch's end, longer than the launcher's MS_NODE_TIMEOUT=10
     # for msrun's scheduler: the workers waited for each other as long as the strategy says, and the run went on.)
@@ -257,12 +270,12 @@ def test_the_watchdog_ends_the_process_only_without_beats():
     from lightms.distributed.watchdog import Watchdog
 
     ended = []
-    watchdog = Watchdog(0.4, rank=0, end=ended.append).start()
-    for step in range(6):
+    watchdog = Watchdog(1.0, rank=0, end=ended.append).start()
+    for step in range(8):  # beats 0.2 s apart: never a second without one, even on a loaded machine
         time.sleep(0.2)
-        watchdog.beat(f"step {step}")
+        watchdog.beat("step %d", step)
     assert ended == []
-    time.sleep(1.2)
+    time.sleep(2.5)
     watchdog.stop()
     assert ended == [1]
 
@@ -400,6 +413,17 @@ def test_a_pipeline_built_sharded_is_this_workers_share_and_other_shards_are_ref
     limited.limit_to(3)  # the fewest batches any worker has
     assert len(limited) == 3
     assert [float(b.data[0].asnumpy()) for b in limited.batches()] == [0.0, 1.0, 2.0]
+
+
+def test_evaluation_data_built_sharded_is_refused_with_several_workers():
+    import mindspore.dataset as msds
+
+    from lightms.trainer.data import DataSource
+
+    built = msds.NumpySlicesDataset({"x": np.arange(8, dtype=np.float32)}, num_shards=2, shard_id=0).batch(2)
+    DataSource(built, "val_dataloaders").check_whole(1)  # one process: its data, as given
+    with pytest.raises(ValueError, match="val_dataloaders was built with num_shards=2: lightms evaluates all"):
+        DataSource(built, "val_dataloaders").check_whole(2)
 
 
 def test_a_pipeline_sharded_through_its_sampler_is_not_sharded_again():

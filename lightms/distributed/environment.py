@@ -112,18 +112,27 @@ def resolve_environment(strategy: str, devices, num_nodes: int,
             `devices * num_nodes`, saying how to launch.
     """
     workers = msrun_workers()
-    wanted = devices * num_nodes if isinstance(devices, int) else 1
-    if strategy == "auto" and workers == 0 and wanted == 1:
+    expected = devices * num_nodes if isinstance(devices, int) else None  # None: "auto", what msrun started
+    if strategy == "auto" and workers == 0 and expected in (None, 1):
         return None
     if workers == 0:
         asked = f"strategy={strategy!r}" if strategy != "auto" else f"devices={devices}, num_nodes={num_nodes}"
         raise RuntimeError(f"Trainer({asked}) runs data-parallel on MindSpore's msrun, which starts the workers: "
                            "launch the script with `python -m lightms.launch --devices N script.py` (or msrun itself).")
-    expected = devices * num_nodes if isinstance(devices, int) else None
     if expected is not None and expected != workers:
         raise RuntimeError(f"Trainer(devices={devices}, num_nodes={num_nodes}) expects {expected} workers, but msrun "
                            f"started {workers}; launch with as many workers as devices * num_nodes.")
     return join_cluster(collective_timeout)
+
+
+def user_node_timeout(environ: Mapping[str, str] = os.environ) -> Optional[float]:
+    """`MS_NODE_TIMEOUT` in seconds if the user set it (not `lightms.launch`, for msrun's scheduler), else None."""
+    from lightms.launch import LAUNCHER_NODE_TIMEOUT  # (the launcher imports nothing of MindSpore's)
+
+    value = environ.get("MS_NODE_TIMEOUT", "")
+    if LAUNCHER_NODE_TIMEOUT in environ or not value.isdigit() or int(value) == 0:
+        return None
+    return float(value)
 
 
 def serve_if_scheduler() -> None:
@@ -145,21 +154,5 @@ def broadcast_parameters(parameters) -> None:
         ops.assign(param, first)
 
 
-def agree_on_seed(seed: int) -> int:
-    """Rank 0's `seed`, on every worker (for data pipelines that shuffle)."""
-    import numpy as np
-    from mindspore import Tensor, ops
-
-    return int(ops.AllGather()(Tensor(np.array([seed], np.int64))).asnumpy()[0])
-
-
-def agree_on_minimum(value: int) -> int:
-    """The smallest of every worker's `value` (every worker must call it)."""
-    import numpy as np
-    from mindspore import Tensor, ops
-
-    return int(ops.AllGather()(Tensor(np.array([value], np.int64))).asnumpy().min())
-
-
-__all__ = ["ClusterEnvironment", "agree_on_minimum", "agree_on_seed", "broadcast_parameters", "is_msrun_scheduler", "join_cluster",
-           "leave_cluster", "msrun_workers", "resolve_environment", "serve_if_scheduler"]
+__all__ = ["ClusterEnvironment", "broadcast_parameters", "is_msrun_scheduler", "join_cluster", "leave_cluster",
+           "msrun_workers", "resolve_environment", "serve_if_scheduler", "user_node_timeout"]

@@ -1,4 +1,7 @@
-"""The gradient stage of data parallelism: the mean of each gradient over the workers, in the compiled step."""
+"""Data parallelism's reductions: the mean of each gradient over the workers (in the compiled step), and the
+small host-side ones (logged values, stop flags, seeds, batch counts), all from one gather."""
+
+import numpy as np
 
 from lightms._mindspore import mindspore as ms  # noqa: F401  (quiets MindSpore's logs before it loads)
 from mindspore import Tensor, ops
@@ -24,10 +27,11 @@ def gradient_mean(world_size: int):
     return mean
 
 
-def level_reducers():
-    """(AllReduce sum, AllGather) over the world group, for logged values reduced inside a graph (made outside it,
-    as MindSpore requires)."""
-    return ops.AllReduce(), ops.AllGather()
+def gather(array) -> np.ndarray:
+    """Every worker's `array`, stacked in rank order: shape (workers,) + its shape (one AllGather on the host;
+    every worker must call it at the same point). CPU's AllReduce has only a sum, so sums, extremes and
+    agreements are all taken from this."""
+    return ops.AllGather()(Tensor(np.asarray(array)[None])).asnumpy()
 
 
 def reduce_logged(values, weights, reduce_fxs):
@@ -35,34 +39,36 @@ def reduce_logged(values, weights, reduce_fxs):
     take theirs; names with no reduction (None) keep this worker's values. Every worker must call it.
 
     Args:
-        values, weights: numpy arrays, one entry per logged name (a mean's value is its weighted sum; a
-            max or min is one only where the name was logged, which is on every worker).
+        values, weights: One entry per logged name (a mean's value is its weighted sum).
         reduce_fxs: Each name's reduce_fx, or None.
 
     Returns:
-        (values, weights) as numpy arrays.
+        (values, weights) as float32 numpy arrays.
     """
-    import numpy as np
-
     values, weights = np.array(values, np.float32), np.array(weights, np.float32)
-    summed = ops.AllReduce()(Tensor(np.stack([values, weights]))).asnumpy()
-    # AllReduce has only a sum on CPU: every worker's values, gathered, give the max and the min.
-    gathered = ops.AllGather()(Tensor(values[None])).asnumpy()
-    largest, smallest = gathered.max(axis=0), gathered.min(axis=0)
+    gathered = gather(np.stack([values, weights]))  # (workers, 2, names)
+    summed = gathered.sum(axis=0)
+    reduced = {"mean": summed[0], "sum": summed[0], "max": gathered[:, 0].max(axis=0),
+               "min": gathered[:, 0].min(axis=0)}
     for i, fx in enumerate(reduce_fxs):
-        if fx is None:
-            continue
-        values[i] = {"mean": summed[0][i], "sum": summed[0][i], "max": largest[i], "min": smallest[i]}[fx]
-        weights[i] = summed[1][i]
+        if fx is not None:
+            values[i], weights[i] = reduced[fx][i], summed[1][i]
     return values, weights
 
 
 def any_worker(flags):
     """Whether any worker has each flag set (every worker must call it at the same point)."""
-    import numpy as np
-
-    counts = ops.AllReduce()(Tensor(np.array(flags, np.float32))).asnumpy()
-    return [bool(count > 0) for count in counts]
+    return [bool(count > 0) for count in gather(np.array(flags, np.float32)).sum(axis=0)]
 
 
-__all__ = ["any_worker", "gradient_mean", "level_reducers", "reduce_logged"]
+def agree_on_seed(seed: int) -> int:
+    """Rank 0's `seed`, on every worker (for data pipelines that shuffle)."""
+    return int(gather(np.array([seed], np.int64))[0, 0])
+
+
+def agree_on_minimum(value: int) -> int:
+    """The smallest of every worker's `value` (every worker must call it)."""
+    return int(gather(np.array([value], np.int64)).min())
+
+
+__all__ = ["agree_on_minimum", "agree_on_seed", "any_worker", "gather", "gradient_mean", "reduce_logged"]

@@ -22,6 +22,13 @@ from lightms.module.logging import INITIAL, LogOptions
 VALUE, WEIGHT = 0, 1
 
 
+def empty_level(options: List[LogOptions]) -> np.ndarray:
+    """A (value, weight) level where nothing is logged yet: each reduction's start, weight 0 (one column at least)."""
+    initial = np.zeros(max(len(options), 1), np.float32)
+    initial[:len(options)] = [INITIAL[opt.reduce_fx] for opt in options]
+    return np.stack([initial, np.zeros_like(initial)])
+
+
 class DeviceLogBuffers(nn.Cell):
     """Device-side accumulators for the names one hook logs.
 
@@ -44,7 +51,8 @@ class DeviceLogBuffers(nn.Cell):
         history_length: Under sinking with a logger, keep the step values of up to this many
             optimizer steps of one chunk (`record_step`); 0 for none.
         world_size: Data-parallel workers: with more than one, the step values of names logged with
-            `sync_dist=True` are reduced over them inside the graph, as each window closes.
+            `sync_dist=True` are reduced over them inside the graph, as each window closes, and their
+            epoch values in `read_epoch`. 1 for evaluation steps: every worker evaluates all the data.
     """
 
     def __init__(self, options: List[LogOptions], single_batch_windows: bool = False, window_is_step: bool = False,
@@ -55,10 +63,7 @@ class DeviceLogBuffers(nn.Cell):
         self.single_batch_windows = single_batch_windows
         self.window_is_step = window_is_step
         count = max(len(self.options), 1)  # a zero-width Parameter is awkward to update
-        initial = np.zeros(count, np.float32)
-        for i, opt in enumerate(self.options):
-            initial[i] = INITIAL[opt.reduce_fx]
-        self._initial_level = np.stack([initial, np.zeros(count, np.float32)])
+        self._initial_level = empty_level(self.options)
         self.host_reads = 0  # device-to-host reads of these buffers, for the trainer's sync count
         self.has_extremes = any(opt.reduce_fx in ("max", "min") for opt in self.options)
         # Per name: the (value, weight) cells of its column, for scatter updates.
@@ -81,6 +86,7 @@ class DeviceLogBuffers(nn.Cell):
         # The epoch level is kept only if some name reports it (training_step's default is on_step only).
         self.keeps_epoch = any(opt.on_epoch for opt in self.options)
         self.history = None  # step values of the optimizer steps of one sunk chunk
+        self.world_size = world_size
         # Only names that report step values: the epoch level is reduced at the epoch's end (`read_epoch`).
         self.sync = _StepSync(self.options, count) if world_size > 1 and any(
             o.sync_dist and o.on_step for o in self.options) else None
@@ -213,21 +219,20 @@ class DeviceLogBuffers(nn.Cell):
         """
         return self._read(self.window)
 
-    def read_epoch(self, world_size: int = 1) -> Dict[str, float]:
+    def read_epoch(self) -> Dict[str, float]:
         """Returns the epoch value of every name logged this epoch (a host sync, unless no name reports one).
 
-        Args:
-            world_size: Data-parallel workers: names logged with `sync_dist=True` are reduced over them
-                (every worker must call this at the same point).
+        With several workers (`world_size`), names logged with `sync_dist=True` and `on_epoch` are reduced
+        over them: every worker must call this at the same point.
         """
         if not self.keeps_epoch:
             return {}
         values, weights = self.epoch.asnumpy()
         self.host_reads += 1
-        if world_size > 1 and any(o.sync_dist for o in self.options):
+        if self.world_size > 1 and any(o.sync_dist and o.on_epoch for o in self.options):
             from lightms.distributed.reduction import reduce_logged
 
-            values, weights = reduce_logged(values, weights, [o.reduce_fx if o.sync_dist else None
+            values, weights = reduce_logged(values, weights, [o.reduce_fx if o.sync_dist and o.on_epoch else None
                                                                for o in self.options])
         return self._values(values, weights)
 
@@ -282,34 +287,31 @@ class _StepSync(nn.Cell):
     """Reduces the columns of names logged with sync_dist and on_step of a (value, weight) level over the workers
     (graph-parseable).
 
-    One AllReduce (a sum) for every column: weighted sums and their weights add up to the global
-    weighted mean; an AllGather more when a synced name reduces by max or min (CPU's AllReduce
-    has only a sum). Other columns keep this worker's values.
+    One AllGather of the level (CPU's AllReduce has only a sum): weighted sums and their weights
+    add up to the global weighted mean, sums add up, max and min take the workers' extremes (their
+    weight rows add up: they only say "logged"). Other columns keep this worker's values.
     """
 
     def __init__(self, options: List[LogOptions], count: int):
         super().__init__(auto_prefix=False)
-        from lightms.distributed.reduction import level_reducers
-
         pad = [False] * (count - len(options))
         synced = [o.sync_dist and o.on_step for o in options]
+
+        def mask(rows, fxs):  # the cells of `rows` in the columns of synced names reduced by one of `fxs`
+            return rows & np.array([s and o.reduce_fx in fxs for s, o in zip(synced, options)] + pad)
+
         value_row, both_rows = np.array([[True], [False]]), np.array([[True], [True]])
-        summed = [s and o.reduce_fx in ("mean", "sum") for s, o in zip(synced, options)] + pad
-        # Sums and means: both rows add up. Max and min: the weight row adds up (it only says "logged").
-        self.sum_cells = Tensor((both_rows & np.array(summed)) | (~value_row & np.array(synced + pad)))
-        self.max_cells = Tensor(value_row & np.array([s and o.reduce_fx == "max" for s, o in zip(synced, options)]
-                                                     + pad))
-        self.min_cells = Tensor(value_row & np.array([s and o.reduce_fx == "min" for s, o in zip(synced, options)]
-                                                     + pad))
+        self.sum_cells = Tensor(mask(both_rows, ("mean", "sum")) | (~value_row & np.array(synced + pad)))
+        self.max_cells, self.min_cells = Tensor(mask(value_row, ("max",))), Tensor(mask(value_row, ("min",)))
         self.has_extremes = any(s and o.reduce_fx in ("max", "min") for s, o in zip(synced, options))
-        self.all_reduce, self.all_gather = level_reducers()
+        self.all_gather = ops.AllGather()  # made outside the graph, as MindSpore requires
 
     def construct(self, level):
-        out = ops.where(self.sum_cells, self.all_reduce(level), level)
+        gathered = self.all_gather(ops.expand_dims(level, 0))  # (workers, 2, names)
+        out = ops.where(self.sum_cells, gathered.sum(axis=0), level)
         if self.has_extremes:
-            gathered = self.all_gather(ops.expand_dims(level, 0))
             out = ops.where(self.max_cells, gathered.max(axis=0), ops.where(self.min_cells, gathered.min(axis=0), out))
         return out
 
 
-__all__ = ["DeviceLogBuffers"]
+__all__ = ["DeviceLogBuffers", "empty_level"]

@@ -278,6 +278,22 @@ class DataSource:
             raise ValueError(f"{self.argument} has no length, so {world_size} data-parallel workers cannot split its "
                              "batches evenly; pass data with a len() (a list, a Dataset, a class with __len__).")
 
+    def check_whole(self, world_size: int) -> None:
+        """Evaluation data under data parallelism: every worker evaluates all of it (its values are then the whole
+        data's without reduction), so a pipeline built with `num_shards` is refused.
+
+        Raises:
+            ValueError: For a sharded `mindspore.dataset` pipeline with several workers.
+        """
+        if world_size > 1 and isinstance(self.data, msds.Dataset):
+            from lightms.distributed.sharding import user_shards
+
+            built = user_shards(self.data)
+            if built is not None:
+                raise ValueError(f"{self.argument} was built with num_shards={built[0]}: lightms evaluates all the "
+                                 "data on every data-parallel worker (so every worker reports the whole data's "
+                                 "metrics); build it unsharded.")
+
     def limit_to(self, batches: int) -> None:
         """Makes each pass yield at most `batches` batches (the count every worker can take; the rest are dropped)."""
         self._cap = batches

@@ -29,6 +29,7 @@ class EvaluationLoop:
         """Runs predict_step over the data; returns the list of per-batch outputs."""
         self._check_model(model)
         source = eval_source(self, "predict", datamodule, dataloaders)
+        source.check_whole(self.world_size)
         outputs: List[Any] = []
         self._run("predict", model, lambda: outputs.extend(self._eval_loop("predict", source,
                                                                           self.limit_predict_batches)))
@@ -44,6 +45,7 @@ class EvaluationLoop:
             raise NotImplementedError(f"Trainer.{entry} needs {type(model).__name__}.{EVAL_HOOKS[stage]}(batch, "
                                       "batch_idx).")
         source = eval_source(self, entry, datamodule, dataloaders)
+        source.check_whole(self.world_size)
         limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
         results: List[Dict[str, float]] = []
         self._run(entry, model, lambda: results.append(self._eval_loop(stage, source, limit)))

@@ -116,9 +116,8 @@ class TrainingLoop(EvaluationLoop):
                 raise failure from exception
             raise
         finally:
-            if stage == "fit" and self._watchdog is not None:  # (not a validate() called inside fit)
-                self._watchdog.stop()
-                self._watchdog = None
+            if stage == "fit":  # (not a validate() called inside fit)
+                self._stop_watchdog()
             for lg in self.loggers:
                 lg.finalize(status)
             if self._planner is not None:
@@ -167,6 +166,8 @@ class TrainingLoop(EvaluationLoop):
                                      lambda: self.state.global_step, sink_size=self.sink_size)
         has_val = val is not None and self.limit_val_batches != 0 and callable(getattr(model, "validation_step", None))
         self._val_source = val if has_val else None
+        if has_val:
+            val.check_whole(self.world_size)
         self._validation_runs = 0
         self._finite_check = None  # built at the first check, over this run's trainable parameters
         self._check_validation_can_run()
@@ -193,9 +194,7 @@ class TrainingLoop(EvaluationLoop):
         self._call("on_fit_end")
         agree_on_stopping(self)
         stop_if_interrupted(self)
-        if self._watchdog is not None:  # no collective is left: a long teardown on one worker is no failure
-            self._watchdog.stop()
-            self._watchdog = None
+        self._stop_watchdog()  # no collective is left: a long teardown on one worker is no failure
 
     def _train_epoch(self) -> None:
         state, metrics = self.state, self._metrics
@@ -232,7 +231,8 @@ class TrainingLoop(EvaluationLoop):
         reports them too."""
         logs = (self._pending_engine_state or ({}, {}))[1].get("logs")
         if logs is not None and self._engine is None:
-            buffers = DeviceLogBuffers([LogOptions(**options) for options in logs["options"]])
+            buffers = DeviceLogBuffers([LogOptions(**options) for options in logs["options"]],
+                                       world_size=self.world_size)
             buffers.load_state_dict(logs)
             self._metrics.device["train"] = buffers
 
@@ -426,6 +426,11 @@ class TrainingLoop(EvaluationLoop):
         self._eval_loop("validation", self._val_source, self.limit_val_batches)
         self._validation_runs += 1
         self._progressed(f"epoch {self.state.current_epoch}, after validation")
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
 
     def _progressed(self, where: str, *args) -> None:
         """Tells the data-parallel watchdog that this worker got past `where % args` (no-op in one process)."""

@@ -27,12 +27,13 @@ class MetricStore:
     """Collects logged values per stage and reports them under Lightning's names."""
 
     def __init__(self, world_size: int = 1):
-        self.world_size = world_size  # data-parallel workers: sync_dist epoch values are reduced over them
         self.callback_metrics: Dict[str, float] = {}
         self.logged_metrics: Dict[str, float] = {}
         self.progress_bar_metrics: Dict[str, float] = {}
         self.device: Dict[str, DeviceLogBuffers] = {}
-        self.host: Dict[str, HostLogs] = {stage: HostLogs(world_size) for stage in STAGES}
+        # Data parallelism: training's values logged with sync_dist are reduced over the workers; every worker
+        # evaluates all the data, so evaluation values are already the whole data's.
+        self.host: Dict[str, HostLogs] = {stage: HostLogs(world_size if stage == "train" else 1) for stage in STAGES}
         self._step_read: Optional[int] = None
         self._step_for_logger: Dict[str, float] = {}
         # The stage whose epoch-end hooks are running (its device values were read): values its hooks log
@@ -122,7 +123,7 @@ class MetricStore:
 
         Until `epoch_ended` is called, `refresh_epoch` publishes what the hooks log on the host.
         """
-        self._device_epoch = dict(self.device[stage].read_epoch(self.world_size)) if stage in self.device else {}
+        self._device_epoch = dict(self.device[stage].read_epoch()) if stage in self.device else {}
         self.epoch_ending = stage
         return self.refresh_epoch()
 

@@ -22,7 +22,8 @@ def start_data_parallel(trainer, train) -> None:
 
     import mindspore.dataset as msds
 
-    from lightms.distributed.environment import agree_on_seed, agree_on_minimum, broadcast_parameters
+    from lightms.distributed.environment import broadcast_parameters
+    from lightms.distributed.reduction import agree_on_minimum, agree_on_seed
 
     broadcast_parameters(trainer.model.get_parameters())
     if isinstance(train.data, msds.Dataset):  # every worker must cut the same shuffled order
@@ -40,11 +41,12 @@ def start_data_parallel(trainer, train) -> None:
         # so far are rank 0's alone, so the other workers start theirs from nothing.
         tensors, rest = trainer._pending_engine_state
         if "logs" in rest:
-            from lightms.module.device_logs import DeviceLogBuffers
+            from lightms.module.device_logs import empty_level
             from lightms.module.logging import LogOptions
 
-            empty = DeviceLogBuffers([LogOptions(**options) for options in rest["logs"]["options"]])
-            rest = {**rest, "logs": empty.state_dict(with_window=False)}
+            options = rest["logs"]["options"]
+            empty = empty_level([LogOptions(**o) for o in options]).tolist()
+            rest = {**rest, "logs": {"options": options, "epoch": empty}}
         trainer._pending_engine_state = (tensors, rest)
 
 

@@ -1,7 +1,7 @@
 """`Trainer`: its arguments and public state.
 
-What a run does (`fit`, `validate`, `test`, `predict` and their loops) is in
-`lightms/trainer/loop.py`; the compiled step is `lightms.engine`'s.
+What a run does is in `lightms/trainer/loop.py` (`fit` and its loops) and
+`lightms/trainer/evaluation.py` (`validate`, `test`, `predict`); the compiled step is `lightms.engine`'s.
 """
 
 import os
@@ -14,9 +14,8 @@ from typing import Any, Dict, List, Optional, Union
 from lightms.checkpoint.io import write_checkpoint
 from lightms.checkpoint.run_state import collect_run_state
 from lightms.callbacks.model_checkpoint import ModelCheckpoint
-from lightms.distributed.environment import ClusterEnvironment, is_msrun_scheduler, join_cluster, resolve_environment
+from lightms.distributed.environment import ClusterEnvironment, resolve_environment, user_node_timeout
 from lightms.distributed.strategy import DDPStrategy
-from lightms.launch import LAUNCHER_NODE_TIMEOUT
 from lightms.callbacks.timer import Timer
 from lightms.loggers.logger import Logger
 from lightms.module.cell import LightningCell
@@ -244,25 +243,20 @@ class Trainer(TrainingLoop):
             self.val_check_interval, self.check_val_every_n_epoch = None, 1
             logger = False
 
-        # How long the workers may wait for each other: the strategy's timeout, else MS_NODE_TIMEOUT if the user
-        # set it (not lightms.launch, for msrun's scheduler), else DDPStrategy's default. MindSpore's collectives
-        # (through MS_NODE_TIMEOUT and MS_CPU_COMM_OP_TIMEOUT, set as the worker joins) and the watchdog use it.
+        # How long the workers may wait for each other (MindSpore's collectives and the watchdog): the strategy's
+        # timeout, else MS_NODE_TIMEOUT if the user set it, else DDPStrategy's default.
         if isinstance(strategy, DDPStrategy):
-            self.ddp = strategy
+            self.strategy, self.ddp = "ddp", strategy
         else:
             self.strategy = check.check_choice("strategy", strategy, ("auto", "ddp"))
-            node_timeout = os.environ.get("MS_NODE_TIMEOUT", "") if LAUNCHER_NODE_TIMEOUT not in os.environ else ""
-            self.ddp = DDPStrategy(float(node_timeout)) if node_timeout.isdigit() and int(node_timeout) > 0 \
-                else DDPStrategy()
-        self.strategy = "ddp" if isinstance(strategy, DDPStrategy) else strategy
+            timeout = user_node_timeout()
+            self.ddp = DDPStrategy(timeout) if timeout is not None else DDPStrategy()
         if devices != "auto":
             devices = check.check_int("devices", devices, 1)
         self.num_nodes = check.check_int("num_nodes", num_nodes, 1)
         self.accelerator = check.check_choice("accelerator", accelerator, ("auto", "cpu", "gpu", "ascend"))
         if self.accelerator != "auto":
             ms.set_device({"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}[self.accelerator])
-        if is_msrun_scheduler():
-            join_cluster()  # msrun's scheduler: serves the workers, and the process ends when they are done
         self.cluster = resolve_environment(self.strategy, devices, self.num_nodes, self.ddp.timeout) \
             or ClusterEnvironment()
         if not self.cluster.is_global_zero:  # loggers and the progress bar run on rank 0 only
