@@ -281,5 +281,7 @@ def test_a_per_step_scheduler_the_user_steps_leaves_sinking_on():
         def on_train_batch_end(self, outputs, batch, batch_idx):
             calls.append(len(batch))
 
-    quiet_trainer(max_epochs=1, sink_size=3).fit(Scheduled(), gan_batches())
+    trainer = quiet_trainer(max_epochs=1, sink_size=3)
+    trainer.fit(Scheduled(), gan_batches())
     assert calls == [3, 3]  # two sunk chunks of three batches: the Trainer does not step that scheduler
+    assert float(trainer.optimizers[0].param_groups[0]["lr"].asnumpy()) == pytest.approx(0.1)  # (StepLR's 0.1x)

@@ -93,16 +93,20 @@ def test_one_outliers_influence_is_bounded_by_the_clip_norm():
     assert difference == pytest.approx(2 * LR * CLIP / 8, rel=1e-4)
 
 
-def test_the_noise_has_the_right_standard_deviation():
+@pytest.mark.parametrize("accumulate,sink_size", [(1, 1), (2, 4)])
+def test_the_noise_has_the_right_standard_deviation(accumulate, sink_size):
     # With zero inputs and targets the weights' gradient is zero, so their update is the noise alone, times
     # lr / examples (the bias is left out: its gradient is not zero once it moved). The seed is fixed,
     # so the draws are the same on every run: the tolerance (3%, against a sampling error of 0.9% for 6k values)
-    # cannot flake.
-    batches = [(np.zeros((8, 6000), np.float32), np.zeros((8, 1), np.float32))] * 2
+    # cannot flake. Sunk with accumulation, each optimizer step's noise must land on its window's closing row.
+    batches = [(np.zeros((8, 6000), np.float32), np.zeros((8, 1), np.float32))] * 4
     noise_multiplier = 1.3
-    model, trainer, _, (w0, b0) = fit(batches, epochs=1, noise=noise_multiplier, seed=11)
+    model, trainer, _, (w0, b0) = fit(batches, epochs=1, noise=noise_multiplier, seed=11, accumulate=accumulate,
+                                      sink_size=sink_size)
+    steps, examples = 4 // accumulate, 8 * accumulate
+    assert trainer.global_step == steps
     noise = (model.dense.weight.asnumpy() - w0).ravel()  # the bias is left out: its gradient is not zero
-    noise /= -LR / 8 * np.sqrt(2)  # two steps' independent noise added up
+    noise /= -LR / examples * np.sqrt(steps)  # the steps' independent noise added up
     assert noise.std() == pytest.approx(noise_multiplier * CLIP, rel=0.03)
     assert abs(noise.mean()) < 0.03 * noise_multiplier * CLIP
 
